@@ -1,0 +1,47 @@
+"""Starting or joining Ray for a job, and rank-0 printing."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from beit_ray.config import RayConfig, StorageConfig
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print on global rank 0 only (every process outside a distributed group is rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_ray(cfg: RayConfig, storage: StorageConfig | None = None, env: dict[str, str] | None = None) -> None:
+    """Join ``cfg.address`` or start a local Ray on loopback; workers get the storage env.
+
+    A job run with ``ray job submit`` is already connected (RAY_ADDRESS is set), so this joins
+    it. Calling again when Ray is up is a no-op.
+    """
+    import ray
+
+    from beit_ray import storage as st
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {**st.worker_env(storage), **(env or {})}}
+    for key in ("TORCH_EXTENSIONS_DIR", "RAY_AUTH_MODE", "OMP_NUM_THREADS"):
+        if os.environ.get(key):
+            runtime_env["env_vars"].setdefault(key, os.environ[key])
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    # A single-machine Ray stays on loopback instead of this machine's network address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        runtime_env=runtime_env,
+        configure_logging=False,
+    )

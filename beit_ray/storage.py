@@ -1,0 +1,211 @@
+"""One place that turns a URI (local path, file://, s3://) into a filesystem.
+
+Credentials and the endpoint come from a :class:`~beit_ray.config.StorageConfig` when given,
+else from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION / AWS_DEFAULT_REGION). fsspec (s3fs) serves Python code;
+:func:`pyarrow_fs` serves Ray Data and parquet. Secrets are never logged or printed.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import fsspec
+
+from beit_ray.config import StorageConfig
+
+_ENV_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store URIs (s3://, gs://, ...), False for local paths and file://."""
+    scheme = urlparse(str(uri)).scheme
+    return scheme not in ("", "file") and len(scheme) > 1  # len>1: Windows drive letters
+
+
+def strip_scheme(uri: str) -> str:
+    """``s3://b/k`` → ``b/k``; ``file:///x`` → ``/x``; local paths made absolute."""
+    uri = str(uri)
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    if is_remote(uri):
+        return uri.split("://", 1)[1]
+    return os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI, keeping its scheme."""
+    uri = str(uri)
+    if is_remote(uri):
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return os.path.join(uri, *parts)
+
+
+def _resolved(cfg: StorageConfig | None) -> dict[str, Any]:
+    cfg = cfg or StorageConfig()
+    env = os.environ
+    return {
+        "endpoint_url": cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        "region": cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+        "key": cfg.access_key_id or env.get("AWS_ACCESS_KEY_ID"),
+        "secret": cfg.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY"),
+        "token": env.get("AWS_SESSION_TOKEN"),
+        "anon": cfg.anonymous,
+    }
+
+
+def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for ``uri`` and the path inside it."""
+    if not is_remote(uri):
+        return fsspec.filesystem("file"), strip_scheme(uri)
+    scheme = urlparse(uri).scheme
+    if scheme in ("s3", "s3a"):
+        r = _resolved(cfg)
+        client_kwargs: dict[str, Any] = {}
+        if r["endpoint_url"]:
+            client_kwargs["endpoint_url"] = r["endpoint_url"]
+        if r["region"]:
+            client_kwargs["region_name"] = r["region"]
+        fs = fsspec.filesystem(
+            "s3",
+            key=r["key"],
+            secret=r["secret"],
+            token=r["token"],
+            anon=r["anon"],
+            client_kwargs=client_kwargs,
+            # s3fs caches listings per instance; we list after writing, so keep it fresh.
+            use_listings_cache=False,
+            skip_instance_cache=True,
+        )
+        return fs, strip_scheme(uri)
+    return fsspec.filesystem(scheme), strip_scheme(uri)
+
+
+def pyarrow_fs(uri: str, cfg: StorageConfig | None = None) -> tuple[Any, str]:
+    """A pyarrow filesystem (for Ray Data / parquet) and the path inside it."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), strip_scheme(uri)
+    r = _resolved(cfg)
+    kwargs: dict[str, Any] = {}
+    if r["endpoint_url"]:
+        parsed = urlparse(r["endpoint_url"])
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme
+    if r["region"]:
+        kwargs["region"] = r["region"]
+    if r["anon"]:
+        kwargs["anonymous"] = True
+    elif r["key"]:
+        kwargs.update(access_key=r["key"], secret_key=r["secret"], session_token=r["token"])
+    return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
+
+
+def worker_env(cfg: StorageConfig | None = None) -> dict[str, str]:
+    """AWS_* variables for a Ray ``runtime_env`` so workers reach the same store as the driver."""
+    r = _resolved(cfg)
+    env = {k: os.environ[k] for k in _ENV_KEYS if os.environ.get(k)}
+    if r["endpoint_url"]:
+        env["AWS_ENDPOINT_URL"] = r["endpoint_url"]
+    if r["region"]:
+        env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = r["region"]
+    if r["key"]:
+        env["AWS_ACCESS_KEY_ID"] = r["key"]
+    if r["secret"]:
+        env["AWS_SECRET_ACCESS_KEY"] = r["secret"]
+    return env
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+@contextmanager
+def open_uri(uri: str, mode: str = "rb", cfg: StorageConfig | None = None) -> Iterator[IO[Any]]:
+    """Open a file at a local path or URI; parent folders are made when writing locally."""
+    fs, path = filesystem(uri, cfg)
+    if "w" in mode and not is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with fs.open(path, mode) as f:
+        yield f
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    fs, path = filesystem(uri, cfg)
+    return fs.cat_file(path)
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    with open_uri(uri, "wb", cfg) as f:
+        f.write(data)
+
+
+def read_text(uri: str, cfg: StorageConfig | None = None) -> str:
+    return read_bytes(uri, cfg).decode("utf-8")
+
+
+def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), cfg)
+
+
+def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, cfg)
+    return fs.exists(path)
+
+
+def makedirs(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Make a local folder; a no-op on object stores, which have no folders."""
+    if not is_remote(uri):
+        os.makedirs(strip_scheme(uri), exist_ok=True)
+
+
+def list_files(uri: str, cfg: StorageConfig | None = None, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """Every file under ``uri`` (recursively) as full URIs, sorted; filtered by suffix."""
+    fs, path = filesystem(uri, cfg)
+    found = fs.find(path)
+    prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    out = [prefix + p for p in found if not suffixes or p.lower().endswith(suffixes)]
+    return sorted(out)
+
+
+def upload_dir(local_dir: str, uri: str, cfg: StorageConfig | None = None) -> None:
+    """Copy a local folder's files to ``uri`` (local or remote)."""
+    if not is_remote(uri):
+        shutil.copytree(local_dir, strip_scheme(uri), dirs_exist_ok=True)
+        return
+    fs, path = filesystem(uri, cfg)
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            fs.put_file(src, posixpath.join(path, rel))
+
+
+def download_dir(uri: str, cfg: StorageConfig | None = None, dest: str | None = None) -> str:
+    """A local folder holding the files under ``uri``: the folder itself when local."""
+    if not is_remote(uri):
+        return strip_scheme(uri)
+    fs, path = filesystem(uri, cfg)
+    dest = dest or tempfile.mkdtemp(prefix="beit_ray_")
+    for src in fs.find(path):
+        rel = posixpath.relpath(src, path)
+        target = os.path.join(dest, *rel.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(src, target)
+    return dest
