@@ -105,7 +105,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 return tuple(_coerce(v, args[0], name) for v in value)
             if args and len(args) != len(value):
                 raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=False)) if args else tuple(value)
+            return (
+                tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=False))
+                if args
+                else tuple(value)
+            )
         return [_coerce(v, args[0], name) for v in value] if args else list(value)
     if origin is dict or tp is dict:
         if isinstance(value, str):
@@ -163,7 +167,9 @@ def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     for key in data:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
-            close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            close = [
+                k for k in known if k.replace("_", "") == str(key).replace("_", "").replace("-", "")
+            ]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown field{hint}; known: {', '.join(sorted(known))}")
     for f in dataclasses.fields(cls):
@@ -219,7 +225,11 @@ def _cli_value(text: str) -> Any:
         return text
     if isinstance(value, str):
         try:
-            return float(value) if any(c in value for c in "eE.") and value[0] in "0123456789.-+" else value
+            return (
+                float(value)
+                if any(c in value for c in "eE.") and value[0] in "0123456789.-+"
+                else value
+            )
         except ValueError:
             return value
     return value
@@ -238,7 +248,10 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def help_text(cls: type, prog: str | None = None) -> str:
     """Every field with its type, default and docstring, grouped by section."""
-    lines = [f"usage: {prog or os.path.basename(sys.argv[0])} [--config FILE.yaml] [--section.field VALUE ...]", ""]
+    lines = [
+        f"usage: {prog or os.path.basename(sys.argv[0])} [--config FILE.yaml] [--section.field VALUE ...]",
+        "",
+    ]
     if cls.__doc__:
         lines += [inspect.cleandoc(cls.__doc__), ""]
 
@@ -257,7 +270,11 @@ def help_text(cls: type, prog: str | None = None) -> str:
             tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             lines.append(f"  --{name} ({tname}, default {getattr(default, f.name)!r})")
             if docs.get(f.name):
-                lines.append(textwrap.fill(docs[f.name], 96, initial_indent="      ", subsequent_indent="      "))
+                lines.append(
+                    textwrap.fill(
+                        docs[f.name], 96, initial_indent="      ", subsequent_indent="      "
+                    )
+                )
 
     walk(cls, "")
     return "\n".join(lines)
@@ -372,7 +389,17 @@ class ModelConfig:
     """Attention kernel used by transformers."""
 
     def __post_init__(self) -> None:
-        check(self.flavour in FLAVOUR_NAMES, "model.flavour", f"{self.flavour!r} is not one of {', '.join(FLAVOUR_NAMES)}")
-        check(self.image_size is None or self.image_size > 0, "model.image_size", "must be positive")
+        check(
+            self.flavour in FLAVOUR_NAMES,
+            "model.flavour",
+            f"{self.flavour!r} is not one of {', '.join(FLAVOUR_NAMES)}",
+        )
+        check(
+            self.image_size is None or self.image_size > 0, "model.image_size", "must be positive"
+        )
         check(self.vocab_size is None or self.vocab_size > 1, "model.vocab_size", "must be > 1")
-        check(self.drop_path is None or 0 <= self.drop_path < 1, "model.drop_path", "must be in [0, 1)")
+        check(
+            self.drop_path is None or 0 <= self.drop_path < 1,
+            "model.drop_path",
+            "must be in [0, 1)",
+        )

@@ -15,7 +15,9 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def init_ray(cfg: RayConfig, storage: StorageConfig | None = None, env: dict[str, str] | None = None) -> None:
+def init_ray(
+    cfg: RayConfig, storage: StorageConfig | None = None, env: dict[str, str] | None = None
+) -> None:
     """Join ``cfg.address`` or start a local Ray on loopback; workers get the storage env.
 
     A job run with ``ray job submit`` is already connected (RAY_ADDRESS is set), so this joins

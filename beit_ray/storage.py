@@ -61,7 +61,9 @@ def _resolved(cfg: StorageConfig | None) -> dict[str, Any]:
     cfg = cfg or StorageConfig()
     env = os.environ
     return {
-        "endpoint_url": cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        "endpoint_url": cfg.endpoint_url
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL"),
         "region": cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
         "key": cfg.access_key_id or env.get("AWS_ACCESS_KEY_ID"),
         "secret": cfg.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY"),
@@ -175,7 +177,9 @@ def makedirs(uri: str, cfg: StorageConfig | None = None) -> None:
         os.makedirs(strip_scheme(uri), exist_ok=True)
 
 
-def list_files(uri: str, cfg: StorageConfig | None = None, suffixes: tuple[str, ...] = ()) -> list[str]:
+def list_files(
+    uri: str, cfg: StorageConfig | None = None, suffixes: tuple[str, ...] = ()
+) -> list[str]:
     """Every file under ``uri`` (recursively) as full URIs, sorted; filtered by suffix."""
     fs, path = filesystem(uri, cfg)
     found = fs.find(path)

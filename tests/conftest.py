@@ -57,7 +57,9 @@ def s3_bucket(s3_server, request):
     """A fresh, empty bucket on the moto server; yields its name."""
     import boto3
 
-    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[
+        :40
+    ].strip("-")
     name = name + "-" + os.urandom(3).hex()
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
@@ -94,7 +96,14 @@ def photos() -> dict[str, np.ndarray]:
     from skimage import data
 
     out = {}
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"):
+    for name in (
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+    ):
         img = getattr(data, name)()
         if img.ndim == 2:
             img = np.stack([img] * 3, -1)

@@ -2,7 +2,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from beit_ray.config import ConfigError, RayConfig, StorageConfig, check, help_text, parse_args, save_config, to_dict
+from beit_ray.config import (
+    ConfigError,
+    RayConfig,
+    StorageConfig,
+    check,
+    help_text,
+    parse_args,
+    save_config,
+    to_dict,
+)
 
 
 @dataclass

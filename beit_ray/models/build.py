@@ -71,4 +71,6 @@ def build_model(
 ) -> nn.Module:
     """``build_model("debug", "mim")``: a new model of a named flavour for a task."""
     config = model_config(flavour, task, **config_overrides)
-    return build_from_config(config, task, zero3_config=zero3_config, attn_implementation=attn_implementation)
+    return build_from_config(
+        config, task, zero3_config=zero3_config, attn_implementation=attn_implementation
+    )

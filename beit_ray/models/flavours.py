@@ -36,12 +36,37 @@ class Flavour:
 
 
 FLAVOURS: dict[str, Flavour] = {
-    "debug": Flavour("beit", 64, 4, 4, 128, patch_size=8, image_size=32, drop_path=0.0, vocab_size=256, out_indices=(1, 2, 3, 4)),
+    "debug": Flavour(
+        "beit",
+        64,
+        4,
+        4,
+        128,
+        patch_size=8,
+        image_size=32,
+        drop_path=0.0,
+        vocab_size=256,
+        out_indices=(1, 2, 3, 4),
+    ),
     "base": Flavour("beit", 768, 12, 12, 3072),
-    "large": Flavour("beit", 1024, 24, 16, 4096, layer_scale=1e-5, drop_path=0.2, out_indices=(8, 12, 16, 24), layer_decay=0.75),
-    "vit-debug": Flavour("vit", 64, 4, 4, 128, patch_size=8, image_size=32, drop_path=0.0, out_indices=(1, 2, 3, 4)),
+    "large": Flavour(
+        "beit",
+        1024,
+        24,
+        16,
+        4096,
+        layer_scale=1e-5,
+        drop_path=0.2,
+        out_indices=(8, 12, 16, 24),
+        layer_decay=0.75,
+    ),
+    "vit-debug": Flavour(
+        "vit", 64, 4, 4, 128, patch_size=8, image_size=32, drop_path=0.0, out_indices=(1, 2, 3, 4)
+    ),
     "vit-base": Flavour("vit", 768, 12, 12, 3072, drop_path=0.0),
-    "vit-large": Flavour("vit", 1024, 24, 16, 4096, drop_path=0.0, out_indices=(8, 12, 16, 24), layer_decay=0.75),
+    "vit-large": Flavour(
+        "vit", 1024, 24, 16, 4096, drop_path=0.0, out_indices=(8, 12, 16, 24), layer_decay=0.75
+    ),
 }
 
 
@@ -84,7 +109,9 @@ def model_config(
     )
     if f.family == "vit":
         if task in ("mim", "segmentation"):
-            raise ValueError(f"flavour {flavour!r} (ViT) supports classification and features, not {task}")
+            raise ValueError(
+                f"flavour {flavour!r} (ViT) supports classification and features, not {task}"
+            )
         cfg = ViTConfig(**common, layer_norm_eps=1e-12, **extra)
         cfg.drop_path_rate = f.drop_path if drop_path is None else drop_path
         return cfg
@@ -96,11 +123,23 @@ def model_config(
         layer_norm_eps=1e-6,
     )
     if task == "mim":
-        beit.update(use_mask_token=True, use_shared_relative_position_bias=True, use_relative_position_bias=False, use_mean_pooling=False)
+        beit.update(
+            use_mask_token=True,
+            use_shared_relative_position_bias=True,
+            use_relative_position_bias=False,
+            use_mean_pooling=False,
+        )
     else:
-        beit.update(use_mask_token=False, use_shared_relative_position_bias=False, use_relative_position_bias=True, use_mean_pooling=True)
+        beit.update(
+            use_mask_token=False,
+            use_shared_relative_position_bias=False,
+            use_relative_position_bias=True,
+            use_mean_pooling=True,
+        )
     if task == "segmentation":
-        beit.update(out_indices=list(f.out_indices), use_auxiliary_head=True, semantic_loss_ignore_index=255)
+        beit.update(
+            out_indices=list(f.out_indices), use_auxiliary_head=True, semantic_loss_ignore_index=255
+        )
     beit.update(extra)
     return BeitConfig(**common, **beit)
 
