@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -35,6 +36,13 @@ def init_ray(
             runtime_env["env_vars"].setdefault(key, os.environ[key])
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        # In a submitted job, the job's runtime env already reaches every worker, and Ray
+        # refuses to merge env_vars that both set: pass only the keys the job's env lacks.
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        taken = set((job_env.get("runtime_env") or {}).get("env_vars") or {})
+        runtime_env["env_vars"] = {
+            k: v for k, v in runtime_env["env_vars"].items() if k not in taken
+        }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     # A single-machine Ray stays on loopback instead of this machine's network address.

@@ -1,0 +1,238 @@
+"""BEiT's two-view augmentation (unilm ``DataAugmentationForBEiT``) and the fine-tuning transforms.
+
+Pretraining: horizontal flip (p 0.5), then ONE random-resized crop (torchvision's sampling:
+10 tries, then a centre-crop fallback) resized twice: the patch view (bicubic) and the
+tokenizer view (Lanczos); optional colour jitter (brightness/contrast/saturation in random
+order, same factors on both views; unilm jitters the whole image before cropping, we jitter
+the two small views, which differs only in the contrast mean); then the block mask.
+
+Everything random comes from :func:`image_rng` (seed, epoch, key): the same image gets the same
+crop, flip, jitter and mask however Ray Data partitions the data. The crop is chosen in the
+original coordinates before decoding, so a JPEG is decoded at the smallest DCT scale that
+still leaves the crop at least the output size.
+
+Pixels stay uint8 (CHW); consumers call :func:`normalize`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from beit_ray.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    load_rgb,
+    open_image,
+    oriented_size,
+)
+from beit_ray.data.masking import BlockMaskGenerator
+
+MEANS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.485, 0.456, 0.406)}
+STDS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.229, 0.224, 0.225)}
+
+
+def stable_hash(key: str) -> int:
+    """A 64-bit hash of ``key`` that is the same in every process and run (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def image_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The one RNG for everything random about ``key`` in ``epoch``."""
+    return np.random.default_rng([seed, epoch, stable_hash(key)])
+
+
+def normalize(x, kind: str = "beit"):  # noqa: ANN001, ANN201 - numpy or torch, [..., 3, H, W]
+    """uint8 [..., 3, H, W] (numpy or torch) → float32 normalized with ``kind``'s mean/std."""
+    mean = np.asarray(MEANS[kind], dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(STDS[kind], dtype=np.float32).reshape(3, 1, 1)
+    if isinstance(x, np.ndarray):
+        return (x.astype(np.float32) / 255.0 - mean) / std
+    import torch
+
+    m, s = torch.from_numpy(mean).to(x.device), torch.from_numpy(std).to(x.device)
+    return (x.float() / 255.0 - m) / s
+
+
+def sample_crop(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params``: (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(rng.integers(0, height - h + 1))
+            j = int(rng.integers(0, width - w + 1))
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def decode_region(
+    data: bytes,
+    box_fn,  # noqa: ANN001 - (oriented w, h) -> (left, top, right, bottom) in those coordinates
+    out_side: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decode just enough of ``data`` for a box chosen on the oriented size; box rescaled."""
+    img = open_image(data, max_pixels)
+    ow, oh = oriented_size(img)
+    left, top, right, bottom = box_fn(ow, oh)
+    scale = 1
+    if draft and img.format == "JPEG":
+        bw, bh = right - left, bottom - top
+        for s in (2, 4, 8):
+            if bw / s >= out_side and bh / s >= out_side:
+                scale = s
+    rgb = load_rgb(img, scale)
+    fx, fy = rgb.width / ow, rgb.height / oh
+    return rgb, (left * fx, top * fy, right * fx, bottom * fy)
+
+
+def to_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # [3, H, W]
+
+
+def color_jitter(
+    views: list[np.ndarray], strength: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Brightness, contrast, saturation (random order, shared factors) on uint8 [3, H, W] views."""
+    factors = rng.uniform(1 - strength, 1 + strength, size=3)
+    order = rng.permutation(3)
+    out = []
+    for v in views:
+        x = v.astype(np.float32)
+        for op in order.tolist():
+            f = float(factors[op])
+            if op == 0:  # brightness
+                x = x * f
+            else:
+                gray = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # [H, W]
+                ref = gray.mean() if op == 1 else gray[None]  # contrast: mean; saturation: gray
+                x = x * f + ref * (1 - f)
+            np.clip(x, 0, 255, out=x)
+        out.append(np.rint(x).astype(np.uint8))
+    return out
+
+
+@dataclass
+class PretrainTransform:
+    """bytes + key + epoch → (patch view [3,S,S], tokenizer view [3,T,T], mask [N]), all uint8/bool."""
+
+    image_size: int = 224
+    tokenizer_size: int = 112
+    grid: int = 14
+    num_masking_patches: int = 75
+    min_num_patches: int = 16
+    max_num_patches: int | None = None
+    min_aspect: float = 0.3
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: float = 0.4
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.masker = BlockMaskGenerator(
+            self.grid,
+            self.num_masking_patches,
+            self.min_num_patches,
+            self.max_num_patches,
+            self.min_aspect,
+        )
+
+    @classmethod
+    def from_config(cls, cfg) -> PretrainTransform:  # noqa: ANN001 - DataConfig
+        return cls(
+            cfg.image_size, cfg.tokenizer_image_size, cfg.grid, cfg.masking_patches, cfg.min_patches,
+            cfg.max_num_patches, cfg.min_aspect, tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
+            cfg.color_jitter, cfg.max_pixels, cfg.draft, cfg.seed,
+        )  # fmt: skip
+
+    def __call__(
+        self, data: bytes, key: str, epoch: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = image_rng(self.seed, epoch, key)
+        flip = rng.random() < 0.5
+
+        def box(w: int, h: int) -> tuple[float, float, float, float]:
+            i, j, ch, cw = sample_crop(rng, w, h, self.crop_scale, self.crop_ratio)
+            if flip:  # crop of the flipped image = mirrored crop of the original, flipped
+                j = w - j - cw
+            return j, i, j + cw, i + ch
+
+        img, b = decode_region(
+            data, box, max(self.image_size, self.tokenizer_size), self.max_pixels, self.draft
+        )
+        patch = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=b)
+        tok = img.resize(
+            (self.tokenizer_size, self.tokenizer_size), Image.Resampling.LANCZOS, box=b
+        )
+        if flip:
+            patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            tok = tok.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views = [to_chw(patch), to_chw(tok)]
+        if self.color_jitter > 0:
+            views = color_jitter(views, self.color_jitter, rng)
+        mask = self.masker(rng).reshape(-1)  # [N]
+        return views[0], views[1], mask
+
+
+@dataclass
+class ClassifyTransform:
+    """Fine-tuning views: train = random-resized crop + flip; eval = resize (size/crop_pct) + centre crop."""
+
+    image_size: int = 224
+    train: bool = True
+    crop_pct: float = 0.875
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True
+    seed: int = 0
+
+    def __call__(self, data: bytes, key: str, epoch: int = 0) -> np.ndarray:
+        s = self.image_size
+        if self.train:
+            rng = image_rng(self.seed, epoch, key)
+            flip = rng.random() < 0.5
+
+            def box(w: int, h: int) -> tuple[float, float, float, float]:
+                i, j, ch, cw = sample_crop(rng, w, h, self.crop_scale, self.crop_ratio)
+                j = w - j - cw if flip else j
+                return j, i, j + cw, i + ch
+
+            img, b = decode_region(data, box, s, self.max_pixels, self.draft)
+            out = img.resize((s, s), Image.Resampling.BICUBIC, box=b)
+            if flip:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return to_chw(out)
+        resize = int(s / self.crop_pct)
+
+        def center(w: int, h: int) -> tuple[float, float, float, float]:
+            # The centre crop of the (short side → resize) image, in original coordinates.
+            side = min(w, h) * s / resize
+            return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+        img, b = decode_region(data, center, s, self.max_pixels, self.draft)
+        return to_chw(img.resize((s, s), Image.Resampling.BICUBIC, box=b))

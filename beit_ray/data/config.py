@@ -1,0 +1,234 @@
+"""Config sections of the data pipeline and the two data jobs (tokenize, fit_tokenizer).
+
+``DataConfig`` is the one section every data consumer takes (pretraining, fine-tuning, the
+tokenize job). Sizes derive from it: mask grid = ``image_size // patch_size``; the DALL-E
+tokenizer view must be ``grid * 8`` pixels (its encoder downsamples by 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from beit_ray.config import RayConfig, StorageConfig, check
+
+LAYOUTS = ("auto", "folders", "class_tars", "webdataset", "parquet")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they become masked-patch rows."""
+
+    source: str = ""
+    """Input URI (local path or s3://): a class-folder tree, per-class tars, WebDataset shards or parquet."""
+    layout: Literal["auto", "folders", "class_tars", "webdataset", "parquet"] = "auto"
+    """Source layout; auto: parquet files → parquet, tars in class-named folder → class_tars when
+    tar stems look like classes and members have no .cls/.json, else webdataset; otherwise folders."""
+    classes_uri: str | None = None
+    """Class index (classes.json, {"classes": [...]}) mapping class name → id; read if it
+    exists, written there otherwise. Unset: <source>/classes.json if present, else written
+    beside the job's outputs."""
+    image_column: str = "image"
+    """Parquet layout: the column holding encoded image bytes."""
+    label_column: str | None = "label"
+    """Parquet layout: an integer label column (ignored when missing)."""
+    key_column: str | None = "key"
+    """Parquet layout: a string key column; when missing, keys are '<file>#<row>'."""
+    image_size: int = 224
+    """Patch view (the model input) in pixels."""
+    patch_size: int = 16
+    """Model patch size; the mask grid is image_size // patch_size per side."""
+    tokenizer_image_size: int = 112
+    """Tokenizer view in pixels; DALL-E needs grid * 8 (112 for 224/16)."""
+    num_masking_patches: int | None = None
+    """Patches masked per image; unset: round(0.3827 * grid²) (75 of 196, as BEiT)."""
+    min_num_patches: int | None = None
+    """Smallest masked block; unset: 16 for a 14×14 grid, scaled by grid² / 196 (at least 1)."""
+    max_num_patches: int | None = None
+    """Largest masked block; unset: num_masking_patches."""
+    min_aspect: float = 0.3
+    """Block aspect ratios are log-uniform in [min_aspect, 1 / min_aspect]."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range."""
+    color_jitter: float = 0.4
+    """Brightness/contrast/saturation jitter strength (0 disables), as BEiT's default 0.4."""
+    normalization: Literal["beit", "imagenet"] = "beit"
+    """How consumers normalize the uint8 pixels: beit = mean/std 0.5; imagenet = ImageNet stats."""
+    max_pixels: int = 89_478_485
+    """Decompression-bomb guard: images with more pixels are error records (Pillow's default)."""
+    draft: bool = True
+    """Decode JPEGs at 1/2, 1/4, 1/8 scale when the crop still covers the target size."""
+    seed: int = 0
+    """Run seed; with the epoch and the image key it fixes every crop, flip and mask."""
+    read_tasks: int | None = None
+    """Read parallelism (blocks of inputs); unset: one per tar/parquet file, ~64 images per
+    block for folders."""
+    batch_size: int = 64
+    """Rows per batch in the decode/augment and tokenizer stages."""
+    tokenizer: Literal["dalle", "codebook", "none"] = "dalle"
+    """Visual tokenizer; none: rows carry the tokenizer view (tokenizer_pixels) instead of tokens."""
+    tokenizer_weights: str | None = None
+    """Tokenizer safetensors (DALL-E encoder converted once, or a fitted codebook)."""
+    tokenizer_actors: tuple[int, int] = (1, 2)
+    """Tokenizer actor pool (min, max); autoscales between them."""
+    tokenizer_num_gpus: float | None = None
+    """GPUs per tokenizer actor; unset: 1 if the cluster has GPUs, else CPU actors."""
+    tokenizer_num_cpus: float = 0.5
+    """CPUs per tokenizer actor; fractional so actors never hold every CPU (Ray Data hangs)."""
+    errors_uri: str | None = None
+    """Where decode failures are written (jsonl files); unset in streaming mode: logged only."""
+
+    def __post_init__(self) -> None:
+        check(self.layout in LAYOUTS, "data.layout", f"{self.layout!r} is not one of {LAYOUTS}")
+        check(self.patch_size > 0, "data.patch_size", "must be positive")
+        check(
+            self.image_size > 0 and self.image_size % self.patch_size == 0,
+            "data.image_size",
+            f"must be a positive multiple of data.patch_size ({self.patch_size})",
+        )
+        g = self.grid
+        check(
+            self.tokenizer_image_size > 0 and self.tokenizer_image_size % g == 0,
+            "data.tokenizer_image_size",
+            f"must be a positive multiple of the mask grid ({g})",
+        )
+        if self.tokenizer == "dalle":
+            check(
+                self.tokenizer_image_size == 8 * g,
+                "data.tokenizer_image_size",
+                f"the DALL-E encoder downsamples by 8: use {8 * g} for a {g}×{g} grid",
+            )
+        n = g * g
+        check(
+            0 < self.masking_patches <= n,
+            "data.num_masking_patches",
+            f"must be in [1, {n}]",
+        )
+        check(self.min_patches >= 1, "data.min_num_patches", "must be ≥ 1")
+        check(0 < self.min_aspect <= 1, "data.min_aspect", "must be in (0, 1]")
+        lo, hi = self.crop_scale
+        check(0 < lo <= hi <= 1, "data.crop_scale", "needs 0 < min ≤ max ≤ 1")
+        check(
+            0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio", "needs 0 < min ≤ max"
+        )
+        check(0 <= self.color_jitter < 1, "data.color_jitter", "must be in [0, 1)")
+        check(self.max_pixels > 0, "data.max_pixels", "must be positive")
+        check(self.batch_size > 0, "data.batch_size", "must be positive")
+        check(self.read_tasks is None or self.read_tasks > 0, "data.read_tasks", "must be positive")
+        a, b = self.tokenizer_actors
+        check(1 <= a <= b, "data.tokenizer_actors", "needs 1 ≤ min ≤ max")
+        check(self.tokenizer_num_cpus > 0, "data.tokenizer_num_cpus", "must be positive")
+        if self.tokenizer != "none":
+            check(
+                bool(self.tokenizer_weights) or self.tokenizer == "dalle",
+                "data.tokenizer_weights",
+                "a codebook tokenizer needs its fitted weights (jobs/fit_tokenizer.py)",
+            )
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def masking_patches(self) -> int:
+        n = self.grid**2
+        return (
+            self.num_masking_patches
+            if self.num_masking_patches is not None
+            else max(1, round(0.3827 * n))
+        )
+
+    @property
+    def min_patches(self) -> int:
+        if self.min_num_patches is not None:
+            return self.min_num_patches
+        return max(1, min(round(16 * self.grid**2 / 196), self.masking_patches))
+
+
+@dataclass
+class ShardConfig:
+    """How the tokenize job cuts its output into resumable shards."""
+
+    images_per_shard: int = 2000
+    """Folder/parquet layouts: input images per shard (a shard is the unit of resume)."""
+    tars_per_shard: int = 1
+    """Tar layouts: input tars per shard."""
+    shards_per_wave: int = 16
+    """Shards written per Ray Data execution; each wave commits its shards to the manifest."""
+    epochs: int = 1
+    """Augmented copies (epochs 0..N-1) written per image, each with its own crop and mask."""
+    limit: int | None = None
+    """Only the first N inputs (files or tars) after sorting; for trials."""
+
+    def __post_init__(self) -> None:
+        check(self.images_per_shard > 0, "shards.images_per_shard", "must be positive")
+        check(self.tars_per_shard > 0, "shards.tars_per_shard", "must be positive")
+        check(self.shards_per_wave > 0, "shards.shards_per_wave", "must be positive")
+        check(self.epochs > 0, "shards.epochs", "must be positive")
+
+
+@dataclass
+class TokenizeConfig:
+    """jobs/tokenize.py: materialize masked-patch rows as parquet shards with a manifest."""
+
+    input: str = ""
+    """Source URI (same as data.source; this wins when set)."""
+    output: str = ""
+    """Output URI for shards, manifest.json, classes.json and errors/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data pipeline."""
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    """Sharding and resume."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray connection."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object store."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.input or self.data.source), "input", "give --input URI (or data.source)")
+        check(bool(self.output), "output", "give --output URI")
+
+
+@dataclass
+class CodebookConfig:
+    """Codebook tokenizer fitting."""
+
+    vocab_size: int = 8192
+    """Codes in the codebook."""
+    sample_images: int = 20000
+    """Images sampled from the source."""
+    patches_per_image: int = 16
+    """Random patches kept per sampled image."""
+    iterations: int = 20
+    """k-means (Lloyd) iterations."""
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size >= 2, "codebook.vocab_size", "must be ≥ 2")
+        check(self.sample_images > 0, "codebook.sample_images", "must be positive")
+        check(self.patches_per_image > 0, "codebook.patches_per_image", "must be positive")
+        check(self.iterations > 0, "codebook.iterations", "must be positive")
+
+
+@dataclass
+class FitTokenizerConfig:
+    """jobs/fit_tokenizer.py: fit the codebook tokenizer to a sample of the user's images."""
+
+    input: str = ""
+    """Source URI (same as data.source; this wins when set)."""
+    output: str = ""
+    """Where the codebook safetensors is written (a file URI ending in .safetensors)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(tokenizer="none"))
+    """Data pipeline (crops as in pretraining; the tokenizer view feeds the features)."""
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    """k-means settings."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray connection."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object store."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.input or self.data.source), "input", "give --input URI (or data.source)")
+        check(self.output.endswith(".safetensors"), "output", "must end with .safetensors")

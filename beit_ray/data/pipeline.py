@@ -1,0 +1,306 @@
+"""The Ray Data graphs: masked-patch pretraining rows and labelled fine-tuning rows.
+
+Pretraining rows (:func:`pretraining_dataset`, also what :func:`~beit_ray.data.materialize.
+read_materialized` returns):
+
+    pixel_values      uint8 [3, S, S]   patch view (S = data.image_size), normalize in the consumer
+    bool_masked_pos   bool  [N]         N = (S / patch)², row-major, BEiT block mask
+    visual_token_ids  int16 [N]         tokenizer codes of the tokenizer view
+    key               str               stable image key
+
+With ``data.tokenizer = "none"`` the rows carry ``tokenizer_pixels`` uint8 [3, T, T] instead
+of ``visual_token_ids``.
+
+Fresh crops every epoch: crops and masks are a function of (seed, epoch, key). Either build the
+dataset per epoch (``pretraining_dataset(cfg, epoch=e)``), or once with ``epochs=E``: it then
+yields epochs ``epoch .. epoch+E-1`` back to back (each in its own shuffled input order).
+
+Labelled rows (:func:`labelled_dataset`): ``pixel_values`` uint8 [3, S, S], ``label`` int64,
+``key`` str. Decode failures never raise: they are written as jsonl records (key, path,
+reason) under ``data.errors_uri`` (logged when unset) and dropped from the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+import numpy as np
+
+from beit_ray import storage
+from beit_ray.config import StorageConfig
+from beit_ray.data.augment import ClassifyTransform, PretrainTransform, image_rng, stable_hash
+from beit_ray.data.config import DataConfig
+from beit_ray.data.decode import DecodeError
+from beit_ray.data.sources import Listing, class_index, list_source, read_raw, relative_key
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_COLUMNS = ("pixel_values", "bool_masked_pos", "visual_token_ids", "key")
+LABELLED_COLUMNS = ("pixel_values", "label", "key")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def write_errors(
+    records: list[dict[str, Any]], errors_uri: str | None, st: StorageConfig | None
+) -> None:
+    """Append error records as one jsonl file under ``errors_uri`` (or log them when unset)."""
+    if not records:
+        return
+    if not errors_uri:
+        for r in records:
+            log.warning("skipped %s (%s): %s", r["key"], r["path"], r["reason"])
+        return
+    body = "".join(json.dumps(r) + "\n" for r in records)
+    storage.write_text(storage.join(errors_uri, f"errors-{uuid.uuid4().hex}.jsonl"), body, st)
+
+
+def read_errors(errors_uri: str, st: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """Every error record written under ``errors_uri``."""
+    if not storage.exists(errors_uri, st):
+        return []
+    out = []
+    for uri in storage.list_files(errors_uri, st, suffixes=(".jsonl",)):
+        out += [
+            json.loads(line) for line in storage.read_text(uri, st).splitlines() if line.strip()
+        ]
+    return out
+
+
+def _error(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    rec = {"key": str(row["key"]), "path": str(row["path"]), "reason": reason.split(" <_io.")[0]}
+    for extra in ("epoch", "shard"):
+        if extra in row:
+            rec[extra] = int(row[extra])
+    return rec
+
+
+def _split_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    n = len(batch["key"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+# --------------------------------------------------------------------------- batch fns
+
+
+def pretrain_batch(
+    batch: dict[str, np.ndarray],
+    cfg: DataConfig,
+    errors_uri: str | None,
+    st: StorageConfig | None,
+) -> dict[str, np.ndarray]:
+    """Raw rows (+ ``epoch``) → two views + mask; failures become error records."""
+    tf = PretrainTransform.from_config(cfg)
+    s, t, n = cfg.image_size, cfg.tokenizer_image_size, cfg.grid**2
+    pix, tok, masks, keys, errors, shards = [], [], [], [], [], []
+    for row in _split_rows(batch):
+        if row["error"]:
+            errors.append(_error(row, str(row["error"])))
+            continue
+        try:
+            p, v, m = tf(row["image"], str(row["key"]), int(row["epoch"]))
+        except DecodeError as e:
+            errors.append(_error(row, str(e)))
+            continue
+        except Exception as e:  # a bug in a codec must not kill a 14M-image job either
+            errors.append(_error(row, f"failed: {type(e).__name__}: {e}"))
+            continue
+        pix.append(p)
+        tok.append(v)
+        masks.append(m)
+        keys.append(str(row["key"]))
+        shards.append(int(row.get("shard", -1)))
+    write_errors(errors, errors_uri, st)
+    out = {
+        "pixel_values": np.stack(pix) if pix else np.zeros((0, 3, s, s), np.uint8),  # [B, 3, S, S]
+        "bool_masked_pos": np.stack(masks) if masks else np.zeros((0, n), bool),  # [B, N]
+        "tokenizer_pixels": np.stack(tok)
+        if tok
+        else np.zeros((0, 3, t, t), np.uint8),  # [B, 3, T, T]
+        "key": np.array(keys, dtype=object),
+    }
+    if "shard" in batch:  # materialize: the output shard rides along to the writer
+        out["shard"] = np.array(shards, dtype=np.int64)
+    return out
+
+
+def labelled_batch(
+    batch: dict[str, np.ndarray],
+    cfg: DataConfig,
+    train: bool,
+    errors_uri: str | None,
+    st: StorageConfig | None,
+) -> dict[str, np.ndarray]:
+    tf = ClassifyTransform(
+        cfg.image_size, train, crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
+        max_pixels=cfg.max_pixels, draft=cfg.draft, seed=cfg.seed,
+    )  # fmt: skip
+    s = cfg.image_size
+    pix, labels, keys, errors = [], [], [], []
+    for row in _split_rows(batch):
+        if row["error"]:
+            errors.append(_error(row, str(row["error"])))
+            continue
+        try:
+            pix.append(tf(row["image"], str(row["key"]), int(row["epoch"])))
+        except Exception as e:
+            errors.append(_error(row, str(e) if isinstance(e, DecodeError) else f"failed: {e!r}"))
+            continue
+        labels.append(int(row["label"]))
+        keys.append(str(row["key"]))
+    write_errors(errors, errors_uri, st)
+    return {
+        "pixel_values": np.stack(pix) if pix else np.zeros((0, 3, s, s), np.uint8),
+        "label": np.array(labels, dtype=np.int64),
+        "key": np.array(keys, dtype=object),
+    }
+
+
+def _with_epoch(batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+    batch["epoch"] = np.full(len(batch["key"]), epoch, dtype=np.int64)
+    return batch
+
+
+def in_val_split(key: str, val_fraction: float, seed: int = 0) -> bool:
+    """Deterministic train/val assignment by key hash (same answer in every job and run)."""
+    return stable_hash(f"{seed}:{key}") % 1_000_000 < val_fraction * 1_000_000
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _raw_epochs(
+    listing: Listing,
+    cfg: DataConfig,
+    st: StorageConfig | None,
+    classes: list[str] | None,
+    epoch: int,
+    epochs: int,
+    units: list[str] | None = None,
+):  # noqa: ANN202
+    """Raw rows of epochs [epoch, epoch + epochs), each epoch's inputs in a seeded order."""
+    units = listing.units if units is None else units
+    out = None
+    for e in range(epoch, epoch + epochs):
+        order = image_rng(cfg.seed, e, "<order>").permutation(len(units)).tolist()
+        ds = read_raw(listing, cfg, st, classes, [units[i] for i in order])
+        ds = ds.map_batches(_with_epoch, fn_kwargs={"epoch": e}, batch_size=None)
+        out = ds if out is None else out.union(ds)
+    return out
+
+
+def add_tokenizer(ds, cfg: DataConfig, st: StorageConfig | None = None):  # noqa: ANN001, ANN201
+    """Append the tokenizer actor stage: tokenizer_pixels → visual_token_ids."""
+    import ray
+
+    from beit_ray.data.tokenizers import TokenizerActor
+
+    if cfg.tokenizer == "none":
+        return ds
+    if not cfg.tokenizer_weights:
+        raise ValueError(
+            "data.tokenizer_weights: the DALL-E tokenizer needs converted weights "
+            "(python -m beit_ray.data.tokenizers.dalle convert ...), or use data.tokenizer=codebook"
+        )
+    gpus = cfg.tokenizer_num_gpus
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    lo, hi = cfg.tokenizer_actors
+    return ds.map_batches(
+        TokenizerActor,
+        fn_constructor_kwargs={"kind": cfg.tokenizer, "weights": cfg.tokenizer_weights, "st": st},
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_gpus=gpus or None,
+        # Fractional CPUs: actors holding every CPU starve the read tasks (a silent hang).
+        num_cpus=cfg.tokenizer_num_cpus,
+    )
+
+
+def pretraining_dataset(
+    cfg: DataConfig,
+    epoch: int = 0,
+    epochs: int = 1,
+    storage_cfg: StorageConfig | None = None,
+    errors_uri: str | None = None,
+    listing: Listing | None = None,
+):  # noqa: ANN201 - ray.data.Dataset
+    """Streaming masked-patch rows (module docstring) for Ray Train's ``datasets=``."""
+    st = storage_cfg
+    listing = listing or list_source(cfg, st)
+    return masked_rows(_raw_epochs(listing, cfg, st, None, epoch, epochs), cfg, errors_uri, st)
+
+
+def masked_rows(
+    raw, cfg: DataConfig, errors_uri: str | None = None, st: StorageConfig | None = None
+):  # noqa: ANN001, ANN201
+    """Raw rows (with ``epoch``) → masked-patch rows: decode/augment/mask tasks, tokenizer actors."""
+    ds = raw.map_batches(
+        pretrain_batch,
+        fn_kwargs={"cfg": cfg, "errors_uri": errors_uri or cfg.errors_uri, "st": st},
+        batch_size=cfg.batch_size,
+    )
+    return add_tokenizer(ds, cfg, st)
+
+
+def labelled_dataset(
+    cfg: DataConfig,
+    split: str = "train",
+    *,
+    train_augment: bool | None = None,
+    val_fraction: float | None = None,
+    epoch: int = 0,
+    epochs: int = 1,
+    storage_cfg: StorageConfig | None = None,
+    errors_uri: str | None = None,
+    classes_write_to: str | None = None,
+    source: str | None = None,
+):  # noqa: ANN201 - ray.data.Dataset
+    """Classification rows {pixel_values uint8 [3,S,S], label int64, key} of ``split``.
+
+    ``split`` is "train" or "val". With ``val_fraction``, both come from ``source`` by key hash
+    (:func:`in_val_split`); without it, ``source`` (default ``cfg.source``) is taken whole.
+    Train rows get random-resized crop + flip, val rows resize + centre crop
+    (``train_augment`` overrides). The class index is :func:`~beit_ray.data.sources.class_index`
+    (read, or written to ``classes_write_to``); get the names with :func:`classes_for`.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    st = storage_cfg
+    listing = list_source(cfg, st, source)
+    classes = class_index(listing, cfg, st, classes_write_to)
+    units = listing.units
+    if val_fraction is not None and listing.layout == "folders":
+        # Folder keys are known before reading: split the file list, read only our half.
+        keep = split == "val"
+        units = [
+            u
+            for u in units
+            if in_val_split(relative_key(u, listing.root), val_fraction, cfg.seed) == keep
+        ]
+    ds = _raw_epochs(listing, cfg, st, classes, epoch, epochs, units)
+    if val_fraction is not None and listing.layout != "folders":
+        keep = split == "val"
+        ds = ds.filter(lambda r: in_val_split(str(r["key"]), val_fraction, cfg.seed) == keep)
+    train = split == "train" if train_augment is None else train_augment
+    return ds.map_batches(
+        labelled_batch,
+        fn_kwargs={
+            "cfg": cfg,
+            "train": train,
+            "errors_uri": errors_uri or cfg.errors_uri,
+            "st": st,
+        },
+        batch_size=cfg.batch_size,
+    )
+
+
+def classes_for(
+    cfg: DataConfig, storage_cfg: StorageConfig | None = None, write_to: str | None = None
+) -> list[str] | None:
+    """The class names (id order) the labelled dataset of ``cfg.source`` uses."""
+    return class_index(list_source(cfg, storage_cfg), cfg, storage_cfg, write_to)

@@ -1,0 +1,114 @@
+"""The labelling job's typed config: what to label, with which checkpoint, on which actors.
+
+cfg = parse_args(LabelConfig, ["--input", "s3://b/photos/", "--output", "s3://b/labels/",
+                               "--checkpoint", "s3://models/beit-ft/", "--task", "classify"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from beit_ray.config import RayConfig, StorageConfig, check
+
+InferTask = Literal["classify", "segment", "embed"]
+INFER_TASKS: tuple[str, ...] = ("classify", "segment", "embed")
+
+
+@dataclass
+class PredictConfig:
+    """What each prediction holds and how images are batched."""
+
+    top_k: int = 5
+    """Classify: how many classes (ids, labels, scores) per image."""
+    embed_pool: Literal["pooled", "mean"] = "pooled"
+    """Embed: the model's pooled output, or the mean of the last layer's patch tokens."""
+    batch_size: int = 16
+    """Images per forward pass in each actor."""
+    max_pixels: int = 50_000_000
+    """Images with more pixels than this become error rows (decompression bombs, huge scans)."""
+
+    def __post_init__(self) -> None:
+        check(self.top_k >= 1, "predict.top_k", "must be >= 1")
+        check(self.batch_size >= 1, "predict.batch_size", "must be >= 1")
+        check(self.max_pixels >= 1, "predict.max_pixels", "must be >= 1")
+
+
+@dataclass
+class ActorsConfig:
+    """The actor pool that holds the model (loaded once per actor)."""
+
+    min_actors: int = 1
+    """Smallest pool size; Ray Data grows the pool up to max_actors while work is queued."""
+    max_actors: int = 2
+    """Largest pool size."""
+    num_cpus: float = 1.0
+    """Logical CPUs each actor holds. Keep some CPUs free for read/decode tasks: Ray Data
+    waits forever (no error) when actors hold every CPU; fractions such as 0.5 are fine."""
+    num_gpus: float = 0.0
+    """GPUs per actor (fractions share one GPU between actors); 0 runs on CPU."""
+    threads: int | None = None
+    """torch CPU threads per actor; unset: the actor's CPUs rounded up (at least 1)."""
+    decode_cpus: float = 0.25
+    """Logical CPUs each read/decode/preprocess task holds."""
+
+    def __post_init__(self) -> None:
+        check(self.min_actors >= 1, "actors.min_actors", "must be >= 1")
+        check(
+            self.max_actors >= self.min_actors, "actors.max_actors", "must be >= actors.min_actors"
+        )
+        check(self.num_cpus > 0, "actors.num_cpus", "must be positive")
+        check(self.num_gpus >= 0, "actors.num_gpus", "must be >= 0")
+        check(self.threads is None or self.threads >= 1, "actors.threads", "must be >= 1")
+        check(self.decode_cpus > 0, "actors.decode_cpus", "must be positive")
+
+
+@dataclass
+class LabelConfig:
+    """Label every image under --input with --checkpoint; parquet (+ masks) under --output.
+
+    One row per input file: ``path``, ``error`` (null when fine) and the task's columns. A rerun
+    of the same command after an interruption skips finished chunks and writes the rest.
+    """
+
+    input: str = ""
+    """Images: a folder or prefix (local or s3://; files, class folders, or .tar shards whose
+    members are the inputs), or a manifest (.parquet / .csv) with a column of image URIs."""
+    output: str = ""
+    """Where results go (local or s3://): part-NNNNN.parquet, masks/, _SUMMARY.json."""
+    checkpoint: str = ""
+    """An HF-format folder (e.g. a copy of microsoft/beit-base-patch16-224) or a beit-ray run
+    output, local or s3://."""
+    task: InferTask = "classify"
+    """classify (top-k classes), segment (class-id PNG + pixel counts) or embed (a vector)."""
+    manifest_column: str = "uri"
+    """Manifest input: the column holding image URIs (falls back to "path" when absent)."""
+    chunk_size: int = 256
+    """Inputs per output file. Chunks are the unit of resumption: a rerun skips written ones."""
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    """Prediction settings."""
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    """The model actor pool."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray connection."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-store credentials and endpoint (default: the AWS_* environment)."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.task in INFER_TASKS,
+            "task",
+            f"{self.task!r} is not one of {', '.join(INFER_TASKS)}",
+        )
+        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(
+            not self.input or self.input.rstrip("/") != self.output.rstrip("/"),
+            "output",
+            "must differ from input (outputs would be relabelled on a rerun)",
+        )
+
+    def require(self) -> None:
+        """The fields a run needs (kept out of __post_init__ so ``--help`` can build defaults)."""
+        check(bool(self.input), "input", "is required (a folder, prefix or manifest of images)")
+        check(bool(self.output), "output", "is required (a folder or s3:// prefix)")
+        check(bool(self.checkpoint), "checkpoint", "is required (an HF folder or a beit-ray run)")

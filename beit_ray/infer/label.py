@@ -1,0 +1,462 @@
+"""The labelling graph: list → read + decode + preprocess → predict (actor pool) → parquet.
+
+Resumable and exact: the sorted input list is cut into fixed chunks; each chunk becomes one
+``part-NNNNN.parquet`` written atomically (temp + rename locally; an S3 PUT is atomic), and a
+rerun of the same command skips chunks whose file exists. Every input gives exactly one row;
+unreadable, corrupt, non-image and oversized files give a row whose ``error`` says why.
+
+Output under ``--output``:
+    part-NNNNN.parquet   path, error, height, width + the task's columns (see ``task_schema``)
+    _masks/...png        segment: class ids at the original size (``mask_uri`` points here)
+    _PLAN.json           what the chunks were made of (a rerun must match it)
+    _SUMMARY.json        counts, error reasons, images/s, checkpoint
+Names starting with ``_`` keep ``pandas.read_parquet(output)`` / pyarrow datasets reading
+only the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import uuid
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from beit_ray import storage as st
+from beit_ray.config import ConfigError, StorageConfig, to_dict
+from beit_ray.infer.config import LabelConfig
+from beit_ray.runtime import print0
+
+PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+PLAN_NAME, SUMMARY_NAME, MASKS_DIR = "_PLAN.json", "_SUMMARY.json", "_masks"
+
+
+class LabelInterrupted(RuntimeError):
+    """Raised by the ``stop_after_chunks`` hook: a stand-in for a crash, used by tests."""
+
+
+def part_name(chunk: int) -> str:
+    return f"part-{chunk:05d}.parquet"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _hidden(uri: str, root: str) -> bool:
+    rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else os.path.basename(uri)
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def list_inputs(cfg: LabelConfig) -> list[str]:
+    """Sorted, unique input URIs: every file under ``input`` or every entry of a manifest."""
+    if cfg.input.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(cfg.input, cfg.storage):
+        return read_manifest(cfg.input, cfg.manifest_column, cfg.storage)
+    root = cfg.input.rstrip("/")
+    out_root = cfg.output.rstrip("/") + "/"
+    files = st.list_files(root, cfg.storage)
+    # hidden files (.DS_Store, _SUCCESS) are not inputs; nor are our own outputs
+    return [f for f in files if not _hidden(f, root) and not f.startswith(out_root)]
+
+
+def _is_dir(uri: str, storage: StorageConfig | None) -> bool:
+    fs, path = st.filesystem(uri, storage)
+    return fs.isdir(path)
+
+
+def read_manifest(uri: str, column: str, storage: StorageConfig | None = None) -> list[str]:
+    """Image URIs from a parquet/CSV manifest; relative entries are relative to its folder."""
+    fs, path = st.pyarrow_fs(uri, storage)
+    if uri.lower().endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        with fs.open_input_stream(path) as f:
+            table = pacsv.read_csv(f)
+    else:
+        table = pq.read_table(path, filesystem=fs)
+    name = column if column in table.column_names else "path"
+    if name not in table.column_names:
+        raise ConfigError(
+            f"manifest_column: {uri} has no column {column!r} (columns: {table.column_names})"
+        )
+    base = uri.rsplit("/", 1)[0]
+    entries = [
+        str(u).strip() for u in table.column(name).to_pylist() if u is not None and str(u).strip()
+    ]
+    resolved = [u if st.is_remote(u) or os.path.isabs(u) else st.join(base, u) for u in entries]
+    return sorted(set(resolved))
+
+
+def plan_chunks(inputs: list[str], chunk_size: int) -> list[list[str]]:
+    """The sorted inputs cut into consecutive chunks: the same list always gives the same plan."""
+    return [inputs[i : i + chunk_size] for i in range(0, len(inputs), chunk_size)]
+
+
+def mask_uri(output: str, root: str, uri: str) -> str:
+    """Where a segment mask goes: the input's path under the input root, plus ``.png``."""
+    if uri.startswith(root.rstrip("/") + "/"):
+        rel = uri[len(root.rstrip("/")) + 1 :]
+    else:  # manifest entries from anywhere: a stable, collision-free name
+        rel = hashlib.sha1(uri.encode()).hexdigest()[:16] + "-" + os.path.basename(uri)
+    return st.join(output, MASKS_DIR, rel + ".png")
+
+
+def _check_plan(cfg: LabelConfig, inputs: list[str], n_chunks: int) -> None:
+    """Write the plan on the first run; refuse to mix results of a different plan."""
+    digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()
+    plan = {
+        "inputs": len(inputs),
+        "inputs_sha256": digest,
+        "chunk_size": cfg.chunk_size,
+        "chunks": n_chunks,
+        "task": cfg.task,
+        "checkpoint": cfg.checkpoint,
+    }
+    uri = st.join(cfg.output, PLAN_NAME)
+    if st.exists(uri, cfg.storage):
+        old = json.loads(st.read_text(uri, cfg.storage))
+        diff = [k for k in plan if old.get(k) != plan[k]]
+        if diff:
+            raise ConfigError(
+                f"output: {cfg.output} holds results of another run ({', '.join(diff)} differ); "
+                "use a new --output, or rerun with the same input, task, checkpoint and chunk_size"
+            )
+        return
+    st.write_text(uri, json.dumps(plan, indent=1), cfg.storage)
+
+
+def done_chunks(output: str, storage: StorageConfig | None) -> set[int]:
+    """Chunk ids whose part file exists (complete by construction: written atomically)."""
+    fs, path = st.filesystem(output, storage)
+    if not fs.exists(path):
+        return set()
+    names = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    return {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def task_schema(task: str) -> pa.Schema:
+    """Columns of a part file for ``task`` (the internal ``chunk`` column is dropped on write)."""
+    common = [
+        pa.field("path", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+    ]
+    extra = {
+        "classify": [
+            pa.field("top_ids", pa.list_(pa.int64())),
+            pa.field("top_labels", pa.list_(pa.string())),
+            pa.field("top_scores", pa.list_(pa.float32())),
+        ],
+        "embed": [pa.field("embedding", pa.list_(pa.float32()))],
+        "segment": [
+            pa.field("mask_uri", pa.string()),
+            pa.field("class_ids", pa.list_(pa.int64())),
+            pa.field("pixel_counts", pa.list_(pa.int64())),
+        ],
+    }[task]
+    return pa.schema(common + extra)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def read_decode(
+    batch: dict[str, np.ndarray],
+    *,
+    preprocessor: Any,
+    max_pixels: int,
+    storage: StorageConfig | None,
+) -> dict[str, np.ndarray]:
+    """Ray Data task: read each file, decode robustly, resize to the model's input (uint8)."""
+    from beit_ray.data.decode import DecodeError, decode_image
+
+    n = len(batch["path"])
+    h_out, w_out = preprocessor.output_size(1, 1)
+    pixels = np.zeros((n, 3, h_out, w_out), dtype=np.uint8)  # [B, 3, h, w]; zeros on error rows
+    errors, heights, widths = [""] * n, np.zeros(n, np.int32), np.zeros(n, np.int32)
+    filesystems: dict[str, Any] = {}
+    for i, uri in enumerate(batch["path"]):
+        uri = str(uri)
+        scheme = uri.split("://", 1)[0] if st.is_remote(uri) else "file"
+        try:
+            if scheme not in filesystems:
+                filesystems[scheme] = st.filesystem(uri, storage)[0]
+            data = filesystems[scheme].cat_file(st.strip_scheme(uri))
+        except Exception as e:  # missing, permission, network: the row says so
+            errors[i] = f"read_failed: {type(e).__name__}: {e}"[:500]
+            continue
+        try:
+            image = decode_image(data, max_pixels=max_pixels)
+            heights[i], widths[i] = image.shape[:2]
+            pixels[i] = preprocessor.to_uint8(image).numpy()
+        except DecodeError as e:
+            errors[i] = str(e)[:500]
+        except Exception as e:  # never let one file end the job
+            errors[i] = f"corrupt: {type(e).__name__}: {e}"[:500]
+    return {
+        **batch,
+        "error": np.array(errors, dtype=object),
+        "height": heights,
+        "width": widths,
+        "pixels": pixels,
+    }
+
+
+class PredictorActor:
+    """Ray Data actor: holds one :class:`Predictor`; writes segment masks itself."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        task: str,
+        storage: StorageConfig | None,
+        top_k: int,
+        embed_pool: str,
+        threads: int | None,
+        num_gpus: float,
+    ) -> None:
+        from beit_ray.infer.predictor import Predictor, actor_threads
+
+        if threads is None:
+            import ray
+
+            threads = actor_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+        device = "cuda" if num_gpus > 0 else "cpu"
+        self.task, self.storage = task, storage
+        self.predictor = Predictor(
+            checkpoint,
+            task,
+            storage,
+            top_k=top_k,
+            embed_pool=embed_pool,
+            device=device,
+            threads=threads,
+        )  # type: ignore[arg-type]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["path"])
+        errors: list[str | None] = [str(e) if e else None for e in batch["error"]]
+        ok = [i for i in range(n) if errors[i] is None]
+        results: dict[int, dict[str, Any]] = {}
+        if ok:
+            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
+            for i, res in zip(ok, self.predictor.forward(batch["pixels"][ok], sizes), strict=True):
+                results[i] = res
+        cols: dict[str, list[Any]] = defaultdict(list)
+        for i in range(n):
+            res = results.get(i)
+            if self.task == "segment" and res is not None:
+                try:
+                    st.write_bytes(str(batch["mask_uri"][i]), png_bytes(res["mask"]), self.storage)
+                except Exception as e:
+                    errors[i], res = f"write_failed: {type(e).__name__}: {e}"[:500], None
+            cols["path"].append(str(batch["path"][i]))
+            cols["error"].append(errors[i])
+            cols["height"].append(int(batch["height"][i]) or None)
+            cols["width"].append(int(batch["width"][i]) or None)
+            cols["chunk"].append(int(batch["chunk"][i]))
+            if self.task == "classify":
+                cols["top_ids"].append(None if res is None else res["top_ids"].tolist())
+                cols["top_labels"].append(None if res is None else res["top_labels"])
+                cols["top_scores"].append(None if res is None else res["top_scores"].tolist())
+            elif self.task == "embed":
+                cols["embedding"].append(None if res is None else res["embedding"].tolist())
+            else:
+                cols["mask_uri"].append(None if res is None else str(batch["mask_uri"][i]))
+                cols["class_ids"].append(None if res is None else res["class_ids"].tolist())
+                cols["pixel_counts"].append(None if res is None else res["pixel_counts"].tolist())
+        schema = task_schema(self.task).append(pa.field("chunk", pa.int64()))
+        return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
+
+
+def png_bytes(mask: np.ndarray) -> bytes:
+    """A class-id map as a lossless PNG (8-bit, or 16-bit beyond 256 classes)."""
+    from PIL import Image
+
+    image = Image.fromarray(mask.astype(np.uint16) if mask.dtype != np.uint8 else mask)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_part(table: pa.Table, output: str, chunk: int, storage: StorageConfig | None) -> None:
+    """Write one chunk's rows atomically: a reader never sees a half-written part."""
+    table = table.drop_columns(["chunk"]).sort_by("path")
+    fs, root = st.pyarrow_fs(output, storage)
+    final = f"{root.rstrip('/')}/{part_name(chunk)}"
+    if st.is_remote(output):  # one PUT / a completed multipart upload: atomic
+        pq.write_table(table, final, filesystem=fs)
+        return
+    os.makedirs(root, exist_ok=True)
+    tmp = f"{root.rstrip('/')}/.{part_name(chunk)}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, tmp, filesystem=fs)
+    os.replace(tmp, final)
+
+
+def read_parts(
+    output: str, storage: StorageConfig | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """Every part file under ``output`` as one table."""
+    fs, root = st.pyarrow_fs(output, storage)
+    chunks = sorted(done_chunks(output, storage))
+    paths = [f"{root.rstrip('/')}/{part_name(c)}" for c in chunks]
+    if not paths:
+        return pa.table({})
+    return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str, Any]:
+    """Label every input not yet written; returns (and writes) the summary.
+
+    ``stop_after_chunks`` raises :class:`LabelInterrupted` after writing that many chunks (a
+    crash stand-in for tests); rerunning finishes the rest.
+    """
+    import ray
+
+    from beit_ray.infer.predictor import load_checkpoint  # noqa: F401 (fail fast on imports)
+    from beit_ray.models.load import model_dir
+    from beit_ray.models.preprocess import Preprocessor
+    from beit_ray.runtime import init_ray
+
+    cfg.require()
+    start = time.perf_counter()
+    inputs = list_inputs(cfg)
+    if not inputs:
+        raise ConfigError(f"input: no files found under {cfg.input}")
+    plan = plan_chunks(inputs, cfg.chunk_size)
+    _check_plan(cfg, inputs, len(plan))
+    done = done_chunks(cfg.output, cfg.storage)
+    pending = [c for c in range(len(plan)) if c not in done]
+    root = cfg.input.rstrip("/")
+    print0(
+        f"label: {len(inputs)} files in {len(plan)} chunks; {len(plan) - len(pending)} already written"
+    )
+
+    processed, run_seconds = 0, 0.0
+    if pending:
+        init_ray(cfg.ray, cfg.storage)
+        run_start = time.perf_counter()  # images/s counts the pipeline, not Ray's start-up
+        preprocessor = Preprocessor.from_pretrained(
+            model_dir(cfg.checkpoint, cfg.storage), cfg.storage
+        )
+        items = [
+            {
+                "path": p,
+                "chunk": c,
+                "mask_uri": mask_uri(cfg.output, root, p) if cfg.task == "segment" else "",
+            }
+            for c in pending
+            for p in plan[c]
+        ]
+        bs = cfg.predict.batch_size
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 1000)))
+        ds = ds.map_batches(
+            read_decode,
+            fn_kwargs={
+                "preprocessor": preprocessor,
+                "max_pixels": cfg.predict.max_pixels,
+                "storage": cfg.storage,
+            },
+            batch_size=bs,
+            num_cpus=cfg.actors.decode_cpus,
+        )
+        a = cfg.actors
+        ds = ds.map_batches(
+            PredictorActor,
+            fn_constructor_kwargs={
+                "checkpoint": cfg.checkpoint,
+                "task": cfg.task,
+                "storage": cfg.storage,
+                "top_k": cfg.predict.top_k,
+                "embed_pool": cfg.predict.embed_pool,
+                "threads": a.threads,
+                "num_gpus": a.num_gpus,
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
+            batch_size=bs,
+            num_cpus=a.num_cpus,
+            num_gpus=a.num_gpus,
+            batch_format="numpy",
+        )
+        processed = _collect(ds, cfg, {c: len(plan[c]) for c in pending}, stop_after_chunks)
+        run_seconds = time.perf_counter() - run_start
+    summary = _summarize(cfg, inputs, processed, run_seconds, resumed=len(plan) - len(pending))
+    summary["seconds_total"] = round(time.perf_counter() - start, 3)
+    st.write_text(st.join(cfg.output, SUMMARY_NAME), json.dumps(summary, indent=1), cfg.storage)
+    print0(
+        f"label: {summary['ok']}/{summary['files']} labelled, {summary['errors']} errors; "
+        f"{processed} this run at {summary['images_per_s']:.1f} images/s → {cfg.output}"
+    )
+    return summary
+
+
+def _collect(ds: Any, cfg: LabelConfig, expected: dict[int, int], stop_after: int | None) -> int:
+    """Stream results; write each chunk as soon as all its rows have arrived."""
+    buffers: dict[int, list[pa.Table]] = defaultdict(list)
+    counts: Counter[int] = Counter()
+    written = processed = 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        chunk_col = batch.column("chunk").to_numpy()
+        for c in np.unique(chunk_col):
+            c = int(c)
+            part = batch.filter(pa.array(chunk_col == c))
+            buffers[c].append(part)
+            counts[c] += part.num_rows
+            if counts[c] == expected[c]:
+                write_part(pa.concat_tables(buffers.pop(c)), cfg.output, c, cfg.storage)
+                written += 1
+                processed += expected[c]
+                if stop_after is not None and written >= stop_after:
+                    raise LabelInterrupted(f"stopped after {written} chunks (stop_after_chunks)")
+    if buffers:  # a row went missing: never write a partial chunk
+        raise RuntimeError(f"chunks {sorted(buffers)} are incomplete; rerun to finish them")
+    return processed
+
+
+def _summarize(
+    cfg: LabelConfig, inputs: list[str], processed: int, seconds: float, resumed: int
+) -> dict[str, Any]:
+    """Counts over every part file, checked against the input list (nothing lost or duplicated)."""
+    table = read_parts(cfg.output, cfg.storage, columns=["path", "error"])
+    paths = table.column("path").to_pylist() if table.num_rows else []
+    errors = [e for e in (table.column("error").to_pylist() if table.num_rows else []) if e]
+    if len(paths) != len(set(paths)) or set(paths) != set(inputs):
+        missing, extra = len(set(inputs) - set(paths)), len(set(paths) - set(inputs))
+        raise RuntimeError(
+            f"output does not match the input list: {missing} missing, {extra} unexpected, {len(paths) - len(set(paths))} duplicated"
+        )
+    reasons = Counter(e.split(":", 1)[0] for e in errors)
+    return {
+        "input": cfg.input,
+        "output": cfg.output,
+        "checkpoint": cfg.checkpoint,
+        "task": cfg.task,
+        "files": len(inputs),
+        "ok": len(paths) - len(errors),
+        "errors": len(errors),
+        "error_reasons": dict(reasons.most_common()),
+        "chunks": -(-len(inputs) // cfg.chunk_size),
+        "chunks_resumed": resumed,
+        "processed_this_run": processed,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
+        "config": to_dict(cfg, redact=True),
+    }

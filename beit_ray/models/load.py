@@ -1,0 +1,452 @@
+"""Load models from Hugging Face folders or beit-ray runs, and export them back.
+
+``load_model`` reads a Hugging Face-format folder (config.json + safetensors, sharded or not; a
+pytorch_model.bin only through ``torch.load(weights_only=True)``) or a beit-ray run: a folder
+whose ``model/`` holds such an export (see :data:`RUN_METADATA`), local or ``s3://``. It can load
+a checkpoint into another task, as BEiT fine-tuning does (microsoft/unilm
+``beit/run_class_finetuning.py``): encoder weights kept, the shared relative position bias copied
+into every block's own table, a new classification head scaled by ``init_scale`` = 0.001, and
+position information resized when the image size changes (:mod:`beit_ray.models.posembed`).
+What was not taken from the checkpoint is logged and left on ``model.beit_ray_load_report``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from beit_ray import storage as st
+from beit_ray.config import StorageConfig
+from beit_ray.models.build import MODEL_CLASSES, build_from_config, model_class
+from beit_ray.models.flavours import TASKS, Task
+from beit_ray.models.posembed import current_image_size, resize_model, resize_state_dict
+from beit_ray.models.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+
+RUN_METADATA = "beit_ray.json"
+"""A run folder's metadata file: ``{"model_dir": "model", "task": ..., ...}``; the HF export lives
+in ``<run>/<model_dir>`` (default ``model``)."""
+HEAD_INIT_SCALE = 1e-3
+"""unilm's ``--init_scale``: a new classification head starts at 0.001 × trunc_normal(0.02)."""
+
+_ARCH_TASK: dict[str, Task] = {cls.__name__: task for (_, task), cls in MODEL_CLASSES.items()}
+
+
+# ---------------------------------------------------------------------------- locating
+
+
+def _has(uri: str, name: str, cfg: StorageConfig | None) -> bool:
+    return st.exists(st.join(uri, name), cfg)
+
+
+def model_dir(uri: str, storage: StorageConfig | None = None) -> str:
+    """The folder (URI) holding config.json: ``uri`` itself or a run's export folder."""
+    uri = str(uri).rstrip("/")
+    if _has(uri, "config.json", storage):
+        return uri
+    sub = "model"
+    if _has(uri, RUN_METADATA, storage):
+        meta = json.loads(st.read_text(st.join(uri, RUN_METADATA), storage))
+        sub = meta.get("model_dir", sub)
+    if _has(st.join(uri, sub), "config.json", storage):
+        return st.join(uri, sub)
+    raise FileNotFoundError(f"no Hugging Face model (config.json) at {uri} or {st.join(uri, sub)}")
+
+
+def task_of(config: PretrainedConfig) -> Task:
+    """The task a checkpoint was saved for, from ``config.architectures`` (features if unknown)."""
+    for arch in config.architectures or ():
+        if arch in _ARCH_TASK:
+            return _ARCH_TASK[arch]
+    if config.architectures:
+        raise ValueError(
+            f"unsupported architecture {config.architectures}; known: {sorted(_ARCH_TASK)}"
+        )
+    return "features"
+
+
+def _default_out_indices(depth: int) -> list[int]:
+    # BEiT's UperNet taps blocks 4, 6, 8, 12 of 12 (and 8, 12, 16, 24 of 24)
+    picks = [depth // 3, depth // 2, 2 * depth // 3, depth]
+    if len(set(picks)) < 4 or picks[0] < 1:
+        picks = [max(1, round(depth * k / 4)) for k in (1, 2, 3, 4)]
+    return picks
+
+
+def target_config(
+    source: PretrainedConfig,
+    source_task: Task,
+    task: Task,
+    *,
+    image_size: int | None = None,
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+) -> PretrainedConfig:
+    """The config of ``source`` turned into a model for ``task`` (BEiT fine-tuning settings)."""
+    cfg = copy.deepcopy(source)
+    if cfg.model_type == "vit" and task not in ("classification", "features"):
+        raise ValueError(f"ViT checkpoints support classification and features, not {task}")
+    if cfg.model_type == "beit" and task != source_task:
+        if task in ("classification", "segmentation"):
+            cfg.use_mask_token = False
+            cfg.use_mean_pooling = True
+            if cfg.use_shared_relative_position_bias:
+                cfg.use_shared_relative_position_bias = False
+                cfg.use_relative_position_bias = True
+        if task == "segmentation":
+            if len(cfg.out_indices or []) != 4:
+                idx = _default_out_indices(cfg.num_hidden_layers)
+                cfg.set_output_features_output_indices(out_features=None, out_indices=idx)
+            cfg.semantic_loss_ignore_index = 255
+        if task == "mim":
+            cfg.use_mask_token = True
+    if id2label:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")
+        cfg.id2label, cfg.label2id = id2label, {v: k for k, v in id2label.items()}
+    elif num_labels is not None and num_labels != cfg.num_labels:
+        cfg.num_labels = num_labels
+    if image_size is not None:
+        cfg.image_size = int(image_size)
+    cfg.architectures = [model_class(cfg, task).__name__]
+    return cfg
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _split(model: nn.Module, state: dict[str, Any]) -> tuple[str, dict, dict]:
+    """(prefix, encoder keys without prefix, head keys) of a task model's state dict."""
+    prefix = model.base_model_prefix
+    if not hasattr(model, prefix):  # the bare encoder (BeitModel / ViTModel)
+        return "", dict(state), {}
+    enc = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    head = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    return prefix + ".", enc, head
+
+
+def _new_head(shape: torch.Size, is_bias: bool, generator: torch.Generator) -> torch.Tensor:
+    if is_bias:
+        return torch.zeros(shape)
+    weight = torch.empty(shape)
+    nn.init.trunc_normal_(weight, std=0.02, generator=generator)
+    return weight * HEAD_INIT_SCALE
+
+
+def _shell(config: PretrainedConfig, task: Task) -> nn.Module:
+    """The model on the meta device: names and shapes without memory or init."""
+    with torch.device("meta"):
+        return model_class(config, task)._from_config(
+            copy.deepcopy(config), attn_implementation="sdpa"
+        )
+
+
+def read_checkpoint(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder: (sharded) safetensors, else pytorch_model.bin.
+
+    ``.bin`` files are read with ``torch.load(weights_only=True)``: no pickled code runs.
+    """
+    from safetensors.torch import load_file
+
+    for single, index, reader in (
+        ("model.safetensors", "model.safetensors.index.json", load_file),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", _load_bin),
+    ):
+        if os.path.exists(os.path.join(folder, single)):
+            return reader(os.path.join(folder, single))
+        if os.path.exists(os.path.join(folder, index)):
+            with open(os.path.join(folder, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(reader(os.path.join(folder, shard)))
+            return state
+    raise FileNotFoundError(
+        f"no model.safetensors or pytorch_model.bin (or sharded index) in {folder}"
+    )
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def canonical_state(raw: dict[str, torch.Tensor], shell: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint keys renamed to transformers 5 names for ``shell``'s class.
+
+    Uses transformers' own conversion table (v4 / hub names → v5) but not its per-key prefix
+    guessing, which swaps ``beit.layernorm`` and ``layernorm`` of BeitForMaskedImageModeling
+    (transformers 5.24). A missing or extra base-model prefix is fixed for the whole checkpoint.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(shell)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    state = {
+        rename_source_key(k, renamings, converters)[0]: v
+        for k, v in raw.items()
+        if not k.endswith("relative_position_index")  # v4 buffers; recomputed now
+    }
+    want, prefix = set(shell.state_dict()), shell.base_model_prefix + "."
+    hits = len(want & set(state))
+    added = {prefix + k: v for k, v in state.items()}
+    stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+    best = max(
+        (hits, state),
+        (len(want & set(added)), added),
+        (len(want & set(stripped)), stripped),
+        key=lambda t: t[0],
+    )
+    return best[1]
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], zero3: bool) -> None:
+    """Copy ``state`` into ``model``, per top-level child so no key is ever re-prefixed."""
+    if not zero3:
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"unexpected keys {result.unexpected_keys}")
+        return
+    # transformers' ZeRO-3 loader gathers each module's partitioned params, loads, re-partitions
+    from transformers.integrations.deepspeed import _load_state_dict_into_zero3_model
+
+    for name, child in model.named_children():
+        sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+        if sub:
+            errors, _ = _load_state_dict_into_zero3_model(child, sub)
+            if errors:
+                raise RuntimeError(f"loading {name}: {errors}")
+
+
+def load_model(
+    uri: str,
+    task: Task | None = None,
+    *,
+    storage: StorageConfig | None = None,
+    image_size: int | None = None,
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+    zero3_config: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A transformers model for ``task`` (default: the checkpoint's) from a folder or URI.
+
+    ``image_size`` resizes position information; ``num_labels``/``id2label`` size a new head;
+    ``zero3_config`` (a DeepSpeed config dict with ZeRO stage 3) partitions weights as they are
+    created and loaded. ``seed`` drives the new head's initialisation. The model is returned in
+    eval mode with ``model.beit_ray_load_report``: {"source_task", "task", "missing",
+    "newly_initialised", "copied", "resized", "unused"} (names in the returned model, except
+    "unused": checkpoint names).
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    folder_uri = model_dir(uri, storage)
+    tmp = tempfile.mkdtemp(prefix="beit_ray_load_") if st.is_remote(folder_uri) else None
+    try:
+        folder = st.download_dir(folder_uri, storage, dest=tmp)
+        src_cfg = AutoConfig.from_pretrained(folder)
+        raw = read_checkpoint(folder)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    src_task = task_of(src_cfg)
+    source = canonical_state(raw, _shell(src_cfg, src_task))
+    del raw
+    task = task or src_task
+    cfg = target_config(
+        src_cfg, src_task, task, image_size=image_size, num_labels=num_labels, id2label=id2label
+    )
+    state, report = _target_state(source, src_cfg, src_task, cfg, task, seed)
+    del source
+
+    zero3 = zero3_config is not None and zero3_config.get("zero_optimization", {}).get("stage") == 3
+    model = build_from_config(cfg, task, zero3_config=zero3_config)
+    keep_alive = None
+    if zero3:  # transformers sees ZeRO-3 through a weakref to the newest HfDeepSpeedConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(zero3_config)
+    _load_into(model, state, zero3)
+    del keep_alive
+    model.beit_ray_load_report = report  # type: ignore[assignment]
+    if report["newly_initialised"] or report["copied"] or report["resized"]:
+        log.info(
+            "loaded %s (%s) as %s: new %s; copied %s; resized %s; unused %s",
+            uri,
+            src_task,
+            task,
+            report["newly_initialised"],
+            report["copied"],
+            report["resized"],
+            report["unused"],
+        )
+    return model.eval()
+
+
+def _target_state(
+    source: dict[str, torch.Tensor],
+    src_cfg: PretrainedConfig,
+    src_task: Task,
+    cfg: PretrainedConfig,
+    task: Task,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The target model's state dict built from the source checkpoint, and the load report."""
+    shell = _shell(cfg, task)
+    want = {k: v.shape for k, v in shell.state_dict().items()}
+    t_prefix, _, _ = _split(shell, dict.fromkeys(want))
+    s_prefix, s_enc, s_head = _split(_shell(src_cfg, src_task), source)
+    shared_key = "shared_position_bias.relative_position_bias_table"
+
+    state: dict[str, torch.Tensor] = {}
+    missing, copied, used = [], [], set()
+    for key in want:
+        is_enc = key.startswith(t_prefix) if t_prefix else True
+        rel = key[len(t_prefix) :] if is_enc else key
+        pool = s_enc if is_enc else (s_head if task == src_task else {})
+        if rel in pool:
+            state[key] = pool[rel]
+            used.add(("enc" if is_enc else "head", rel))
+        elif (
+            is_enc
+            and rel.endswith("relative_position_bias.relative_position_bias_table")
+            and shared_key in s_enc
+        ):
+            missing.append(key)
+            state[key] = s_enc[
+                shared_key
+            ].clone()  # unilm: every block starts from the shared table
+            copied.append(key)
+            used.add(("enc", shared_key))
+        else:
+            missing.append(key)
+
+    resized: list[str] = []
+    src_size, dst_size = current_image_size(src_cfg), current_image_size(cfg)
+    if src_size != dst_size:
+        state, resized = resize_state_dict(state, cfg.patch_size, dst_size)
+
+    generator = torch.Generator().manual_seed(seed)
+    new: list[str] = [k for k in missing if k not in copied]
+    for key in list(state):
+        if state[key].shape != want[key]:  # e.g. a head for another number of labels
+            del state[key]
+            new.append(key)
+    for key in want:
+        if key not in state and key.startswith("classifier."):
+            state[key] = _new_head(want[key], key.endswith("bias"), generator)
+    unused = [s_prefix + k for k in s_enc if ("enc", k) not in used]
+    unused += [k for k in s_head if ("head", k) not in used]
+    report = {
+        "source_task": src_task,
+        "task": task,
+        "missing": sorted(missing),
+        "newly_initialised": sorted(set(new)),
+        "copied": sorted(copied),
+        "resized": sorted(resized),
+        "unused": sorted(unused),
+    }
+    return state, report
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def _task_of_model(model: nn.Module) -> Task:
+    for (_, task), cls in MODEL_CLASSES.items():
+        if type(model) is cls:
+            return task
+    raise ValueError(f"cannot export a {type(model).__name__}")
+
+
+def export_hf(
+    model: nn.Module,
+    out_dir: str,
+    *,
+    id2label: dict[int, str] | None = None,
+    image_size: int | None = None,
+    storage: StorageConfig | None = None,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+    preprocessor: dict[str, Any] | None = None,
+) -> None:
+    """Write config.json, model.safetensors and preprocessor_config.json to ``out_dir``.
+
+    ``transformers.AutoModelFor*.from_pretrained(out_dir)`` and ``AutoImageProcessor`` then
+    reproduce this model. ``image_size`` resizes the model first; ``preprocessor`` overrides
+    keys of the written preprocessor config. The model must be whole (consolidated), not
+    ZeRO-3 partitioned. ``out_dir`` may be a URI (written locally, then uploaded).
+    """
+    model = getattr(model, "module", model)
+    task = _task_of_model(model)
+    if image_size is not None and image_size != current_image_size(model.config):
+        model = resize_model(model, image_size)
+    else:
+        model = copy.copy(model)  # shallow: a private config without copying weights
+        model.config = copy.deepcopy(model.config)
+    cfg = model.config
+    if id2label:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if task in ("classification", "segmentation") and len(id2label) != cfg.num_labels:
+            raise ValueError(
+                f"id2label has {len(id2label)} entries, the model {cfg.num_labels} labels"
+            )
+        cfg.id2label, cfg.label2id = id2label, {v: k for k, v in id2label.items()}
+    cfg.architectures = [type(model).__name__]
+    size = current_image_size(cfg)
+    proc = Preprocessor.for_model(
+        cfg.model_type,
+        size,
+        segmentation=task == "segmentation",
+        image_mean=image_mean,
+        image_std=image_std,
+        **(preprocessor or {}),
+    )
+    local = (
+        tempfile.mkdtemp(prefix="beit_ray_export_")
+        if st.is_remote(out_dir)
+        else st.strip_scheme(out_dir)
+    )
+    try:
+        os.makedirs(local, exist_ok=True)
+        model.save_pretrained(local)
+        proc.save(local)
+        if st.is_remote(out_dir):
+            st.upload_dir(local, out_dir, storage)
+    finally:
+        if st.is_remote(out_dir):
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def build_or_load(
+    flavour: str | None,
+    task: Task,
+    *,
+    init_from: str | None = None,
+    zero3_config: dict[str, Any] | None = None,
+    storage: StorageConfig | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """A model from ``init_from`` (checkpoint URI) when given, else a new ``flavour`` model."""
+    if init_from:
+        keep = {k: overrides[k] for k in ("image_size", "num_labels", "id2label") if k in overrides}
+        return load_model(init_from, task, storage=storage, zero3_config=zero3_config, **keep)
+    if flavour is None:
+        raise ValueError("give a flavour or a checkpoint to start from")
+    from beit_ray.models.flavours import model_config
+
+    return build_from_config(
+        model_config(flavour, task, **overrides), task, zero3_config=zero3_config
+    )

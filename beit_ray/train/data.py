@@ -1,0 +1,70 @@
+"""The Ray datasets a training job feeds to ``TorchTrainer(datasets=...)``.
+
+Pretraining streams the masked-patch pipeline (every epoch laid out in one dataset, each with
+its own crops and masks: one pass) or reads shards materialized by jobs/tokenize.py (iterated
+once per epoch). Fine-tuning reads labelled rows and a validation split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from beit_ray import storage
+from beit_ray.train.config import FinetuneConfig, PretrainConfig
+
+
+@dataclass
+class TrainData:
+    """Datasets by name ("train", "val"), passes over "train", and class names if any."""
+
+    datasets: dict[str, Any]
+    passes: int
+    id2label: dict[int, str] = field(default_factory=dict)
+    rows_per_pass: int | None = None
+    """Known without reading the data (listed image files); unset: counted, which runs the pipeline."""
+    ray_data_cpus: float = 1.0
+    """CPUs Ray Data holds on to while training (actor pools) plus one for read tasks."""
+
+
+def pretraining_data(cfg: PretrainConfig) -> TrainData:
+    from beit_ray.data.materialize import read_materialized
+    from beit_ray.data.pipeline import pretraining_dataset
+
+    if cfg.shards:
+        return TrainData({"train": read_materialized(cfg.shards, cfg.storage)}, cfg.run.epochs)
+    from beit_ray.data.sources import list_source
+
+    listing = list_source(cfg.data, cfg.storage)
+    ds = pretraining_dataset(cfg.data, epoch=0, epochs=cfg.run.epochs, storage_cfg=cfg.storage, listing=listing)
+    rows = len(listing.units) * cfg.run.epochs if listing.layout == "folders" else None
+    actors = cfg.data.tokenizer_actors[0] * cfg.data.tokenizer_num_cpus if cfg.data.tokenizer != "none" else 0.0
+    return TrainData({"train": ds}, 1, rows_per_pass=rows, ray_data_cpus=1.0 + actors)
+
+
+def finetuning_data(cfg: FinetuneConfig) -> TrainData:
+    """Classification: labelled rows, validation from val_source or a key-hash split."""
+    if cfg.task == "segmentation":
+        from beit_ray.train.segdata import segmentation_data
+
+        return segmentation_data(cfg)
+    from beit_ray.data.pipeline import classes_for, labelled_dataset
+
+    classes_uri = storage.join(_run(cfg), "classes.json")
+    common: dict[str, Any] = {"storage_cfg": cfg.storage, "classes_write_to": classes_uri}
+    if cfg.val_source:
+        train = labelled_dataset(cfg.data, "train", **common)
+        val = labelled_dataset(cfg.data, "val", source=cfg.val_source, **common)
+    else:
+        train = labelled_dataset(cfg.data, "train", val_fraction=cfg.val_fraction, **common)
+        val = labelled_dataset(cfg.data, "val", val_fraction=cfg.val_fraction, **common)
+    names = classes_for(cfg.data, cfg.storage, classes_uri) or []
+    if len(names) < 2:
+        raise ValueError(f"data.source {cfg.data.source}: classification needs at least 2 classes, found {names}")
+    return TrainData({"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)))
+
+
+def _run(cfg: Any) -> str:
+    base = cfg.checkpoint.storage_path
+    return storage.join(base if storage.is_remote(base) else os.path.abspath(base), cfg.checkpoint.name)

@@ -1,0 +1,87 @@
+"""The one place a training config becomes a DeepSpeed config dict, and the optimizer for it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import torch
+
+from beit_ray import storage
+from beit_ray.train.config import TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed JSON for ``cfg``: batch, accumulation, clipping, ZeRO + offload, precision.
+
+    The optimizer and the lr schedule are not in it: the loop passes a torch optimizer built
+    from layer-decay groups and sets each group's lr every step. ``deepspeed.override`` (a
+    mapping or a JSON file) is merged over the result, key by key.
+    """
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=False)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if ds.zero_stage == 3:
+        # Save a 16-bit copy is not needed: consolidation reads the fp32 partitions.
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accum_steps,
+        "train_batch_size": cfg.global_batch,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {
+            "enabled": ds.precision == "fp16",
+            "loss_scale": ds.loss_scale,
+            "initial_scale_power": ds.initial_scale_power,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # Progress is logged by beit_ray.train.observe; keep DeepSpeed's own prints quiet.
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    return merge(out, load_override(ds.override, cfg))
+
+
+def load_override(override: dict[str, Any] | str | None, cfg: TrainConfig) -> dict[str, Any]:
+    if override is None:
+        return {}
+    if isinstance(override, dict):
+        return override
+    return json.loads(storage.read_text(override, cfg.storage))
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``, recursively for nested mappings."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over layer-decay groups; DeepSpeedCPUAdam when the optimizer lives on the CPU."""
+    o = cfg.optim
+    kind = o.optimizer
+    if kind == "auto":
+        kind = "cpu_adam" if cfg.deepspeed.offload_optimizer else "adamw"
+    # DeepSpeed keeps extra group keys (lr_scale) but cannot flatten lists of names.
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    if kind == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)

@@ -1,0 +1,205 @@
+"""The per-worker training loop shared by pretraining and fine-tuning (Ray Train + DeepSpeed).
+
+What differs between tasks lives in a :class:`~beit_ray.train.tasks.Task`; everything else
+(DeepSpeed engine, lr schedule, data position, checkpoints, resume, logging) is here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from beit_ray import storage
+from beit_ray.train import checkpoint
+from beit_ray.train.checkpoint import TrainState
+from beit_ray.train.config import TrainConfig
+from beit_ray.train.tasks import Task, make_task
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``; ``config`` = {cfg, extra, total_steps, passes, run_uri}.
+
+    A pass is one iteration of the "train" dataset (the pretraining stream lays every epoch out
+    in one pass); validation, when the task has one, runs after each pass and at the end.
+    """
+    import deepspeed
+    import ray.train
+
+    cfg: TrainConfig = config["cfg"]
+    task = make_task(cfg, config["extra"])
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")  # reuses Ray's group
+    rank = ray.train.get_context().get_world_rank()
+    engine = build_engine(cfg, task)
+    state = checkpoint.restore(engine) or TrainState()
+    obs = None
+    if rank == 0:
+        from beit_ray.train.observe import Observer
+
+        obs = Observer(storage.join(config["run_uri"], "logs"), state.step, cfg.storage)
+    loop = Loop(cfg, config, task, engine, state, obs, rank)
+    while state.step < loop.total and state.passes < config["passes"]:
+        if loop.train_pass():
+            break
+        state.passes, state.micro_in_pass = state.passes + 1, 0
+        loop.epoch_done(state.epoch + 1)
+    if state.step >= loop.total and task.score:
+        loop.evaluate()  # checkpoints with the final score
+    else:
+        loop.save({})
+    if obs:
+        obs.close()
+
+
+class Loop:
+    """One worker's training state and the steps of the loop."""
+
+    def __init__(self, cfg: TrainConfig, config: dict, task: Task, engine: Any, state: TrainState, obs: Any, rank: int) -> None:
+        self.cfg, self.task, self.engine, self.state, self.obs, self.rank = cfg, task, engine, state, obs, rank
+        self.total, self.run_uri = config["total_steps"], config["run_uri"]
+        self.last_ckpt = time.monotonic()
+
+    def train_pass(self) -> bool:
+        """Train through the rest of this pass; True if the run stops inside it."""
+        import ray.train
+
+        cfg, state, engine, micro = self.cfg, self.state, self.engine, self.cfg.deepspeed.micro_batch_size
+        shard = ray.train.get_dataset_shard("train")
+        batches = timed(iter(shard.iter_torch_batches(batch_size=micro, dtypes=self.task.dtypes, drop_last=True)))
+        for _ in range(state.micro_in_pass):  # resume mid-pass: skip what was trained on
+            next(batches)
+        seen = 0
+        for batch, wait in batches:
+            seen += 1
+            boundary = engine.is_gradient_accumulation_boundary()
+            set_lr(engine, lr_at(state.step, self.total, cfg))
+            gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + state.step * 1009 + self.rank)
+            loss, metrics = self.task.loss(engine, batch, gen)
+            engine.backward(loss)
+            engine.step()
+            state.micro_in_pass += 1
+            if self.obs:
+                self.obs.step(metrics, micro * cfg.scaling.num_workers, wait)
+            if not boundary:
+                continue
+            state.step += 1
+            maybe_fail(cfg, self.rank, state.step, self.run_uri)
+            if self.obs and (state.step % cfg.run.log_every == 0 or state.step == self.total):
+                extra = {"lr": lr_at(state.step - 1, self.total, cfg), "grad_norm": grad_norm(engine)}
+                self.obs.log(state.step, state.epoch, self.total, extra)
+            if state.step >= self.total or state.step == cfg.debug.stop_at_step:
+                return True
+            if due(cfg, state.step, self.last_ckpt):
+                self.save({})
+        if seen == 0 and state.micro_in_pass == 0:
+            raise RuntimeError(f"rank {self.rank}: the training data gave no batch of {micro} rows")
+        return False
+
+    def epoch_done(self, new_epoch: int) -> None:
+        """Move to ``new_epoch``; validate every ``eval_every_epochs`` epochs."""
+        if new_epoch <= self.state.epoch:
+            return
+        self.state.epoch = new_epoch
+        every = getattr(self.cfg, "eval_every_epochs", 1)
+        if self.task.score and new_epoch % every == 0 and self.state.step < self.total:
+            self.evaluate()
+
+    def evaluate(self) -> None:
+        """Validate on this rank's share of "val", then checkpoint with the score (keeps the best)."""
+        import ray.train
+
+        self.engine.eval()
+        shard = ray.train.get_dataset_shard("val")
+        batches = shard.iter_torch_batches(batch_size=self.cfg.deepspeed.micro_batch_size, dtypes=self.task.dtypes)
+        metrics = self.task.evaluate(self.engine, batches)
+        self.engine.train()
+        if self.obs:
+            self.obs.log_eval(self.state.step, self.state.epoch, metrics)
+        self.state.best = max(self.state.best if self.state.best is not None else -math.inf, metrics[self.task.score])
+        self.save(metrics)
+
+    def save(self, metrics: dict[str, float]) -> None:
+        if self.obs:
+            self.obs.sync()
+        s = self.state
+        # Checkpoints without a validation score rank lowest: of those only the latest is kept.
+        score = metrics.get(self.task.score, -1.0) if self.task.score else -1.0
+        checkpoint.save(self.engine, s, {"step": s.step, "epoch": s.epoch, **metrics, "score": score}, self.rank)
+        self.last_ckpt = time.monotonic()
+
+
+def build_engine(cfg: TrainConfig, task: Task) -> Any:
+    """Model (ZeRO-3-partitioned when asked) + layer-decay AdamW inside a DeepSpeed engine."""
+    import deepspeed
+
+    from beit_ray.models.layer_decay import param_groups
+    from beit_ray.train.deepspeed import build_optimizer, deepspeed_config
+
+    ds_config = deepspeed_config(cfg)
+    with torch.random.fork_rng():  # same init on every rank and every attempt
+        torch.manual_seed(cfg.run.seed)
+        model = task.build(ds_config if cfg.deepspeed.zero_stage == 3 else None)
+    model.train()
+    groups = param_groups(model, lr=cfg.peak_lr, weight_decay=cfg.optim.weight_decay, layer_decay=task.layer_decay())
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(groups, cfg), config=ds_config)
+    task.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+    return engine
+
+
+def timed(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """Yield (batch, seconds spent waiting for it)."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine to min_lr (BEiT's schedule), per optimizer step."""
+    warmup, peak, low = cfg.warmup(total), cfg.peak_lr, cfg.optim.min_lr
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def due(cfg: TrainConfig, step: int, last: float) -> bool:
+    """Checkpoint now? Time-based decisions are made by rank 0 and shared, so ranks agree."""
+    c = cfg.checkpoint
+    if c.every_n_steps and step % c.every_n_steps == 0:
+        return True
+    if not c.every_n_minutes:
+        return False
+    flag = torch.tensor([float(time.monotonic() - last >= 60 * c.every_n_minutes)])
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def maybe_fail(cfg: TrainConfig, rank: int, step: int, run_uri: str) -> None:
+    """Fault injection: ``debug.fail_rank`` dies once at ``debug.fail_at_step`` (a marker file)."""
+    d = cfg.debug
+    if d.fail_rank != rank or step != d.fail_at_step:
+        return
+    marker = storage.join(run_uri, f".fail_injected_rank{rank}_step{step}")
+    if storage.exists(marker, cfg.storage):
+        return
+    storage.write_text(marker, "injected failure\n", cfg.storage)
+    print(f"[debug] rank {rank} exits at step {step} (fault injection)", flush=True)
+    os._exit(1)

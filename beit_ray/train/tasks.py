@@ -1,0 +1,232 @@
+"""What differs between pretraining and fine-tuning: the model, a batch's loss and metrics, eval.
+
+A task turns a batch of uint8 rows into a loss (normalising on the worker, where it is cheap)
+and reduces validation metrics over all ranks. The loop in :mod:`beit_ray.train.loop` is the
+same for every task.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
+
+HEAD_INIT_SCALE = 1e-3
+"""BEiT fine-tuning scales a new classification head by 0.001 (unilm --init_scale)."""
+MEAN_STD = {"beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+class Task:
+    """Base: pixels → normalised floats, model construction shared by all tasks."""
+
+    name: str = ""
+    dtypes: dict[str, torch.dtype] = {}
+    score: str | None = None
+    """Validation metric that picks the best checkpoint (higher is better); None: keep latest."""
+
+    def __init__(self, cfg: TrainConfig, extra: dict[str, Any]) -> None:
+        self.cfg, self.extra = cfg, extra
+        mean, std = MEAN_STD[getattr(cfg.data, "normalization", "beit")]
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self.dtype = torch.float32
+
+    def pixels(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 [B, 3, H, W] → normalised [B, 3, H, W] in the engine's dtype."""
+        x = (x.to(device).float() - self.mean.to(device)) / self.std.to(device)
+        return x.to(self.dtype)
+
+    def build(self, zero3_config: dict[str, Any] | None) -> nn.Module:
+        from beit_ray.models.load import build_or_load
+
+        m = self.cfg.model
+        overrides = {k: getattr(m, k) for k in ("image_size",) if getattr(m, k) is not None}
+        if not m.init_from:  # flavour knobs only apply to a new model
+            overrides.update({k: getattr(m, k) for k in ("vocab_size", "drop_path", "layer_scale") if getattr(m, k) is not None})
+        overrides.update(self.model_kwargs())
+        return build_or_load(m.flavour, self.name, init_from=m.init_from, zero3_config=zero3_config, storage=self.cfg.storage, **overrides)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def layer_decay(self) -> float:
+        return self.cfg.optim.layer_decay or 1.0
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def evaluate(self, engine: Any, batches: Any) -> dict[str, float]:
+        return {}
+
+
+class MimTask(Task):
+    """Masked image modelling: cross-entropy of visual tokens on masked patches only."""
+
+    name = "mim"
+    dtypes = {"pixel_values": torch.uint8, "bool_masked_pos": torch.bool, "visual_token_ids": torch.int64}
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        from beit_ray.models.mim import mim_forward, mlm_accuracy
+
+        dev = engine.device
+        x = self.pixels(batch["pixel_values"], dev)  # [B, 3, H, W]
+        mask = batch["bool_masked_pos"].to(dev)  # [B, N]
+        loss, logits, labels = mim_forward(engine, x, mask, batch["visual_token_ids"].to(dev))
+        return loss, {"loss": loss.item(), "mlm_acc": mlm_accuracy(logits, labels).item()}
+
+
+class ClassificationTask(Task):
+    """Mean-pooled BEiT + linear head; soft-target CE with label smoothing, mixup/cutmix."""
+
+    name = "classification"
+    dtypes = {"pixel_values": torch.uint8, "label": torch.int64}
+    score = "top1"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"id2label": self.extra["id2label"], "num_labels": len(self.extra["id2label"])}
+
+    def build(self, zero3_config: dict[str, Any] | None) -> nn.Module:
+        model = super().build(zero3_config)
+        if not self.cfg.model.init_from:  # a loaded checkpoint's new head is scaled by load_model
+            import deepspeed
+
+            head = list(model.classifier.parameters())
+            with deepspeed.zero.GatheredParameters(head, modifier_rank=0), torch.no_grad():
+                for p in head:
+                    p.mul_(HEAD_INIT_SCALE)
+        return model
+
+    def layer_decay(self) -> float:
+        from beit_ray.models.flavours import get_flavour
+
+        return self.cfg.optim.layer_decay or get_flavour(self.cfg.model.flavour).layer_decay
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        o, dev = self.cfg.optim, engine.device
+        x = self.pixels(batch["pixel_values"], dev)
+        y = batch["label"].to(dev)  # [B]
+        n = len(self.extra["id2label"])
+        target = F.one_hot(y, n).float() * (1 - o.label_smoothing) + o.label_smoothing / n  # [B, C]
+        x, target = mix(x, target, o.mixup, o.cutmix, gen)
+        logits = engine(pixel_values=x).logits.float()  # [B, C]
+        loss = torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
+        return loss, {"loss": loss.item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+
+    @torch.no_grad()
+    def evaluate(self, engine: Any, batches: Any) -> dict[str, float]:
+        dev = engine.device
+        sums = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, count
+        for b in batches:
+            logits = engine(pixel_values=self.pixels(b["pixel_values"], dev)).logits.float().cpu()
+            top = logits.topk(min(5, logits.shape[-1]), -1).indices  # [B, k]
+            y = b["label"].view(-1, 1)
+            sums += torch.tensor([(top[:, :1] == y).sum(), (top == y).any(-1).sum(), len(y)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        return {"top1": (sums[0] / sums[2].clamp(min=1)).item(), "top5": (sums[1] / sums[2].clamp(min=1)).item()}
+
+
+class SegmentationTask(Task):
+    """UperNet (+ auxiliary FCN) on BEiT; mIoU and pixel accuracy by sliding windows."""
+
+    name = "segmentation"
+    dtypes = {"pixel_values": torch.uint8, "labels": torch.uint8}
+    score = "miou"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"id2label": self.extra["id2label"], "num_labels": len(self.extra["id2label"])}
+
+    def layer_decay(self) -> float:
+        return self.cfg.optim.layer_decay or 0.9
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        dev = engine.device
+        labels = batch["labels"].to(dev).long()  # [B, H, W], 255 = ignored
+        out = engine(pixel_values=self.pixels(batch["pixel_values"], dev), labels=labels)
+        with torch.no_grad():
+            pred = F.interpolate(out.logits.float(), size=labels.shape[-2:], mode="bilinear").argmax(1)
+            valid = labels != 255
+            acc = ((pred == labels) & valid).sum() / valid.sum().clamp(min=1)
+        return out.loss, {"loss": out.loss.item(), "pixel_acc": acc.item()}
+
+    @torch.no_grad()
+    def evaluate(self, engine: Any, batches: Any) -> dict[str, float]:
+        n = len(self.extra["id2label"])
+        crop = int(engine.module.config.image_size)
+        conf = torch.zeros(n, n, dtype=torch.float64)  # [true, pred]
+        for b in batches:
+            logits = slide_logits(lambda x: engine(pixel_values=x).logits.float(), self.pixels(b["pixel_values"], engine.device), crop, n)
+            pred, y = logits.argmax(1).cpu().flatten(), b["labels"].long().flatten()
+            ok = y != 255
+            conf += torch.bincount(y[ok] * n + pred[ok], minlength=n * n).view(n, n).double()
+        dist.all_reduce(conf)
+        return segmentation_metrics(conf)
+
+
+def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
+    """mIoU over classes present (in labels or predictions) and pixel accuracy from [C, C]."""
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    miou = (inter[present] / union[present]).mean().item() if present.any() else 0.0
+    return {"miou": miou, "pixel_acc": (inter.sum() / conf.sum().clamp(min=1)).item()}
+
+
+def slide_logits(forward: Any, x: torch.Tensor, crop: int, num_classes: int) -> torch.Tensor:
+    """Logits [B, C, H, W] from windows of ``crop`` pixels at stride 2/3 crop, averaged.
+
+    One forward call per batch (all windows stacked), so every rank makes the same number of
+    calls, which ZeRO-3's parameter gathering needs.
+    """
+    b, _, h, w = x.shape
+    stride = max(1, crop * 2 // 3)
+    if h < crop or w < crop:  # pad up to one window; padded pixels are cut off after
+        x = F.pad(x, (0, max(0, crop - w), 0, max(0, crop - h)))
+    hp, wp = x.shape[-2:]
+    ys = sorted({min(i * stride, hp - crop) for i in range(math.ceil(max(hp - crop, 0) / stride) + 1)})
+    xs = sorted({min(j * stride, wp - crop) for j in range(math.ceil(max(wp - crop, 0) / stride) + 1)})
+    wins = torch.cat([x[:, :, i : i + crop, j : j + crop] for i in ys for j in xs])  # [W*B, 3, crop, crop]
+    out = F.interpolate(forward(wins), size=(crop, crop), mode="bilinear")  # [W*B, C, crop, crop]
+    total = torch.zeros(b, num_classes, hp, wp, device=out.device)
+    count = torch.zeros(1, 1, hp, wp, device=out.device)
+    for k, (i, j) in enumerate((i, j) for i in ys for j in xs):
+        total[:, :, i : i + crop, j : j + crop] += out[k * b : (k + 1) * b]
+        count[:, :, i : i + crop, j : j + crop] += 1
+    return (total / count)[:, :, :h, :w]
+
+
+def mix(x: torch.Tensor, target: torch.Tensor, mixup: float, cutmix: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix of a batch with its reverse (as timm), drawn from ``gen``."""
+    if mixup <= 0 and cutmix <= 0:
+        return x, target
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    flipped = x.flip(0)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = x * lam + flipped * (1 - lam)
+    return x, target * lam + target.flip(0) * (1 - lam)
+
+
+def make_task(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> Task:
+    """The task object for a job config (``extra`` carries e.g. id2label found by the driver)."""
+    extra = extra or {}
+    if isinstance(cfg, PretrainConfig):
+        return MimTask(cfg, extra)
+    if isinstance(cfg, FinetuneConfig):
+        return (ClassificationTask if cfg.task == "classification" else SegmentationTask)(cfg, extra)
+    raise TypeError(f"no task for {type(cfg).__name__}")

@@ -1,0 +1,170 @@
+"""Driver side of a training run: datasets, TorchTrainer, fit, then consolidate and export.
+
+    result = run_pretraining(cfg)          # cfg: PretrainConfig
+    result.model_uri                       # <storage_path>/<name>/model, an HF-format folder
+
+A run lives at ``<checkpoint.storage_path>/<checkpoint.name>/``: Ray's checkpoints, config.yaml,
+logs/ (metrics.jsonl, TensorBoard events, curves.png) and model/ (consolidated fp32 safetensors
+in Hugging Face format, which ``beit_ray.models.load.load_model(run_uri)`` reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from beit_ray import storage
+from beit_ray.config import save_config
+from beit_ray.runtime import init_ray
+from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
+from beit_ray.train.data import TrainData, finetuning_data, pretraining_data
+
+
+@dataclass
+class RunResult:
+    """Where a finished run's outputs are."""
+
+    run_uri: str
+    model_uri: str
+    logs_uri: str
+    step: int
+    metrics: dict[str, Any]
+
+
+def run_uri(cfg: TrainConfig) -> str:
+    base = cfg.checkpoint.storage_path
+    base = base if storage.is_remote(base) else os.path.abspath(base)
+    return storage.join(base, cfg.checkpoint.name)
+
+
+def run_pretraining(cfg: PretrainConfig, data: TrainData | None = None) -> RunResult:
+    """Masked image modelling; ``data`` (Ray datasets) replaces the configured pipeline."""
+    init_ray(cfg.ray, cfg.storage, env=_worker_env())
+    return fit(cfg, data or pretraining_data(cfg))
+
+
+def run_finetuning(cfg: FinetuneConfig, data: TrainData | None = None) -> RunResult:
+    """Classification or segmentation fine-tuning on "train", validated on "val"."""
+    init_ray(cfg.ray, cfg.storage, env=_worker_env())
+    data = data or finetuning_data(cfg)
+    if not data.id2label or "val" not in data.datasets:
+        raise ValueError("fine-tuning needs class names (id2label) and a 'val' dataset")
+    return fit(cfg, data)
+
+
+def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
+    """Train with Ray Train + DeepSpeed, resuming the run's latest checkpoint if there is one."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from beit_ray.train.loop import train_loop
+    from beit_ray.train.tasks import make_task
+
+    uri = run_uri(cfg)
+    save_config(cfg, storage.join(uri, "config.yaml"))
+    extra = {"id2label": {int(k): str(v) for k, v in data.id2label.items()}} if data.id2label else {}
+    task = make_task(cfg, extra)
+    datasets = {k: ds.select_columns(list(task.dtypes)) for k, ds in data.datasets.items()}
+    # With max_steps the data is iterated as often as needed; the schedule follows max_steps.
+    passes = 1 << 30 if cfg.run.max_steps else data.passes
+    total = cfg.run.max_steps or data.passes * steps_per_pass(cfg, datasets["train"], data.rows_per_pass)
+    check_cpus(cfg, data.ray_data_cpus)
+    ray_fs, ray_path = storage.pyarrow_fs(cfg.checkpoint.storage_path, cfg.storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "extra": extra, "total_steps": total, "passes": passes, "run_uri": uri},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=cfg.checkpoint.name,
+            storage_path=ray_path,
+            storage_filesystem=ray_fs if storage.is_remote(cfg.checkpoint.storage_path) else None,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep_last,
+                checkpoint_score_attribute="score" if task.score else None,
+            ),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    ckpt = _final_checkpoint(result, task.score)
+    model_uri = storage.join(uri, "model")
+    with ckpt.as_directory() as d:
+        from beit_ray.train.checkpoint import read_state
+
+        state = read_state(d)
+        if cfg.debug.stop_at_step is None or state.step >= total:
+            export(cfg, task, d, model_uri, extra)
+    storage.write_text(
+        storage.join(uri, "beit_ray.json"),
+        json.dumps({"model_dir": "model", "task": task.name, "step": state.step, "total_steps": total}),
+        cfg.storage,
+    )
+    print(f"run: {uri}\n  model (HF format): {model_uri}\n  logs: {storage.join(uri, 'logs')}", flush=True)
+    return RunResult(uri, model_uri, storage.join(uri, "logs"), state.step, dict(result.metrics or {}))
+
+
+def export(cfg: TrainConfig, task: Any, checkpoint_dir: str, model_uri: str, extra: dict[str, Any]) -> None:
+    """Consolidated fp32 weights of a checkpoint → an HF-format folder at ``model_uri``."""
+    import torch
+
+    from beit_ray.models.load import export_hf
+    from beit_ray.train.checkpoint import consolidate
+
+    state_dict = consolidate(checkpoint_dir)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.run.seed)
+        model = task.build(None)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"consolidated checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    export_hf(model.eval(), model_uri, id2label=extra.get("id2label"), storage=cfg.storage)
+
+
+def steps_per_pass(cfg: TrainConfig, train_ds: Any, rows: int | None = None) -> int:
+    """Optimizer steps per pass: each worker gets an equal share and drops its last partial batch."""
+    if cfg.run.steps_per_epoch:
+        return cfg.run.steps_per_epoch
+    rows = rows if rows is not None else train_ds.count()
+    micro_batches = rows // cfg.scaling.num_workers // cfg.deepspeed.micro_batch_size
+    steps = micro_batches // cfg.deepspeed.grad_accum_steps
+    if steps < 1:
+        raise ValueError(f"{rows} training rows give no full step of {cfg.global_batch} (micro batch × accumulation × workers)")
+    return steps
+
+
+def check_cpus(cfg: TrainConfig, ray_data_cpus: float) -> None:
+    """Fail clearly instead of hanging: Ray Data waits forever when workers hold every CPU."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0.0)
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + ray_data_cpus
+    if have < need:
+        raise ValueError(
+            f"scaling: {cfg.scaling.num_workers} workers × {cfg.scaling.cpus_per_worker} CPU leave "
+            f"{have - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker:g} of {have:g} CPUs for Ray Data, which needs "
+            f"{ray_data_cpus:g} (read tasks + actor pools) or the run hangs: lower scaling.cpus_per_worker "
+            "or give Ray more logical CPUs (ray.num_cpus for a local Ray)"
+        )
+
+
+def _final_checkpoint(result: Any, score: str | None) -> Any:
+    if result.error:
+        raise result.error
+    if score and result.best_checkpoints:
+        return max(result.best_checkpoints, key=lambda cm: cm[1].get("score", -1.0))[0]
+    if result.checkpoint is None:
+        raise RuntimeError("the run reported no checkpoint")
+    return result.checkpoint
+
+
+def _worker_env() -> dict[str, str]:
+    # DeepSpeed's JIT ops are cached here; workers must see the same folder as the driver.
+    return {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if os.environ.get(k)}
+

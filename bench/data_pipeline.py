@@ -1,0 +1,309 @@
+"""Benchmark: the masked-patch pipeline against a unilm-style DataLoader transform and decode alone.
+
+    .venv/bin/python bench/data_pipeline.py [--images 400] [--skip-tokenizers]
+
+Data: ImageNet-sized JPEGs (~500×375, quality 85–95) cut from scikit-image's real photos
+(random crops, rescaled, re-encoded) into a temp folder tree. Figures (images/s):
+
+1. per core, in one process, no tokenizer: (a) a faithful re-creation of unilm's per-sample
+   pipeline (full PIL decode, flip, RandomResizedCrop to 224 bicubic + 112 lanczos, ToTensor,
+   Normalize, map_pixels, python-`random` MaskingGenerator); (b) the decode floor (full PIL
+   decode to RGB); ours (the exact batch function Ray Data runs: read, draft decode, two
+   views, mask, uint8). Colour jitter off on both sides (same work).
+2. Ray Data end to end (list → read → decode/augment/mask) with 1 and then 2 CPUs.
+3. With each tokenizer as an actor stage (random weights of the real shapes: DALL-E n_hid 256 /
+   8192 codes; codebook of 8192 centroids).
+4. Block masks per second (the masking step alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from beit_ray.data.config import DataConfig  # noqa: E402
+from beit_ray.data.masking import BlockMaskGenerator  # noqa: E402
+from beit_ray.data.pipeline import pretrain_batch  # noqa: E402
+
+
+def make_images(dest: str, n: int, seed: int = 0) -> list[str]:
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    names = [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "motorcycle_left",
+        "retina",
+        "cat",
+        "colorwheel",
+    ]
+    photos = []
+    for name in names:
+        try:
+            img = getattr(data, name)()
+        except Exception:
+            continue
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        photos.append(Image.fromarray(img[..., :3].astype(np.uint8)))
+    paths = []
+    for i in range(n):
+        src = photos[i % len(photos)]
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        size = (500, 375) if rng.random() < 0.7 else (375, 500)
+        img = src.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BICUBIC)
+        cls = f"c{i % 10}"
+        os.makedirs(os.path.join(dest, cls), exist_ok=True)
+        path = os.path.join(dest, cls, f"{i:05d}.jpg")
+        img.save(path, quality=int(rng.integers(85, 96)))
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- baseline (unilm)
+
+
+class UnilmMasking:
+    """unilm beit/masking_generator.py as written (python random, loops)."""
+
+    def __init__(
+        self, size: int = 14, n: int = 75, min_n: int = 16, min_aspect: float = 0.3
+    ) -> None:
+        self.h = self.w = size
+        self.n, self.min_n, self.max_n = n, min_n, n
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+    def _mask(self, mask: np.ndarray, max_mask: int) -> int:
+        delta = 0
+        for _ in range(10):
+            target = random.uniform(self.min_n, max_mask)
+            aspect = math.exp(random.uniform(*self.log_aspect))
+            h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if w < self.w and h < self.h:
+                top, left = random.randint(0, self.h - h), random.randint(0, self.w - w)
+                num = mask[top : top + h, left : left + w].sum()
+                if 0 < h * w - num <= max_mask:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if mask[i, j] == 0:
+                                mask[i, j] = 1
+                                delta += 1
+                if delta > 0:
+                    break
+        return delta
+
+    def __call__(self) -> np.ndarray:
+        mask = np.zeros((self.h, self.w), dtype=int)
+        count = 0
+        while count < self.n:
+            delta = self._mask(mask, min(self.n - count, self.max_n))
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+
+def rrc_params(img: Image.Image) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params, torch RNG as torchvision uses."""
+    width, height = img.size
+    area = height * width
+    log_ratio = torch.log(torch.tensor((3 / 4, 4 / 3)))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(0.08, 1.0).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return (
+                torch.randint(0, height - h + 1, (1,)).item(),
+                torch.randint(0, width - w + 1, (1,)).item(),
+                h,
+                w,
+            )
+    return 0, 0, height, width
+
+
+def to_tensor_normalize(img: Image.Image, mean: float, std: float) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    return (x - mean) / std
+
+
+def unilm_sample(path: str, masker: UnilmMasking) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    with open(path, "rb") as f:
+        img = Image.open(f).convert("RGB")
+    if torch.rand(1) < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    i, j, h, w = rrc_params(img)
+    crop = img.crop((j, i, j + w, i + h))
+    a = crop.resize((224, 224), Image.Resampling.BICUBIC)
+    b = crop.resize((112, 112), Image.Resampling.LANCZOS)
+    pa = to_tensor_normalize(a, 0.5, 0.5)
+    pb = 0.8 * to_tensor_normalize(b, 0.0, 1.0) + 0.1  # map_pixels
+    return pa, pb, masker()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def rate(fn, items: list, repeat: int = 1) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for x in items:
+            fn(x)
+    return repeat * len(items) / (time.perf_counter() - t)
+
+
+def ours_batch_rate(paths: list[str], root: str, cfg: DataConfig, batch: int = 32) -> float:
+    t = time.perf_counter()
+    for s in range(0, len(paths), batch):
+        chunk = paths[s : s + batch]
+        images = []
+        for p in chunk:
+            with open(p, "rb") as f:
+                images.append(f.read())
+        raw = {
+            "key": np.array([os.path.relpath(p, root) for p in chunk], dtype=object),
+            "path": np.array(chunk, dtype=object),
+            "image": np.array(images, dtype=object),
+            "label": np.zeros(len(chunk), np.int64),
+            "class_name": np.array([""] * len(chunk), dtype=object),
+            "error": np.array([""] * len(chunk), dtype=object),
+            "epoch": np.zeros(len(chunk), np.int64),
+        }
+        out = pretrain_batch(raw, cfg, None, None)
+        assert len(out["key"]) == len(chunk)
+    return len(paths) / (time.perf_counter() - t)
+
+
+def ray_rate(cfg: DataConfig, num_cpus: int, n: int) -> float:
+    import ray
+
+    from beit_ray.data.pipeline import pretraining_dataset
+
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        configure_logging=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        for _ in pretraining_dataset(cfg).iter_batches(batch_size=64):  # warm-up: workers, imports
+            pass
+        t = time.perf_counter()
+        count = sum(
+            len(b["key"]) for b in pretraining_dataset(cfg, epoch=1).iter_batches(batch_size=64)
+        )
+        assert count == n, count
+        return count / (time.perf_counter() - t)
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--skip-tokenizers", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="bench_data_")
+    try:
+        root = os.path.join(tmp, "images")
+        paths = make_images(root, args.images)
+        sizes = [Image.open(p).size for p in paths[:50]]
+        print(
+            f"{len(paths)} JPEGs like {sizes[0]}, mean {np.mean([os.path.getsize(p) for p in paths]) / 1e3:.0f} kB"
+        )
+        random.seed(0)
+        torch.manual_seed(0)
+        masker = UnilmMasking()
+        rate(lambda p: Image.open(p).convert("RGB"), paths[:20])  # warm caches
+        floor = rate(lambda p: Image.open(p).convert("RGB"), paths)
+        unilm = rate(lambda p: unilm_sample(p, masker), paths)
+        cfg = DataConfig(source=root, tokenizer="none", color_jitter=0.0)
+        ours = ours_batch_rate(paths, root, cfg)
+        nodraft = ours_batch_rate(
+            paths, root, DataConfig(source=root, tokenizer="none", color_jitter=0.0, draft=False)
+        )
+        print("\n## per core (1 process, images/s)")
+        print(f"decode floor (b)        {floor:8.1f}")
+        print(f"unilm-style (a)         {unilm:8.1f}")
+        print(
+            f"ours                    {ours:8.1f}   = {ours / unilm:.2f}x (a), {ours / floor:.2f}x (b)"
+        )
+        print(
+            f"ours without draft      {nodraft:8.1f}   = {nodraft / unilm:.2f}x (a), {nodraft / floor:.2f}x (b)"
+        )
+        gen = BlockMaskGenerator()
+        rng = np.random.default_rng(0)
+        t = time.perf_counter()
+        for _ in range(5000):
+            gen(rng)
+        masks = 5000 / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(2000):
+            masker()
+        umasks = 2000 / (time.perf_counter() - t)
+        print(
+            f"block masks/s           {masks:8.0f}   (unilm python loops {umasks:.0f}/s); masking = {100 * ours / masks:.1f}% of our per-image time"
+        )
+
+        print("\n## Ray Data end to end (list → read → decode/augment/mask), images/s")
+        r1 = ray_rate(cfg, 1, len(paths))
+        r2 = ray_rate(cfg, 2, len(paths))
+        print(f"1 CPU                   {r1:8.1f}")
+        print(f"2 CPUs                  {r2:8.1f}   = {r2 / r1:.2f}x")
+        if not args.skip_tokenizers:
+            from safetensors.torch import save_file
+
+            from beit_ray.data.tokenizers.codebook import Codebook
+            from beit_ray.data.tokenizers.dalle import DalleEncoder
+
+            dalle = os.path.join(tmp, "dalle.safetensors")
+            save_file(DalleEncoder().state_dict(), dalle)
+            book = os.path.join(tmp, "codebook.safetensors")
+            Codebook(torch.randn(8192, 195), 14).save(book)
+            sub = os.path.join(tmp, "sub")
+            for p in paths[:96]:  # DALL-E on CPU is slow: a smaller set
+                dst = os.path.join(sub, os.path.relpath(p, root))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copy(p, dst)
+            print(
+                "\n## with a tokenizer actor stage (2 CPUs, actor pool (1, 2) × 0.5 CPU), images/s"
+            )
+            for kind, weights, src, n in (
+                ("codebook", book, root, len(paths)),
+                ("dalle", dalle, sub, 96),
+            ):
+                c = DataConfig(
+                    source=src,
+                    tokenizer=kind,
+                    tokenizer_weights=weights,
+                    color_jitter=0.0,
+                    batch_size=32,
+                )
+                print(f"{kind:<23} {ray_rate(c, 2, n):8.1f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

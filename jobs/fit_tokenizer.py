@@ -1,0 +1,34 @@
+"""Fit the codebook visual tokenizer (k-means over patch features) to a sample of your images.
+
+On a cluster:
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/fit_tokenizer.py \
+        --input s3://bucket/images/ --output s3://bucket/codebook.safetensors \
+        --codebook.vocab_size 8192 --codebook.sample_images 20000
+
+Locally (tiny):
+    python jobs/fit_tokenizer.py --input ./images --output ./codebook.safetensors \
+        --data.image_size 32 --data.patch_size 8 --data.tokenizer_image_size 32 \
+        --codebook.vocab_size 64 --codebook.sample_images 200
+
+Then tokenize/pretrain with --data.tokenizer codebook --data.tokenizer_weights <output>.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from beit_ray.config import parse_args
+from beit_ray.data.config import FitTokenizerConfig
+from beit_ray.data.tokenizers.fit import fit_codebook
+from beit_ray.runtime import init_ray, print0
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(FitTokenizerConfig, argv)
+    init_ray(cfg.ray, cfg.storage)
+    book = fit_codebook(cfg)
+    print0(f"codebook: {book.vocab_size} codes on a {book.grid}x{book.grid} grid → {cfg.output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,43 @@
+"""Label every image under a folder or bucket prefix with a checkpoint (Ray Data, resumable).
+
+On a cluster:
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/label.py \
+        --input s3://bucket/photos/ --output s3://bucket/labels/ \
+        --checkpoint s3://models/beit-ft/ --task classify --predict.top_k 5 \
+        --actors.max_actors 8 --actors.num_gpus 1
+
+Locally:
+    python jobs/label.py --input ./photos --output ./labels --checkpoint ./runs/ft/ --task embed
+
+Input: files under --input (class folders are fine), or a .parquet/.csv manifest with a
+``uri`` column. Output: part-NNNNN.parquet (one row per file: path, error, and top_ids /
+top_labels / top_scores, embedding, or mask_uri + class_ids / pixel_counts), _masks/ for
+segment, _SUMMARY.json. Rerunning the same command after an interruption finishes the rest.
+Credentials come from AWS_* variables (or --storage.*); they are never printed.
+``python jobs/label.py --help`` lists every option.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from beit_ray.config import ConfigError, parse_args
+from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.label import SUMMARY_NAME, label
+from beit_ray.storage import join
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(LabelConfig, argv)
+        cfg.require()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    summary = label(cfg)
+    print(f"results: {cfg.output} (part-*.parquet); summary: {join(cfg.output, SUMMARY_NAME)}")
+    return 0 if summary["files"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Serve /classify and /segment over HTTP with Ray Serve (autoscaled, dynamically batched).
+
+On a cluster (prefer the Serve config there: `serve deploy cluster/serve.yaml`), or as a job:
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/serve.py \
+        --checkpoint s3://models/beit-ft/ --segment_checkpoint s3://models/beit-ade/ \
+        --http.host 0.0.0.0 --classify.max_replicas 4 --classify.num_gpus 1
+
+Locally (listens on 127.0.0.1 unless --http.host says otherwise):
+    python jobs/serve.py --checkpoint ./runs/ft/ [--port 8000]
+    curl -s -H 'Content-Type: image/jpeg' --data-binary @cat.jpg 'http://127.0.0.1:8000/classify?top_k=3'
+    curl -s -H 'Accept: image/png' -F image=@street.jpg http://127.0.0.1:8000/segment -o mask.png
+
+OpenAPI docs at /docs; GET /healthz, GET /labels. Ctrl-C (or SIGTERM) stops serving.
+``python jobs/serve.py --help`` lists every option.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from beit_ray.config import ConfigError, parse_args
+from beit_ray.serve.config import ServeConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--http.port" if a == "--port" else "--http.host" if a == "--host" else a for a in argv]
+    try:
+        cfg = parse_args(ServeConfig, argv)
+        cfg.require()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from ray import serve
+
+    from beit_ray.runtime import init_ray
+    from beit_ray.serve.app import build_app
+
+    init_ray(cfg.ray, cfg.storage)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
+    print(f"serving on http://{cfg.http.host}:{cfg.http.port} (POST /classify, /segment; docs at /docs)", flush=True)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

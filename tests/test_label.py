@@ -1,0 +1,325 @@
+"""Batch labelling over moto's S3 server: all tasks, bad files, resumption, equality with HF."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import jpeg_bytes
+from PIL import Image
+
+from beit_ray import storage as st
+from beit_ray.config import ConfigError, parse_args
+from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.label import LabelInterrupted, label, part_name, read_parts
+
+pytestmark = pytest.mark.integration
+
+MAX_PIXELS = 1_000_000  # the "oversized" file below is 1200x1000; the photos are smaller
+GOOD = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_files(photos: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """Real photos plus every kind of awkward file, keyed by relative path."""
+    files = {f"photos/{name}.jpg": jpeg_bytes(photos[name]) for name in GOOD}
+    files["photos/astronaut_copy.png"] = _png(Image.fromarray(photos["astronaut"]))
+    cmyk = io.BytesIO()
+    Image.fromarray(photos["coffee"]).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    files["odd/cmyk.jpg"] = cmyk.getvalue()
+    gray16 = (photos["rocket"][..., 0].astype(np.uint16) * 257).astype(np.uint16)
+    files["odd/gray16.png"] = _png(Image.fromarray(gray16))  # mode I;16
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: stored 451x300, shown 300x451
+    rot = io.BytesIO()
+    Image.fromarray(photos["chelsea"]).save(rot, format="JPEG", quality=90, exif=exif)
+    files["odd/exif_rotated.jpg"] = rot.getvalue()
+    files["odd/oversized.png"] = _png(Image.new("RGB", (1200, 1000), (10, 200, 30)))
+    good = jpeg_bytes(photos["coffee"])
+    files["bad/truncated.jpg"] = good[: len(good) // 3]
+    files["bad/corrupt.jpg"] = good[:20] + np.random.default_rng(0).bytes(5000)
+    files["bad/empty.jpg"] = b""
+    files["bad/notes.txt"] = b"not an image at all\n"
+    files[".hidden/ignored.jpg"] = good  # hidden: not an input
+    return files
+
+
+BAD_REASONS = {
+    "odd/oversized.png": ("too_large",),
+    "bad/truncated.jpg": ("truncated", "corrupt"),
+    "bad/corrupt.jpg": ("corrupt", "truncated", "not_an_image"),
+    "bad/empty.jpg": ("empty",),
+    "bad/notes.txt": ("not_an_image",),
+}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, photos) -> str:
+    """A module-wide bucket: photos under s3://B/in/, checkpoints under s3://B/ckpt/."""
+    import boto3
+
+    name = "label-" + os.urandom(4).hex()
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    for rel, data in make_files(photos).items():
+        st.write_bytes(f"s3://{name}/in/{rel}", data)
+    return name
+
+
+@pytest.fixture(scope="module")
+def checkpoints(bucket, tmp_path_factory) -> dict[str, str]:
+    """Tiny random debug models exported in HF format: local folders and s3:// copies."""
+    from beit_ray.models.build import build_model
+    from beit_ray.models.load import export_hf
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    out = {}
+    for task, n in (("classification", 10), ("segmentation", 5)):
+        model = build_model("debug", task, num_labels=n)
+        local = str(root / task)
+        export_hf(model, local, id2label={i: f"{task[:3]}_{i}" for i in range(n)})
+        st.upload_dir(local, f"s3://{bucket}/ckpt/{task}")
+        out[task] = local
+        out[f"s3-{task}"] = f"s3://{bucket}/ckpt/{task}"
+    return out
+
+
+def _cfg(**kw: object) -> LabelConfig:
+    argv: list[str] = []
+    for k, v in kw.items():
+        argv += [f"--{k.replace('__', '.')}", str(v)]
+    argv += [
+        "--ray.num_cpus",
+        "4",
+        "--predict.max_pixels",
+        str(MAX_PIXELS),
+        "--actors.num_cpus",
+        "0.5",
+    ]
+    return parse_args(LabelConfig, argv)
+
+
+def decoded(data: bytes) -> np.ndarray:
+    from beit_ray.data.decode import decode_image
+
+    return decode_image(data)
+
+
+def test_classify_s3_matches_transformers(ray_session, bucket, checkpoints, photos):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    out = f"s3://{bucket}/out-classify"
+    summary = label(
+        _cfg(
+            input=f"s3://{bucket}/in",
+            output=out,
+            checkpoint=checkpoints["s3-classification"],
+            task="classify",
+            predict__top_k=3,
+            chunk_size=4,
+        )
+    )
+    files = make_files(photos)
+    inputs = {f"s3://{bucket}/in/{rel}" for rel in files if not rel.startswith(".")}
+    df = read_parts(out).to_pandas().set_index("path")
+    assert set(df.index) == inputs and len(df) == len(inputs)  # one row per file, nothing else
+    assert summary["files"] == len(inputs) and summary["errors"] == len(BAD_REASONS)
+    assert st.exists(f"{out}/_SUMMARY.json") and summary["images_per_s"] > 0
+    for rel, reasons in BAD_REASONS.items():
+        row = df.loc[f"s3://{bucket}/in/{rel}"]
+        assert row["error"] and row["error"].split(":")[0] in reasons, (rel, row["error"])
+        assert row["top_ids"] is None
+    assert df.loc[f"s3://{bucket}/in/odd/exif_rotated.jpg", ["height", "width"]].tolist() == [
+        451,
+        300,
+    ]
+
+    processor = AutoImageProcessor.from_pretrained(checkpoints["classification"])
+    model = AutoModelForImageClassification.from_pretrained(checkpoints["classification"]).eval()
+    ok = df[df["error"].isna()]
+    assert len(ok) == len(inputs) - len(BAD_REASONS)
+    for path, row in ok.iterrows():
+        data = files[path.split("/in/", 1)[1]]
+        pil = Image.fromarray(decoded(data))
+        if path.endswith(("photos/astronaut.jpg", "photos/astronaut_copy.png")):
+            pil = Image.open(io.BytesIO(data)).convert("RGB")  # plain PIL agrees on plain files
+        with torch.no_grad():
+            probs = model(**processor(pil, return_tensors="pt")).logits.softmax(-1)[0]
+        scores, ids = probs.topk(3)
+        assert list(row["top_ids"]) == ids.tolist(), path
+        np.testing.assert_allclose(row["top_scores"], scores.numpy(), atol=1e-4)
+        assert list(row["top_labels"]) == [f"cla_{i}" for i in ids.tolist()]
+
+
+def test_embed_and_segment(ray_session, bucket, checkpoints, photos):
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+
+    files = make_files(photos)
+    subset = ["photos/coffee.jpg", "photos/rocket.jpg", "odd/exif_rotated.jpg", "bad/notes.txt"]
+    manifest = f"s3://{bucket}/manifest.csv"
+    st.write_text(
+        manifest,
+        "uri\n"
+        + "\n".join(f"s3://{bucket}/in/{r}" for r in subset)
+        + f"\ns3://{bucket}/in/missing.jpg\n",
+    )
+
+    out = f"s3://{bucket}/out-embed"
+    label(_cfg(input=manifest, output=out, checkpoint=checkpoints["classification"], task="embed"))
+    emb = read_parts(out).to_pandas().set_index("path")
+    assert len(emb) == len(subset) + 1
+    assert emb.loc[f"s3://{bucket}/in/missing.jpg", "error"].startswith("read_failed")
+    processor = AutoImageProcessor.from_pretrained(checkpoints["classification"])
+    encoder = AutoModel.from_pretrained(checkpoints["classification"]).eval()
+    for rel in subset[:3]:
+        vec = np.asarray(emb.loc[f"s3://{bucket}/in/{rel}", "embedding"], dtype=np.float32)
+        with torch.no_grad():
+            ref = encoder(
+                **processor(Image.fromarray(decoded(files[rel])), return_tensors="pt")
+            ).pooler_output[0]
+        assert vec.shape == (64,)
+        np.testing.assert_allclose(vec, ref.numpy(), atol=1e-4)
+
+    out = f"s3://{bucket}/out-segment"
+    label(
+        _cfg(input=manifest, output=out, checkpoint=checkpoints["s3-segmentation"], task="segment")
+    )
+    seg = read_parts(out).to_pandas().set_index("path")
+    processor = AutoImageProcessor.from_pretrained(checkpoints["segmentation"])
+    segmenter = AutoModelForSemanticSegmentation.from_pretrained(checkpoints["segmentation"]).eval()
+    for rel in subset[:3]:
+        row = seg.loc[f"s3://{bucket}/in/{rel}"]
+        mask = np.asarray(Image.open(io.BytesIO(st.read_bytes(row["mask_uri"]))))
+        image = decoded(files[rel])
+        assert mask.shape == image.shape[:2] == (row["height"], row["width"])
+        with torch.no_grad():
+            outputs = segmenter(**processor(Image.fromarray(image), return_tensors="pt"))
+        ref = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[
+            0
+        ]
+        assert (mask == ref.numpy()).mean() > 0.999
+        counts = np.bincount(mask.ravel())
+        assert list(row["class_ids"]) == np.flatnonzero(counts).tolist()
+        assert list(row["pixel_counts"]) == counts[counts > 0].tolist()
+    assert pd.isna(seg.loc[f"s3://{bucket}/in/bad/notes.txt", "mask_uri"])
+
+
+def test_interrupt_and_rerun(ray_session, photos, checkpoints, tmp_path):
+    files = make_files(photos)
+    src = tmp_path / "in"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    out = tmp_path / "out"
+    cfg = _cfg(
+        input=src,
+        output=out,
+        checkpoint=checkpoints["classification"],
+        task="classify",
+        chunk_size=3,
+    )
+    n_inputs = len([r for r in files if not r.startswith(".")])
+    n_chunks = -(-n_inputs // 3)
+
+    with pytest.raises(LabelInterrupted):
+        label(cfg, stop_after_chunks=2)
+    first = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(first) == 2 and not list(out.glob(".part-*"))  # no partial files left
+    stamps = {name: (out / name).stat().st_mtime_ns for name in first}
+
+    summary = label(cfg)  # the same command again finishes the rest
+    assert summary["chunks_resumed"] == 2 and summary["processed_this_run"] == n_inputs - 6
+    assert {name: (out / name).stat().st_mtime_ns for name in first} == stamps  # not redone
+    table = read_parts(str(out))
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == n_inputs  # no duplicates, no gaps
+    full = table.to_pandas().set_index("path").sort_index()
+
+    (out / part_name(1)).unlink()  # lose a middle chunk: the rerun rewrites just that one
+    summary = label(cfg)
+    assert summary["processed_this_run"] == 3 and len(list(out.glob("part-*.parquet"))) == n_chunks
+    again = read_parts(str(out)).to_pandas().set_index("path").sort_index()
+    assert again.index.tolist() == full.index.tolist()
+    assert (
+        again["top_ids"].map(lambda x: None if x is None else list(x)).tolist()
+        == full["top_ids"].map(lambda x: None if x is None else list(x)).tolist()
+    )
+    assert pq.read_table(out / part_name(0)).num_rows == 3
+
+    with pytest.raises(ConfigError, match="another run"):  # a different plan is refused
+        label(
+            _cfg(
+                input=src,
+                output=out,
+                checkpoint=checkpoints["classification"],
+                task="classify",
+                chunk_size=5,
+            )
+        )
+
+
+def test_job_cli_and_config_errors(ray_session, photos, checkpoints, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_job", "jobs/label.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)  # type: ignore[union-attr]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg_bytes(photos["chelsea"]))
+    argv = [
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        checkpoints["segmentation"],
+        "--task",
+        "segment",
+        "--actors.num_cpus",
+        "0.5",
+    ]
+    assert job.main(argv) == 0
+    assert "1/1 labelled" in capsys.readouterr().out
+    assert (tmp_path / "out" / "_masks" / "a.jpg.png").exists()
+    assert job.main(["--input", "x"]) == 2  # missing output/checkpoint: a clear config error
+    assert "output: is required" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="predict.top_k"):
+        parse_args(LabelConfig, ["--predict.top_k", "0"])
+    with pytest.raises(ConfigError, match="actors.max_actors"):
+        parse_args(LabelConfig, ["--actors.min_actors", "3", "--actors.max_actors", "2"])
+    with pytest.raises(
+        ValueError, match="segmentation checkpoint"
+    ):  # no head: refuse, don't invent one
+        from beit_ray.infer.predictor import Predictor
+
+        Predictor(checkpoints["segmentation"], "classify")
+
+
+def test_banded_upsampling_matches_interpolate():
+    import torch.nn.functional as F
+
+    from beit_ray.infer import predictor
+
+    logits = torch.randn(7, 9, 13, generator=torch.Generator().manual_seed(0))
+    ref = (
+        F.interpolate(logits[None], size=(61, 83), mode="bilinear", align_corners=False)[0]
+        .argmax(0)
+        .numpy()
+    )
+    saved = predictor.UPSAMPLE_BUDGET
+    predictor.UPSAMPLE_BUDGET = 7 * 83 * 5  # force bands of 5 rows
+    try:
+        banded = predictor.upsample_argmax(logits, 61, 83)
+    finally:
+        predictor.UPSAMPLE_BUDGET = saved
+    assert (banded == ref).mean() > 0.999
