@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.ray, cfg.storage)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-    print(f"serving on http://{cfg.http.host}:{cfg.http.port} (POST /classify, /segment; docs at /docs)", flush=True)
+    print(
+        f"serving on http://{cfg.http.host}:{cfg.http.port} (POST /classify, /segment; docs at /docs)",
+        flush=True,
+    )
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -35,7 +35,11 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     torch.manual_seed(1)
     out = {}
     for task, n in (("classification", 10), ("segmentation", 5)):
-        export_hf(build_model("debug", task, num_labels=n), str(root / task), id2label={i: f"{task[:3]}_{i}" for i in range(n)})
+        export_hf(
+            build_model("debug", task, num_labels=n),
+            str(root / task),
+            id2label={i: f"{task[:3]}_{i}" for i in range(n)},
+        )
         out[task] = str(root / task)
     return out
 
@@ -65,7 +69,9 @@ def server(ray_session, checkpoints):
     serve.shutdown()
 
 
-def _post(client: httpx.Client, url: str, data: bytes, ctype: str = "image/jpeg", **kw: object) -> httpx.Response:
+def _post(
+    client: httpx.Client, url: str, data: bytes, ctype: str = "image/jpeg", **kw: object
+) -> httpx.Response:
     headers = {"Content-Type": ctype, **kw.pop("headers", {})}  # type: ignore[dict-item]
     return client.post(url, content=data, headers=headers, **kw)  # type: ignore[arg-type]
 
@@ -88,13 +94,19 @@ def test_endpoints_match_batch_predictor(server, checkpoints, photos):
             image = decode_image(data)
             want = classifier.predict([image])[0]
             raw = _post(client, f"{server}/classify?top_k=3", data)
-            form = client.post(f"{server}/classify", params={"top_k": 3}, files={"image": ("x.jpg", data, "image/jpeg")})
+            form = client.post(
+                f"{server}/classify",
+                params={"top_k": 3},
+                files={"image": ("x.jpg", data, "image/jpeg")},
+            )
             for r in (raw, form):
                 assert r.status_code == 200, r.text
                 preds = r.json()["predictions"]
                 assert [p["id"] for p in preds] == want["top_ids"].tolist()
                 assert [p["label"] for p in preds] == want["top_labels"]
-                np.testing.assert_allclose([p["score"] for p in preds], want["top_scores"], atol=1e-5)
+                np.testing.assert_allclose(
+                    [p["score"] for p in preds], want["top_scores"], atol=1e-5
+                )
             assert raw.json()["model"] == checkpoints["classification"]
 
             seg = segmenter.predict([image])[0]
@@ -108,13 +120,22 @@ def test_endpoints_match_batch_predictor(server, checkpoints, photos):
             assert [c["pixels"] for c in stats["classes"]] == seg["pixel_counts"].tolist()
             assert abs(sum(c["fraction"] for c in stats["classes"]) - 1) < 1e-6
 
-        assert len(_post(client, f"{server}/classify", jpeg_bytes(photos["rocket"])).json()["predictions"]) == 5
+        assert (
+            len(
+                _post(client, f"{server}/classify", jpeg_bytes(photos["rocket"])).json()[
+                    "predictions"
+                ]
+            )
+            == 5
+        )
         health = client.get(f"{server}/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"
         labels = client.get(f"{server}/labels").json()
         assert labels["classify"]["3"] == "cla_3" and labels["segment"]["4"] == "seg_4"
         assert client.get(f"{server}/docs").status_code == 200
-        assert {"/classify", "/segment", "/healthz", "/labels"} <= set(client.get(f"{server}/openapi.json").json()["paths"])
+        assert {"/classify", "/segment", "/healthz", "/labels"} <= set(
+            client.get(f"{server}/openapi.json").json()["paths"]
+        )
 
 
 def test_bad_requests_get_4xx_json(server, photos):
@@ -126,9 +147,19 @@ def test_bad_requests_get_4xx_json(server, photos):
         ("non-image bytes", dict(data=b"hello, not an image"), 422, "not_an_image"),
         ("truncated image", dict(data=good[: len(good) // 3]), 422, None),
         ("wrong content type", dict(data=good, ctype="text/plain"), 415, "unsupported_media_type"),
-        ("json content type", dict(data=b'{"a": 1}', ctype="application/json"), 415, "unsupported_media_type"),
+        (
+            "json content type",
+            dict(data=b'{"a": 1}', ctype="application/json"),
+            415,
+            "unsupported_media_type",
+        ),
         ("body over the limit", dict(data=b"\xff" * (16 * 1024 * 1024 + 1)), 413, "body_too_large"),
-        ("image over the pixel limit", dict(data=_png(Image.new("RGB", (1200, 1000)))), 413, "too_large"),
+        (
+            "image over the pixel limit",
+            dict(data=_png(Image.new("RGB", (1200, 1000)))),
+            413,
+            "too_large",
+        ),
         ("top_k zero", dict(data=good, params={"top_k": 0}), 422, "bad_top_k"),
         ("top_k text", dict(data=good, params={"top_k": "many"}), 422, "bad_top_k"),
         ("top_k huge", dict(data=good, params={"top_k": 10**6}), 422, "bad_top_k"),
@@ -151,7 +182,9 @@ def test_bad_requests_get_4xx_json(server, photos):
         assert client.get(f"{server}/healthz").status_code == 200
 
 
-def _load(url: str, bodies: list[bytes], seconds: float, clients: int, stop: threading.Event | None = None) -> list[tuple[float, int]]:
+def _load(
+    url: str, bodies: list[bytes], seconds: float, clients: int, stop: threading.Event | None = None
+) -> list[tuple[float, int]]:
     """``clients`` threads posting for ``seconds``; (finish time, status) of every request."""
     results: list[tuple[float, int]] = []
     lock = threading.Lock()
@@ -194,7 +227,9 @@ def _replica_actors(deployment: str) -> dict[str, str]:
     return {
         actor_id: info["Name"]
         for actor_id, info in ray._private.state.actors().items()
-        if info["State"] == "ALIVE" and info["Name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in info["Name"]
+        if info["State"] == "ALIVE"
+        and info["Name"].startswith("SERVE_REPLICA::")
+        and f"#{deployment}#" in info["Name"]
     }
 
 
@@ -206,7 +241,9 @@ def test_replica_killed_under_load_is_replaced(server, photos):
     assert before
     victim = sorted(before.values())[0]
     holder: dict[str, list[tuple[float, int]]] = {}
-    loader = threading.Thread(target=lambda: holder.setdefault("r", _load(f"{server}/classify", bodies, 25, 8)))
+    loader = threading.Thread(
+        target=lambda: holder.setdefault("r", _load(f"{server}/classify", bodies, 25, 8))
+    )
     loader.start()
     time.sleep(4)
     killed_at = time.monotonic()
@@ -214,12 +251,43 @@ def test_replica_killed_under_load_is_replaced(server, photos):
     loader.join()
 
     results = holder["r"]
-    assert all(s in (200, 503) for _, s in results), Counter(s for _, s in results)  # no silent drops
+    assert all(s in (200, 503) for _, s in results), Counter(
+        s for _, s in results
+    )  # no silent drops
     late = [s for t, s in results if t > killed_at + 12]
     assert late and all(s == 200 for s in late), Counter(late)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (set(_replica_actors("Classifier")) - set(before)):
         time.sleep(1)
-    assert set(_replica_actors("Classifier")) - set(before), "Serve did not start a replacement replica"
+    assert set(_replica_actors("Classifier")) - set(before), (
+        "Serve did not start a replacement replica"
+    )
     with httpx.Client(timeout=60) as client:
         assert _post(client, f"{server}/classify", bodies[0]).status_code == 200
+
+
+def test_serve_yaml_is_a_valid_serve_config(checkpoints):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from beit_ray.serve.app import app_builder
+
+    with open("cluster/serve.yaml") as f:
+        doc = yaml.safe_load(f)
+    schema = (
+        ServeDeploySchema.model_validate(doc)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(doc)
+    )
+    app = schema.applications[0]
+    assert app.import_path == "beit_ray.serve.app:app_builder"
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    names = {d["name"] for d in doc["applications"][0]["deployments"]}
+    assert names == {"Ingress", "Classifier", "Segmenter"}
+    args = {
+        **app.args,
+        "checkpoint": checkpoints["classification"],
+        "segment_checkpoint": checkpoints["segmentation"],
+    }
+    built = app_builder(args)  # the YAML's args are valid config; nothing deploys
+    assert type(built).__name__ == "Application"

@@ -69,18 +69,29 @@ class ModelServer:
     """One checkpoint, loaded once per replica; requests batched into one forward pass."""
 
     def __init__(
-        self, checkpoint: str, task: str, storage: StorageConfig | None, threads: int | None,
-        max_batch_size: int, batch_wait_timeout_s: float,
+        self,
+        checkpoint: str,
+        task: str,
+        storage: StorageConfig | None,
+        threads: int | None,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
     ) -> None:
-        from beit_ray.infer.predictor import Predictor
+        import ray
 
+        from beit_ray.infer.predictor import Predictor, actor_threads
+
+        if threads is None:  # the replica's CPUs, however the YAML set them
+            threads = actor_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
         self.predictor = Predictor(checkpoint, task, storage, threads=threads)  # type: ignore[arg-type]
         self.run.set_max_batch_size(max_batch_size)
         self.run.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # for the benchmark: how full batches were
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def run(self, items: list[tuple[np.ndarray, tuple[int, int], int]]) -> list[dict[str, Any]]:
+    async def run(
+        self, items: list[tuple[np.ndarray, tuple[int, int], int]]
+    ) -> list[dict[str, Any]]:
         """Items: (uint8 [3, h, w] from prepare, original (H, W), top_k)."""
         import torch
 
@@ -96,7 +107,9 @@ class ModelServer:
                     res[key] = res[key][:k]
         return results
 
-    async def __call__(self, pixels: np.ndarray, size: tuple[int, int], top_k: int = 5) -> dict[str, Any]:
+    async def __call__(
+        self, pixels: np.ndarray, size: tuple[int, int], top_k: int = 5
+    ) -> dict[str, Any]:
         return await self.run((pixels, size, top_k))
 
     def info(self) -> dict[str, Any]:
@@ -116,7 +129,10 @@ class Ingress:
     """HTTP front: checks and decodes requests, calls the model deployments."""
 
     def __init__(
-        self, classifier: DeploymentHandle | None, segmenter: DeploymentHandle | None, cfg: ServeConfig,
+        self,
+        classifier: DeploymentHandle | None,
+        segmenter: DeploymentHandle | None,
+        cfg: ServeConfig,
         checkpoints: dict[str, str],
     ) -> None:
         from beit_ray.models.load import model_dir
@@ -137,7 +153,11 @@ class Ingress:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         multipart = ctype == "multipart/form-data"
         if not (multipart or ctype.startswith("image/") or ctype == "application/octet-stream"):
-            raise ApiError(415, "unsupported_media_type", f"send image bytes (Content-Type image/*) or multipart field 'image', not {ctype or 'no content type'!r}")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send image bytes (Content-Type image/*) or multipart field 'image', not {ctype or 'no content type'!r}",
+            )
         limit = int(self.cfg.http.max_body_mb * 1024 * 1024)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -153,7 +173,9 @@ class Ingress:
             try:
                 form = await request.form()
             except Exception as e:
-                raise ApiError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from None
+                raise ApiError(
+                    400, "bad_multipart", f"cannot parse the multipart body: {e}"
+                ) from None
             field = form.get("image")
             if field is None or isinstance(field, str):
                 raise ApiError(400, "missing_image", "multipart body has no file field 'image'")
@@ -186,7 +208,9 @@ class Ingress:
         except ValueError:
             raise ApiError(422, "bad_top_k", f"top_k must be an integer, got {raw!r}") from None
         if not 1 <= k <= self.cfg.http.max_top_k:
-            raise ApiError(422, "bad_top_k", f"top_k must be in 1..{self.cfg.http.max_top_k}, got {k}")
+            raise ApiError(
+                422, "bad_top_k", f"top_k must be in 1..{self.cfg.http.max_top_k}, got {k}"
+            )
         return k
 
     async def _call(self, task: str, *args: Any) -> dict[str, Any]:
@@ -218,7 +242,9 @@ class Ingress:
         res = await self._call("classify", pixels, size, top_k)
         preds = [
             {"label": label, "id": int(i), "score": float(s)}
-            for i, label, s in zip(res["top_ids"], res["top_labels"], res["top_scores"], strict=True)
+            for i, label, s in zip(
+                res["top_ids"], res["top_labels"], res["top_scores"], strict=True
+            )
         ]
         return {"predictions": preds, "model": self.checkpoints["classify"]}
 
@@ -233,7 +259,12 @@ class Ingress:
             return Response(await asyncio.to_thread(png_bytes, res["mask"]), media_type="image/png")
         id2label = (await self._infos())["segment"]["id2label"]
         classes = [
-            {"id": int(c), "label": id2label.get(int(c), str(int(c))), "pixels": int(n), "fraction": float(n) / (h * w)}
+            {
+                "id": int(c),
+                "label": id2label.get(int(c), str(int(c))),
+                "pixels": int(n),
+                "fraction": float(n) / (h * w),
+            }
             for c, n in zip(res["class_ids"], res["pixel_counts"], strict=True)
         ]
         return {"height": h, "width": w, "classes": classes, "model": self.checkpoints["segment"]}
@@ -241,7 +272,10 @@ class Ingress:
     @api.get("/labels")
     async def labels(self) -> dict[str, Any]:
         """id → label of each deployed model."""
-        return {task: {str(k): v for k, v in info["id2label"].items()} for task, info in (await self._infos()).items()}
+        return {
+            task: {str(k): v for k, v in info["id2label"].items()}
+            for task, info in (await self._infos()).items()
+        }
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -249,7 +283,9 @@ class Ingress:
         try:
             infos = await asyncio.wait_for(self._infos(), timeout=10)
         except Exception as e:
-            raise ApiError(503, "unhealthy", f"a model deployment does not answer: {type(e).__name__}") from None
+            raise ApiError(
+                503, "unhealthy", f"a model deployment does not answer: {type(e).__name__}"
+            ) from None
         return {"status": "ok", "models": {t: i["checkpoint"] for t, i in infos.items()}}
 
 
@@ -270,7 +306,9 @@ def resolve_checkpoints(cfg: ServeConfig) -> dict[str, str]:
         hf = AutoConfig.for_model(**_read_json(st.join(folder, "config.json"), cfg.storage))
         task = {"classification": "classify", "segmentation": "segment"}.get(task_of(hf))
         if task is None:
-            raise ValueError(f"{uri} is a {task_of(hf)} checkpoint; serving needs classification or segmentation")
+            raise ValueError(
+                f"{uri} is a {task_of(hf)} checkpoint; serving needs classification or segmentation"
+            )
         if task in out:
             raise ValueError(f"two {task} checkpoints given ({out[task]}, {uri})")
         out[task] = uri
@@ -286,8 +324,6 @@ def _read_json(uri: str, storage: StorageConfig | None) -> dict[str, Any]:
 
 
 def _model_deployment(name: str, uri: str, task: str, r: ReplicaConfig, cfg: ServeConfig) -> Any:
-    from beit_ray.infer.predictor import actor_threads
-
     return (
         serve.deployment(ModelServer)
         .options(
@@ -296,7 +332,14 @@ def _model_deployment(name: str, uri: str, task: str, r: ReplicaConfig, cfg: Ser
             max_ongoing_requests=r.max_ongoing_requests,
             ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         )
-        .bind(uri, task, cfg.storage, r.threads or actor_threads(r.num_cpus), cfg.batching.max_batch_size, cfg.batching.batch_wait_timeout_s)
+        .bind(
+            uri,
+            task,
+            cfg.storage,
+            r.threads,
+            cfg.batching.max_batch_size,
+            cfg.batching.batch_wait_timeout_s,
+        )
     )
 
 
@@ -305,9 +348,13 @@ def build_app(cfg: ServeConfig) -> Any:
     checkpoints = resolve_checkpoints(cfg)
     classifier = segmenter = None
     if "classify" in checkpoints:
-        classifier = _model_deployment("Classifier", checkpoints["classify"], "classify", cfg.classify, cfg)
+        classifier = _model_deployment(
+            "Classifier", checkpoints["classify"], "classify", cfg.classify, cfg
+        )
     if "segment" in checkpoints:
-        segmenter = _model_deployment("Segmenter", checkpoints["segment"], "segment", cfg.segment, cfg)
+        segmenter = _model_deployment(
+            "Segmenter", checkpoints["segment"], "segment", cfg.segment, cfg
+        )
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         num_replicas=cfg.ingress_replicas,

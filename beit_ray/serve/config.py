@@ -34,7 +34,9 @@ class HttpConfig:
         check(self.max_body_mb > 0, "http.max_body_mb", "must be positive")
         check(self.max_pixels > 0, "http.max_pixels", "must be positive")
         check(self.default_top_k >= 1, "http.default_top_k", "must be >= 1")
-        check(self.max_top_k >= self.default_top_k, "http.max_top_k", "must be >= http.default_top_k")
+        check(
+            self.max_top_k >= self.default_top_k, "http.max_top_k", "must be >= http.default_top_k"
+        )
 
 
 @dataclass
@@ -76,8 +78,14 @@ class ReplicaConfig:
 
     def __post_init__(self) -> None:
         check(self.min_replicas >= 0, "replicas.min_replicas", "must be >= 0")
-        check(self.max_replicas >= max(1, self.min_replicas), "replicas.max_replicas", "must be >= min_replicas and >= 1")
-        check(self.target_ongoing_requests > 0, "replicas.target_ongoing_requests", "must be positive")
+        check(
+            self.max_replicas >= max(1, self.min_replicas),
+            "replicas.max_replicas",
+            "must be >= min_replicas and >= 1",
+        )
+        check(
+            self.target_ongoing_requests > 0, "replicas.target_ongoing_requests", "must be positive"
+        )
         check(self.max_ongoing_requests >= 1, "replicas.max_ongoing_requests", "must be >= 1")
         check(self.num_cpus > 0, "replicas.num_cpus", "must be positive")
         check(self.num_gpus >= 0, "replicas.num_gpus", "must be >= 0")
