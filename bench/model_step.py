@@ -11,6 +11,7 @@ counted with torch.utils.flop_counter.FlopCounterMode.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -79,8 +80,9 @@ def main() -> None:
     model.zero_grad(set_to_none=True)
 
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps.items())
     for i in range(args.warmup + args.iters):
-        for name, step in steps.items():
+        for name, step in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
             start = time.perf_counter()
             step(*batch)
             elapsed = time.perf_counter() - start
@@ -90,6 +92,7 @@ def main() -> None:
 
     tokens_per_batch = args.batch * ((cfg.image_size // cfg.patch_size) ** 2 + 1)
     roof = gemm_roof(tokens_per_batch, cfg.hidden_size, cfg.intermediate_size)
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
         f"{args.flavour} MIM fwd+bwd, batch {args.batch}, {torch.get_num_threads()} threads, {args.iters} iters"
     )
@@ -102,7 +105,8 @@ def main() -> None:
         rate[name] = args.batch / t
         achieved = work[name] / t
         print(
-            f"{name:24s} {rate[name]:6.2f} img/s  {t:6.2f} s/step  {work[name] / 1e9:7.1f} GFLOP/step  "
+            f"{name:24s} {rate[name]:6.2f} img/s  {t:6.2f} s/step (median; all: "
+            f"{', '.join(f'{x:.2f}' for x in times[name])})  {work[name] / 1e9:7.1f} GFLOP/step  "
             f"{achieved / 1e9:6.1f} GFLOP/s = {achieved / roof:.2f} of roof"
         )
     a, b = rate["ours (mim_forward)"], rate["transformers (labels=)"]

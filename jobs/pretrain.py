@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(PretrainConfig, argv if "--config" in argv else DEMO_ARGS + argv)
     init_ray(cfg.ray, cfg.storage)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints progress
     if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not cfg.shards:
         from beit_ray.models.flavours import get_flavour
 

@@ -215,7 +215,7 @@ def check_cluster_spec(spec: dict[str, Any], where: str) -> dict[str, dict[str, 
     assert set(spec.get("autoscalerOptions") or {}) <= AUTOSCALER_FIELDS
     head = spec.get("headGroupSpec")
     assert isinstance(head, dict), f"{where}.headGroupSpec: required"
-    assert HEAD_GROUP_REQUIRED <= set(head), f"{where}.headGroupSpec: needs {HEAD_GROUP_REQUIRED}"
+    assert set(head) >= HEAD_GROUP_REQUIRED, f"{where}.headGroupSpec: needs {HEAD_GROUP_REQUIRED}"
     assert set(head) <= HEAD_GROUP_FIELDS, f"{where}.headGroupSpec: unknown fields"
     check_start_params(head["rayStartParams"], f"{where}.headGroupSpec")
     limits = {"head": check_pod_template(head["template"], f"{where}.headGroupSpec")}
@@ -224,7 +224,7 @@ def check_cluster_spec(spec: dict[str, Any], where: str) -> dict[str, dict[str, 
     assert len(set(names)) == len(names), f"{where}: groupName must be unique"
     for g in groups:
         w = f"{where}.workerGroupSpecs[{g.get('groupName')}]"
-        assert WORKER_GROUP_REQUIRED <= set(g), f"{w}: needs {WORKER_GROUP_REQUIRED - set(g)}"
+        assert set(g) >= WORKER_GROUP_REQUIRED, f"{w}: needs {WORKER_GROUP_REQUIRED - set(g)}"
         assert set(g) <= WORKER_GROUP_FIELDS, f"{w}: unknown {set(g) - WORKER_GROUP_FIELDS}"
         assert DNS1123.match(g["groupName"]), f"{w}.groupName: must be a DNS-1123 label"
         lo, hi, n = g["minReplicas"], g["maxReplicas"], g.get("replicas", g["minReplicas"])
@@ -342,7 +342,9 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config():
         from beit_ray.serve.config import ServeConfig
 
         cfg = build(ServeConfig, schema.applications[0].args)  # what app_builder does first
-        assert cfg.checkpoint.startswith("s3://") and cfg.classify.num_gpus >= 1
+        assert cfg.checkpoint.startswith("s3://")
+    gpus = {d.name: d.ray_actor_options.num_gpus or 0 for d in schema.applications[0].deployments}
+    assert gpus.get("Classifier", 0) >= 1, "model replicas go on the GPU group"
 
 
 @pytest.mark.parametrize(
@@ -352,7 +354,9 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config():
         lambda d: d["applications"][0].update(deployments=[{"name": "X", "num_replicas": "lots"}]),
         lambda d: d["applications"][0].update(deployments=[{"name": "X", "num_replica": 2}]),
         lambda d: d["applications"][0].update(
-            deployments=[{"name": "X", "autoscaling_config": {"min_replicas": 4, "max_replicas": 2}}]
+            deployments=[
+                {"name": "X", "autoscaling_config": {"min_replicas": 4, "max_replicas": 2}}
+            ]
         ),
     ],
     ids=["bad-import-path", "bad-replicas", "typo", "min-over-max"],
@@ -379,7 +383,8 @@ def test_rayservice_matches_cluster_serve_yaml_and_the_app_exists():
     for a, b in zip(k8s.applications, local.applications, strict=True):
         assert (a.name, a.route_prefix, a.import_path) == (b.name, b.route_prefix, b.import_path)
         assert set(a.args) == set(b.args), "the same app arguments (values may differ)"
-        assert {d.name for d in a.deployments} <= {d.name for d in b.deployments}
+        assert [d.name for d in a.deployments] == [d.name for d in b.deployments]
+        assert a.runtime_env == b.runtime_env
         module, attr = a.import_path.split(":")
         assert callable(getattr(importlib.import_module(module), attr))
 
@@ -390,7 +395,7 @@ def test_all_manifests_use_one_image_and_ray_version():
         text = path.read_text()
         images |= set(re.findall(r"image:\s*(\S+)", text))
     assert len(images) == 1, images
-    assert re.search(rf"FROM \$\{{BASE\}}", (KUBERAY / "Dockerfile").read_text())
+    assert re.search(r"FROM \$\{BASE\}", (KUBERAY / "Dockerfile").read_text())
     assert f"rayproject/ray:{ray.__version__}-" in (KUBERAY / "Dockerfile").read_text()
 
 

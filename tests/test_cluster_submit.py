@@ -15,6 +15,7 @@ Jobs are submitted the way the README says, from the repo root:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,7 +41,12 @@ HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 # The documented runtime env (`--runtime-env cluster/runtime_env.yaml`): excludes keep .venv
 # (~2 GB; Ray caps uploads at 500 MiB), .git and runs out of the upload.
 RUNTIME_ENV = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-S3_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+S3_ENV_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def _free_port() -> int:
@@ -105,14 +111,19 @@ class Cluster:
             "--",
             *entrypoint,
         ]
+        # The CLI uploads the working dir, submits, then follows the job's logs until it ends.
         try:
-            subprocess.run(
+            cli = subprocess.run(
                 cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
             )
+            cli_output = cli.stdout[-3000:] + cli.stderr[-3000:]
         except subprocess.TimeoutExpired:
-            pass  # reported below through the job's status and logs
+            cli_output = f"`ray job submit` still waiting after {timeout:.0f} s"
         client = JobSubmissionClient(self.dashboard)
-        status = str(client.get_job_status(submission_id).value)
+        try:
+            status = str(client.get_job_status(submission_id).value)
+        except RuntimeError:  # the job server never accepted the submission
+            return "NOT_SUBMITTED", cli_output
         info = client.get_job_info(submission_id)
         if info.start_time and info.end_time:
             print(f"{entrypoint[1:3]}: {status} in {(info.end_time - info.start_time) / 1e3:.0f} s")
@@ -133,10 +144,8 @@ class Cluster:
             time.monotonic() < deadline
         ):
             for pid in left:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.25)
         for proc in self.procs:
             proc.wait(timeout=10)
@@ -282,7 +291,11 @@ def test_probe_job_runs_on_both_nodes_with_uploaded_code(cluster: Cluster, tmp_p
     script.write_text(PROBE)
     status, logs = cluster.submit(["python", str(script)], timeout=120)
     assert status == "SUCCEEDED", logs[-3000:]
-    lines = dict(line.split(" ", 1) for line in logs.splitlines() if line.startswith(("RAN_ON", "DRIVER_IMPORTS", "WORKER_IMPORTS", "DATA_SUM")))
+    lines = dict(
+        line.split(" ", 1)
+        for line in logs.splitlines()
+        if line.startswith(("RAN_ON", "DRIVER_IMPORTS", "WORKER_IMPORTS", "DATA_SUM"))
+    )
     assert lines["RAN_ON"] == repr([HEAD_IP, WORKER_IP])
     assert lines["DATA_SUM"] == str(sum(2 * i for i in range(1000)))
     # The job's beit_ray is the uploaded copy (Ray puts the working dir first on PYTHONPATH).
@@ -324,12 +337,22 @@ def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, imag
 
     status, logs = cluster.submit(
         [
-            "python", "-P", "jobs/fit_tokenizer.py",
-            "--input", f"{bucket}/images",
-            "--output", f"{bucket}/codebook.safetensors",
-            "--data.image_size", "32", "--data.patch_size", "8",
-            "--data.tokenizer_image_size", "32",
-            "--codebook.vocab_size", "64", "--codebook.sample_images", "64",
+            "python",
+            "jobs/fit_tokenizer.py",
+            "--input",
+            f"{bucket}/images",
+            "--output",
+            f"{bucket}/codebook.safetensors",
+            "--data.image_size",
+            "32",
+            "--data.patch_size",
+            "8",
+            "--data.tokenizer_image_size",
+            "32",
+            "--codebook.vocab_size",
+            "64",
+            "--codebook.sample_images",
+            "64",
         ],
         timeout=240,
         env_vars=s3_env,
@@ -339,18 +362,34 @@ def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, imag
 
     status, logs = cluster.submit(
         [
-            "python", "-P", "jobs/pretrain.py",
-            "--model.flavour", "debug", "--model.vocab_size", "64",
-            "--data.source", f"{bucket}/images",
-            "--data.tokenizer", "codebook",
-            "--data.tokenizer_weights", f"{bucket}/codebook.safetensors",
-            "--data.batch_size", "16",
-            "--scaling.num_workers", "2",
-            "--deepspeed.micro_batch_size", "4",
-            "--optim.lr", "1e-3",
-            "--run.max_steps", "4", "--run.log_every", "1",
-            "--checkpoint.storage_path", f"{bucket}/runs",
-            "--checkpoint.name", "cluster-pt",
+            "python",
+            "jobs/pretrain.py",
+            "--model.flavour",
+            "debug",
+            "--model.vocab_size",
+            "64",
+            "--data.source",
+            f"{bucket}/images",
+            "--data.tokenizer",
+            "codebook",
+            "--data.tokenizer_weights",
+            f"{bucket}/codebook.safetensors",
+            "--data.batch_size",
+            "16",
+            "--scaling.num_workers",
+            "2",
+            "--deepspeed.micro_batch_size",
+            "4",
+            "--optim.lr",
+            "1e-3",
+            "--run.max_steps",
+            "4",
+            "--run.log_every",
+            "1",
+            "--checkpoint.storage_path",
+            f"{bucket}/runs",
+            "--checkpoint.name",
+            "cluster-pt",
         ],
         timeout=420,
         env_vars=s3_env,
@@ -362,12 +401,18 @@ def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, imag
 
     status, logs = cluster.submit(
         [
-            "python", "-P", "jobs/label.py",
-            "--input", f"{bucket}/images",
-            "--output", f"{bucket}/labels",
-            "--checkpoint", run,
-            "--task", "embed",
-            "--actors.num_cpus", "0.5",
+            "python",
+            "jobs/label.py",
+            "--input",
+            f"{bucket}/images",
+            "--output",
+            f"{bucket}/labels",
+            "--checkpoint",
+            run,
+            "--task",
+            "embed",
+            "--actors.num_cpus",
+            "0.5",
         ],
         timeout=300,
         env_vars=s3_env,
@@ -382,3 +427,12 @@ def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, imag
             rows += pq.read_table(f).to_pylist()
     assert len(rows) == 64 and all(r["error"] is None for r in rows), summary
     assert {len(r["embedding"]) for r in rows} == {64}  # debug flavour width
+
+
+def test_job_scripts_do_not_shadow_stdlib_modules():
+    """`python jobs/X.py` puts jobs/ first on sys.path: a jobs/tokenize.py would replace the
+    stdlib `tokenize` (imported by dataclasses → inspect → linecache) and break every job."""
+    shadowing = sorted(
+        p.name for p in (REPO / "jobs").glob("*.py") if p.stem in sys.stdlib_module_names
+    )
+    assert not shadowing, f"rename {shadowing}: they shadow standard-library modules"

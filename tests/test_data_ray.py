@@ -197,7 +197,7 @@ def test_materialize_on_s3_resumes_without_duplicates(
     args = ["--input", src, "--output", out, "--data.image_size", "32", "--data.patch_size", "8",
             "--data.tokenizer_image_size", "32", "--data.tokenizer", "none",
             "--shards.images_per_shard", "3", "--shards.shards_per_wave", "2"]  # fmt: skip
-    job = _job("tokenize")
+    job = _job("tokenize_shards")
     counts = job.main(args)
     assert counts == {
         "shards_total": 4,

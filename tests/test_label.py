@@ -297,11 +297,15 @@ def test_job_cli_and_config_errors(ray_session, photos, checkpoints, tmp_path, c
         parse_args(LabelConfig, ["--predict.top_k", "0"])
     with pytest.raises(ConfigError, match="actors.max_actors"):
         parse_args(LabelConfig, ["--actors.min_actors", "3", "--actors.max_actors", "2"])
-    with pytest.raises(
-        ValueError, match="segmentation checkpoint"
-    ):  # no head: refuse, don't invent one
-        from beit_ray.infer.predictor import Predictor
+    # a checkpoint without the task's head is refused, never given a random one
+    bad = _cfg(
+        input=tmp_path / "in", output=tmp_path / "o2", checkpoint=checkpoints["segmentation"]
+    )
+    with pytest.raises(ConfigError, match="needs a .*ForImageClassification"):
+        label(bad)  # checked before any Ray work
+    from beit_ray.infer.predictor import Predictor
 
+    with pytest.raises(ValueError, match="segmentation checkpoint"):
         Predictor(checkpoints["segmentation"], "classify")
 
 

@@ -236,6 +236,7 @@ def test_run_folder_layouts(tmp_path):
         json.dumps({"model_dir": "hf", "task": "classification"})
     )
     assert type(load_model(str(tmp_path / "run2"))).__name__ == "BeitForImageClassification"
+    assert Preprocessor.from_pretrained(str(tmp_path / "run2")).size == {"height": 32, "width": 32}
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="ViT"):

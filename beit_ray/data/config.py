@@ -172,7 +172,7 @@ class ShardConfig:
 
 @dataclass
 class TokenizeConfig:
-    """jobs/tokenize.py: materialize masked-patch rows as parquet shards with a manifest."""
+    """jobs/tokenize_shards.py: materialize masked-patch rows as parquet shards with a manifest."""
 
     input: str = ""
     """Source URI (same as data.source; this wins when set)."""

@@ -213,7 +213,7 @@ def read_materialized(uri: str, storage_cfg: StorageConfig | None = None):  # no
 
     manifest = load_manifest(uri, storage_cfg)
     if manifest is None:
-        raise FileNotFoundError(f"{uri}: no {MANIFEST}; run jobs/tokenize.py first")
+        raise FileNotFoundError(f"{uri}: no {MANIFEST}; run jobs/tokenize_shards.py first")
     files = [
         storage.join(uri, f)
         for e in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))

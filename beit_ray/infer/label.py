@@ -323,6 +323,29 @@ def read_parts(
 # --------------------------------------------------------------------------- the job
 
 
+def check_checkpoint(cfg: LabelConfig) -> Any:
+    """The checkpoint's preprocessor, after checking it can do ``cfg.task`` (reads JSON only)."""
+    from beit_ray.models.load import model_dir
+    from beit_ray.models.preprocess import Preprocessor
+
+    folder = model_dir(cfg.checkpoint, cfg.storage)
+    arch = (
+        json.loads(st.read_text(st.join(folder, "config.json"), cfg.storage)).get("architectures")
+        or []
+    )
+    need = {"classify": "ImageClassification", "segment": "SemanticSegmentation"}.get(cfg.task)
+    if need and not any(need in a for a in arch):
+        raise ConfigError(
+            f"checkpoint: {cfg.checkpoint} is a {arch or 'bare encoder'} checkpoint; --task {cfg.task} needs a *For{need} one"
+        )
+    preprocessor = Preprocessor.from_pretrained(folder, cfg.storage)
+    if "height" not in preprocessor.size and not preprocessor.do_center_crop:
+        raise ConfigError(
+            f"checkpoint: {folder}'s preprocessor gives images of varying sizes (size {preprocessor.size}, no crop); batching needs a fixed size"
+        )
+    return preprocessor
+
+
 def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str, Any]:
     """Label every input not yet written; returns (and writes) the summary.
 
@@ -331,13 +354,11 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     """
     import ray
 
-    from beit_ray.infer.predictor import load_checkpoint  # noqa: F401 (fail fast on imports)
-    from beit_ray.models.load import model_dir
-    from beit_ray.models.preprocess import Preprocessor
     from beit_ray.runtime import init_ray
 
     cfg.require()
     start = time.perf_counter()
+    preprocessor = check_checkpoint(cfg)  # before any cluster work
     inputs = list_inputs(cfg)
     if not inputs:
         raise ConfigError(f"input: no files found under {cfg.input}")
@@ -354,9 +375,6 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     if pending:
         init_ray(cfg.ray, cfg.storage)
         run_start = time.perf_counter()  # images/s counts the pipeline, not Ray's start-up
-        preprocessor = Preprocessor.from_pretrained(
-            model_dir(cfg.checkpoint, cfg.storage), cfg.storage
-        )
         items = [
             {
                 "path": p,

@@ -324,10 +324,9 @@ def _target_state(
             and rel.endswith("relative_position_bias.relative_position_bias_table")
             and shared_key in s_enc
         ):
+            # unilm fine-tuning: every block's own table starts from the shared one
             missing.append(key)
-            state[key] = s_enc[
-                shared_key
-            ].clone()  # unilm: every block starts from the shared table
+            state[key] = s_enc[shared_key].clone()
             copied.append(key)
             used.add(("enc", shared_key))
         else:

@@ -96,15 +96,18 @@ class Preprocessor:
 
     @classmethod
     def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> Preprocessor:
-        """From a folder or URI holding preprocessor_config.json (or the file itself)."""
+        """From preprocessor_config.json itself, a folder holding it, or a beit-ray run folder."""
         from beit_ray import storage as st
+        from beit_ray.models.load import model_dir
 
-        path = uri if str(uri).endswith(".json") else st.join(uri, CONFIG_NAME)
+        if str(uri).endswith(".json"):
+            path = uri
+        elif st.exists(st.join(uri, CONFIG_NAME), storage):
+            path = st.join(uri, CONFIG_NAME)
+        else:
+            path = st.join(model_dir(uri, storage), CONFIG_NAME)
         if not st.exists(path, storage):
-            nested = st.join(uri, "model", CONFIG_NAME)  # a beit-ray run folder
-            if str(uri).endswith(".json") or not st.exists(nested, storage):
-                raise FileNotFoundError(f"no {CONFIG_NAME} at {uri}")
-            path = nested
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {uri}")
         return cls.from_dict(json.loads(st.read_text(path, storage)))
 
     @classmethod
@@ -197,6 +200,8 @@ class Preprocessor:
 
     def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
         """HxWx3 uint8 images → float32 [B, 3, H, W] model input."""
+        if len(images) == 0:
+            raise ValueError("no images to preprocess")
         batch = [self.to_uint8(img) for img in images]
         if len({tuple(b.shape) for b in batch}) > 1:
             raise ValueError(

@@ -279,9 +279,10 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """200 when every model deployment answers."""
+        """200 when every model deployment answers (asked afresh each time)."""
         try:
-            infos = await asyncio.wait_for(self._infos(), timeout=10)
+            calls = {t: h.info.remote() for t, h in self.handles.items() if h is not None}
+            infos = {t: await asyncio.wait_for(c, timeout=10) for t, c in calls.items()}
         except Exception as e:
             raise ApiError(
                 503, "unhealthy", f"a model deployment does not answer: {type(e).__name__}"

@@ -246,7 +246,7 @@ class PretrainConfig(TrainConfig):
         ))
     """Images, masking and visual tokens (the streaming pipeline, used unless `shards` is set)."""
     shards: str | None = None
-    """Materialized masked-patch shards written by jobs/tokenize.py (local or s3://)."""
+    """Materialized masked-patch shards written by jobs/tokenize_shards.py (local or s3://)."""
 
     def __post_init__(self) -> None:
         self.data = fit_data(self, self.data)
@@ -279,3 +279,6 @@ class FinetuneConfig(TrainConfig):
         check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
         check(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
         check(self.num_labels is None or self.num_labels > 1, "num_labels", "must be > 1")
+        if self.task == "segmentation":
+            get = get_flavour(self.model.flavour)
+            check(get.family == "beit", "model.flavour", "segmentation needs a BEiT flavour (UperNet on BEiT)")

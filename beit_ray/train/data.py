@@ -1,12 +1,13 @@
 """The Ray datasets a training job feeds to ``TorchTrainer(datasets=...)``.
 
 Pretraining streams the masked-patch pipeline (every epoch laid out in one dataset, each with
-its own crops and masks: one pass) or reads shards materialized by jobs/tokenize.py (iterated
+its own crops and masks: one pass) or reads shards materialized by jobs/tokenize_shards.py (iterated
 once per epoch). Fine-tuning reads labelled rows and a validation split.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +47,6 @@ def pretraining_data(cfg: PretrainConfig) -> TrainData:
 def finetuning_data(cfg: FinetuneConfig) -> TrainData:
     """Classification: labelled rows, validation from val_source or a key-hash split."""
     if cfg.task == "segmentation":
-        from beit_ray.train.segdata import segmentation_data
-
         return segmentation_data(cfg)
     from beit_ray.data.pipeline import classes_for, labelled_dataset
 
@@ -63,6 +62,34 @@ def finetuning_data(cfg: FinetuneConfig) -> TrainData:
     if len(names) < 2:
         raise ValueError(f"data.source {cfg.data.source}: classification needs at least 2 classes, found {names}")
     return TrainData({"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)))
+
+
+def segmentation_data(cfg: FinetuneConfig) -> TrainData:
+    """ADE20k layout: images/{training,validation} + annotations/{training,validation}."""
+    from beit_ray.data.segmentation import segmentation_dataset
+
+    common: dict[str, Any] = {
+        "crop_size": cfg.data.image_size,
+        "reduce_zero_label": cfg.reduce_labels,
+        "seed": cfg.data.seed,
+        "storage_cfg": cfg.storage,
+        "errors_uri": cfg.data.errors_uri,
+    }
+    train = segmentation_dataset(cfg.data.source, "training", **common)
+    val = segmentation_dataset(cfg.val_source or cfg.data.source, "validation", **common)
+    names = _seg_names(cfg)
+    return TrainData({"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)))
+
+
+def _seg_names(cfg: FinetuneConfig) -> list[str]:
+    """Class names from <source>/id2label.json ({"0": "wall", ...}) or num_labels placeholders."""
+    path = storage.join(cfg.data.source, "id2label.json")
+    if storage.exists(path, cfg.storage):
+        raw = json.loads(storage.read_text(path, cfg.storage))
+        return [str(raw[k]) for k in sorted(raw, key=int)]
+    if not cfg.num_labels:
+        raise ValueError(f"segmentation: give num_labels or put id2label.json in {cfg.data.source}")
+    return [f"class_{i}" for i in range(cfg.num_labels)]
 
 
 def _run(cfg: Any) -> str:

@@ -114,8 +114,7 @@ class Loop:
 
         self.engine.eval()
         shard = ray.train.get_dataset_shard("val")
-        batches = shard.iter_torch_batches(batch_size=self.cfg.deepspeed.micro_batch_size, dtypes=self.task.dtypes)
-        metrics = self.task.evaluate(self.engine, batches)
+        metrics = self.task.evaluate(self.engine, shard, self.cfg.deepspeed.micro_batch_size)
         self.engine.train()
         if self.obs:
             self.obs.log_eval(self.state.step, self.state.epoch, metrics)

@@ -62,7 +62,8 @@ class Task:
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def evaluate(self, engine: Any, batches: Any) -> dict[str, float]:
+    def evaluate(self, engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
+        """Metrics over every rank's share of the validation data (all ranks call this)."""
         return {}
 
 
@@ -120,10 +121,10 @@ class ClassificationTask(Task):
         return loss, {"loss": loss.item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, batches: Any) -> dict[str, float]:
+    def evaluate(self, engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
         dev = engine.device
         sums = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, count
-        for b in batches:
+        for b in shard.iter_torch_batches(batch_size=batch_size, dtypes=self.dtypes):
             logits = engine(pixel_values=self.pixels(b["pixel_values"], dev)).logits.float().cpu()
             top = logits.topk(min(5, logits.shape[-1]), -1).indices  # [B, k]
             y = b["label"].view(-1, 1)
@@ -156,13 +157,16 @@ class SegmentationTask(Task):
         return out.loss, {"loss": out.loss.item(), "pixel_acc": acc.item()}
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, batches: Any) -> dict[str, float]:
+    def evaluate(self, engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
         n = len(self.extra["id2label"])
         crop = int(engine.module.config.image_size)
         conf = torch.zeros(n, n, dtype=torch.float64)  # [true, pred]
-        for b in batches:
-            logits = slide_logits(lambda x: engine(pixel_values=x).logits.float(), self.pixels(b["pixel_values"], engine.device), crop, n)
-            pred, y = logits.argmax(1).cpu().flatten(), b["labels"].long().flatten()
+        # Full-size validation images differ in shape: one image per batch.
+        for b in shard.iter_batches(batch_size=1, batch_format="numpy"):
+            x = torch.from_numpy(np.ascontiguousarray(np.asarray(b["pixel_values"][0], dtype=np.uint8)))[None]  # [1, 3, H, W]
+            y = torch.from_numpy(np.asarray(b["labels"][0], dtype=np.int64))  # [H, W]
+            logits = slide_logits(lambda v: engine(pixel_values=v).logits.float(), self.pixels(x, engine.device), crop, n)
+            pred, y = logits.argmax(1).cpu().flatten(), y.flatten()
             ok = y != 255
             conf += torch.bincount(y[ok] * n + pred[ok], minlength=n * n).view(n, n).double()
         dist.all_reduce(conf)

@@ -1,12 +1,12 @@
 """Materialize masked-patch rows (views, masks, visual tokens) as parquet shards + manifest.
 
 On a cluster:
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tokenize.py \
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tokenize_shards.py \
         --input s3://bucket/imagenet22k/ --output s3://bucket/beit-shards/ \
         --data.tokenizer dalle --data.tokenizer_weights s3://bucket/dalle_encoder.safetensors
 
 Locally (tiny sizes, codebook tokenizer fitted by jobs/fit_tokenizer.py):
-    python jobs/tokenize.py --input ./images --output ./shards --data.image_size 32 \
+    python jobs/tokenize_shards.py --input ./images --output ./shards --data.image_size 32 \
         --data.patch_size 8 --data.tokenizer_image_size 32 --data.tokenizer codebook \
         --data.tokenizer_weights ./codebook.safetensors
 

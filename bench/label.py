@@ -1,0 +1,144 @@
+"""Batch labelling throughput: jobs/label.py's path vs the loop a user would write.
+
+    .venv/bin/python bench/label.py --images 200 [--flavour base]
+
+Baseline: transformers ``pipeline("image-classification", model=DIR)`` called on the files one
+at a time (the same exported checkpoint, same images, same machine, same run). Ours:
+``beit_ray.infer.label.label`` (Ray Data: read + decode tasks → predictor actor pool → parquet)
+with 1 actor (all cores) and with 2 actors (half the cores each). Images/s of ours count the
+pipeline from submission to the last part written (Ray start-up excluded; printed apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_images(folder: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` JPEGs of 500×375 / 375×500 cut from scikit-image's real photos."""
+    from skimage import data
+
+    names = (
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+    )
+    photos = [getattr(data, n)() for n in names]
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = Image.fromarray(photos[i % len(photos)][..., :3]).convert("RGB")
+        w, h = (500, 375) if i % 2 else (375, 500)
+        scale = max(w / img.width, h / img.height) * float(rng.uniform(1.0, 1.3))
+        img = img.resize((int(img.width * scale) + 1, int(img.height * scale) + 1))
+        x, y = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+        buf = io.BytesIO()
+        img.crop((x, y, x + w, y + h)).save(buf, format="JPEG", quality=90)
+        path = os.path.join(folder, f"img_{i:05d}.jpg")
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def baseline(ckpt: str, paths: list[str]) -> float:
+    from transformers import pipeline
+
+    pipe = pipeline("image-classification", model=ckpt, device="cpu")
+    pipe(paths[0])  # warm-up, as a user's second call would be
+    start = time.perf_counter()
+    for p in paths:
+        pipe(p, top_k=5)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def ours(
+    ckpt: str, folder: str, out: str, actors: int, threads: int, batch: int
+) -> tuple[float, float]:
+    from beit_ray.config import parse_args
+    from beit_ray.infer.config import LabelConfig
+    from beit_ray.infer.label import label
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = parse_args(
+        LabelConfig,
+        [
+            "--input", folder, "--output", out, "--checkpoint", ckpt, "--task", "classify",
+            "--predict.batch_size", str(batch), "--actors.min_actors", str(actors),
+            "--actors.max_actors", str(actors), "--actors.num_cpus", "1", "--actors.threads", str(threads),
+        ],
+    )  # fmt: skip
+    start = time.perf_counter()
+    summary = label(cfg)
+    return summary["images_per_s"], summary["processed_this_run"] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--flavour", default="base")
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from beit_ray.models.build import build_model
+    from beit_ray.models.load import export_hf
+
+    root = tempfile.mkdtemp(prefix="bench_label_")
+    torch.manual_seed(0)
+    ckpt = os.path.join(root, "ckpt")
+    export_hf(build_model(args.flavour, "classification", num_labels=1000), ckpt)
+    folder = os.path.join(root, "images")
+    paths = make_images(folder, args.images)
+    cores = os.cpu_count() or 1
+    print(
+        f"{args.images} images, {args.flavour} checkpoint, {cores} cores, torch threads {torch.get_num_threads()}"
+    )
+
+    base = baseline(ckpt, paths)
+    print(f"baseline pipeline() one at a time: {base:.2f} images/s")
+    t = time.perf_counter()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        configure_logging=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
+    )
+    print(f"ray start-up: {time.perf_counter() - t:.1f} s (not counted below)")
+    one, one_wall = ours(
+        ckpt, folder, os.path.join(root, "out1"), actors=1, threads=cores, batch=args.batch
+    )
+    print(
+        f"ours, 1 actor x {cores} threads: {one:.2f} images/s ({one / base:.2f}x baseline; {one_wall:.2f} incl. actor start)"
+    )
+    two, two_wall = ours(
+        ckpt,
+        folder,
+        os.path.join(root, "out2"),
+        actors=2,
+        threads=max(1, cores // 2),
+        batch=args.batch,
+    )
+    print(
+        f"ours, 2 actors x {max(1, cores // 2)} threads: {two:.2f} images/s ({two / one:.2f}x 1 actor; {two_wall:.2f} incl. actor start)"
+    )
+    ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
