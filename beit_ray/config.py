@@ -255,20 +255,32 @@ def help_text(cls: type, prog: str | None = None) -> str:
     if cls.__doc__:
         lines += [inspect.cleandoc(cls.__doc__), ""]
 
-    def walk(klass: type, prefix: str) -> None:
+    def default_of(f: dataclasses.Field, instance: Any) -> Any:
+        if instance is not None:
+            return getattr(instance, f.name)
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            try:
+                return f.default_factory()
+            except ConfigError:
+                return None
+        return None
+
+    def walk(klass: type, prefix: str, instance: Any) -> None:
         hints = typing.get_type_hints(klass)
         docs = field_docs(klass)
-        default = klass()
         for f in dataclasses.fields(klass):
             tp = hints[f.name]
             name = f"{prefix}{f.name}"
+            value = default_of(f, instance)
             if _is_section(tp):
                 lines.append(f"[{name}]  {docs.get(f.name, '')}".rstrip())
-                walk(tp, name + ".")
+                walk(tp, name + ".", value)
                 lines.append("")
                 continue
             tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            lines.append(f"  --{name} ({tname}, default {getattr(default, f.name)!r})")
+            lines.append(f"  --{name} ({tname}, default {value!r})")
             if docs.get(f.name):
                 lines.append(
                     textwrap.fill(
@@ -276,7 +288,11 @@ def help_text(cls: type, prog: str | None = None) -> str:
                     )
                 )
 
-    walk(cls, "")
+    try:  # a job whose defaults alone do not validate (a required --input) still has help
+        root = cls()
+    except ConfigError:
+        root = None
+    walk(cls, "", root)
     return "\n".join(lines)
 
 
