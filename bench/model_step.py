@@ -104,7 +104,8 @@ def main() -> None:
         f"{args.flavour} MIM fwd+bwd, batch {args.batch}, {torch.get_num_threads()} threads, {args.iters} iters"
     )
     print(
-        f"fp32 GEMM roof ({tokens_per_batch}x{cfg.hidden_size} @ {cfg.hidden_size}x{cfg.intermediate_size}): {roof / 1e9:.1f} GFLOP/s"
+        f"fp32 GEMM roof ({shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}), before / after the steps: "
+        + ", ".join(f"{w / 1e9:.1f} GFLOP/s ({c / 1e9:.1f} per CPU-s)" for w, c in roofs)
     )
     rate = {}
     for name in steps:
