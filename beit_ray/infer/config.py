@@ -72,10 +72,10 @@ class LabelConfig:
     """
 
     input: str = ""
-    """Images: a folder or prefix (local or s3://; files, class folders, or .tar shards whose
-    members are the inputs), or a manifest (.parquet / .csv) with a column of image URIs."""
+    """Images: a folder or prefix (local or s3://; every file below it, e.g. class folders), or a
+    manifest (.parquet / .csv) with a column of image URIs. Tar/parquet shards: not yet."""
     output: str = ""
-    """Where results go (local or s3://): part-NNNNN.parquet, masks/, _SUMMARY.json."""
+    """Where results go (local or s3://): part-NNNNN.parquet, _masks/, _SUMMARY.json."""
     checkpoint: str = ""
     """An HF-format folder (e.g. a copy of microsoft/beit-base-patch16-224) or a beit-ray run
     output, local or s3://."""
