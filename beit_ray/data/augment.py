@@ -33,6 +33,7 @@ from beit_ray.data.masking import BlockMaskGenerator
 
 MEANS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.485, 0.456, 0.406)}
 STDS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.229, 0.224, 0.225)}
+REDUCING_GAP = 3.0  # Pillow's integer pre-reduce for big downscales (see PretrainTransform)
 
 
 def stable_hash(key: str) -> int:
@@ -108,8 +109,15 @@ def decode_region(
     return rgb, (left * fx, top * fy, right * fx, bottom * fy)
 
 
-def to_chw(img: Image.Image) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # [3, H, W]
+def to_chw(img: Image.Image, flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """PIL RGB → uint8 [3, H, W] (mirrored when ``flip``), written into ``out`` when given."""
+    a = np.asarray(img)  # [H, W, 3]
+    if flip:
+        a = a[:, ::-1]
+    if out is None:
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+    out[...] = a.transpose(2, 0, 1)  # one strided copy: flip + HWC→CHW together
+    return out
 
 
 def color_jitter(
@@ -151,8 +159,11 @@ class PretrainTransform:
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True
     seed: int = 0
+    tokenizer_view: str = "patch"
 
     def __post_init__(self) -> None:
+        if self.tokenizer_view not in ("patch", "crop"):
+            raise ValueError(f"tokenizer_view must be 'patch' or 'crop', not {self.tokenizer_view!r}")
         self.masker = BlockMaskGenerator(
             self.grid,
             self.num_masking_patches,
@@ -167,11 +178,17 @@ class PretrainTransform:
             cfg.image_size, cfg.tokenizer_image_size, cfg.grid, cfg.masking_patches, cfg.min_patches,
             cfg.max_num_patches, cfg.min_aspect, tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
             cfg.color_jitter, cfg.max_pixels, cfg.draft, cfg.seed,
+            getattr(cfg, "tokenizer_view", "patch"),
         )  # fmt: skip
 
     def __call__(
-        self, data: bytes, key: str, epoch: int = 0
+        self,
+        data: bytes,
+        key: str,
+        epoch: int = 0,
+        out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(patch [3,S,S] uint8, tokenizer view [3,T,T] uint8, mask [N] bool), into ``out`` if given."""
         rng = image_rng(self.seed, epoch, key)
         flip = rng.random() < 0.5
 
@@ -181,20 +198,25 @@ class PretrainTransform:
                 j = w - j - cw
             return j, i, j + cw, i + ch
 
-        img, b = decode_region(
-            data, box, max(self.image_size, self.tokenizer_size), self.max_pixels, self.draft
-        )
-        patch = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=b)
-        tok = img.resize(
-            (self.tokenizer_size, self.tokenizer_size), Image.Resampling.LANCZOS, box=b
-        )
-        if flip:
-            patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            tok = tok.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        views = [to_chw(patch), to_chw(tok)]
+        s, t = self.image_size, self.tokenizer_size
+        img, b = decode_region(data, box, max(s, t), self.max_pixels, self.draft)
+        # reducing_gap only acts on ≥ 3x downscales (large non-JPEG inputs or draft off):
+        # a box-filter pre-reduce there, < 0.05 uint8 levels off the exact filter.
+        patch = img.resize((s, s), Image.Resampling.BICUBIC, box=b, reducing_gap=REDUCING_GAP)
+        if self.tokenizer_view == "patch" and t <= s:
+            tok = patch if t == s else patch.resize((t, t), Image.Resampling.LANCZOS)
+        else:  # unilm: both views from the crop
+            tok = img.resize((t, t), Image.Resampling.LANCZOS, box=b, reducing_gap=REDUCING_GAP)
+        po, to, mo = out if out is not None else (None, None, None)
+        views = [to_chw(patch, flip, po), to_chw(tok, flip, to)]
         if self.color_jitter > 0:
-            views = color_jitter(views, self.color_jitter, rng)
+            jit = color_jitter(views, self.color_jitter, rng)
+            for v, j in zip(views, jit, strict=True):
+                v[...] = j
         mask = self.masker(rng).reshape(-1)  # [N]
+        if mo is not None:
+            mo[...] = mask
+            mask = mo
         return views[0], views[1], mask
 
 

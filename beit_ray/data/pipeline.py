@@ -79,6 +79,10 @@ def _error(row: dict[str, Any], reason: str) -> dict[str, Any]:
     return rec
 
 
+def _row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    return {k: v[i] for k, v in batch.items()}
+
+
 def _split_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     n = len(batch["key"])
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
@@ -96,35 +100,37 @@ def pretrain_batch(
     """Raw rows (+ ``epoch``) → two views + mask; failures become error records."""
     tf = PretrainTransform.from_config(cfg)
     s, t, n = cfg.image_size, cfg.tokenizer_image_size, cfg.grid**2
-    pix, tok, masks, keys, errors, shards = [], [], [], [], [], []
-    for row in _split_rows(batch):
-        if row["error"]:
-            errors.append(_error(row, str(row["error"])))
+    size = len(batch["key"])
+    # Preallocated outputs: each view is written once (flip + HWC→CHW in one copy), no stack.
+    pix = np.empty((size, 3, s, s), np.uint8)  # [B, 3, S, S]
+    tok = np.empty((size, 3, t, t), np.uint8)  # [B, 3, T, T]
+    masks = np.empty((size, n), bool)  # [B, N]
+    keep = np.zeros(size, bool)
+    keys, images, errs, epochs = batch["key"], batch["image"], batch["error"], batch["epoch"]
+    errors = []
+    for k in range(size):
+        if errs[k]:
+            errors.append(_error(_row(batch, k), str(errs[k])))
             continue
         try:
-            p, v, m = tf(row["image"], str(row["key"]), int(row["epoch"]))
+            tf(images[k], str(keys[k]), int(epochs[k]), out=(pix[k], tok[k], masks[k]))
         except DecodeError as e:
-            errors.append(_error(row, str(e)))
+            errors.append(_error(_row(batch, k), str(e)))
             continue
         except Exception as e:  # a bug in a codec must not kill a 14M-image job either
-            errors.append(_error(row, f"failed: {type(e).__name__}: {e}"))
+            errors.append(_error(_row(batch, k), f"failed: {type(e).__name__}: {e}"))
             continue
-        pix.append(p)
-        tok.append(v)
-        masks.append(m)
-        keys.append(str(row["key"]))
-        shards.append(int(row.get("shard", -1)))
+        keep[k] = True
     write_errors(errors, errors_uri, st)
+    ok = None if keep.all() else np.flatnonzero(keep)  # views, not copies, when nothing failed
     out = {
-        "pixel_values": np.stack(pix) if pix else np.zeros((0, 3, s, s), np.uint8),  # [B, 3, S, S]
-        "bool_masked_pos": np.stack(masks) if masks else np.zeros((0, n), bool),  # [B, N]
-        "tokenizer_pixels": np.stack(tok)
-        if tok
-        else np.zeros((0, 3, t, t), np.uint8),  # [B, 3, T, T]
-        "key": np.array(keys, dtype=object),
+        "pixel_values": pix if ok is None else pix[ok],
+        "bool_masked_pos": masks if ok is None else masks[ok],
+        "tokenizer_pixels": tok if ok is None else tok[ok],
+        "key": np.array([str(x) for x in (keys if ok is None else keys[ok])], dtype=object),
     }
     if "shard" in batch:  # materialize: the output shard rides along to the writer
-        out["shard"] = np.array(shards, dtype=np.int64)
+        out["shard"] = np.asarray(batch["shard"] if ok is None else batch["shard"][ok], np.int64)
     return out
 
 

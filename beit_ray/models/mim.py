@@ -3,6 +3,8 @@
 transformers' ``BeitForMaskedImageModeling`` projects every patch onto the visual vocabulary and
 then keeps the masked ones; BEiT masks ~40% of patches, so gathering first saves ~60% of the
 head's work (and its [B, N, V] logits). The loss is the same cross-entropy over masked patches.
+The encoder runs through :func:`beit_ray.models.speed.beit_encoder` (same function, fewer passes)
+whenever :func:`~beit_ray.models.speed.fast_path_ok` allows, else through transformers' module.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import BeitForMaskedImageModeling
+
+from beit_ray.models.speed import beit_encoder, fast_path_ok
 
 
 def mim_forward(
@@ -24,9 +28,10 @@ def mim_forward(
     """
     core = getattr(model, "module", model)
     bool_masked_pos = bool_masked_pos.to(torch.bool)
-    hidden = core.beit(
-        pixel_values, bool_masked_pos=bool_masked_pos
-    ).last_hidden_state  # [B, 1+N, D]
+    if fast_path_ok(core.beit, pixel_values):
+        hidden = beit_encoder(core.beit, pixel_values, bool_masked_pos)  # [B, 1+N, D]
+    else:
+        hidden = core.beit(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state
     patches = hidden[:, 1:]  # [B, N, D], CLS dropped
     masked = patches[bool_masked_pos]  # [M, D], row-major over (batch, patch) like labels
     logits = core.lm_head(core.layernorm(masked))  # [M, V]

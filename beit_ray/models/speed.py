@@ -1,0 +1,123 @@
+"""A faster BEiT encoder forward on the same modules and parameters as transformers' BeitModel.
+
+transformers' BEiT block spends a third of a CPU training step outside the GEMMs (profile of
+BEiT-base, batch 8, in bench/RESULTS.md): three separate q/k/v projections, SDPA falling back to
+its math path because the relative-position bias needs a gradient (which scales q and k
+separately, copies them and runs a masked "safe" softmax), the bias table re-interpolated to its
+own size every forward, and layer scale, drop path and the residual add as four elementwise
+passes each way. :func:`beit_encoder` computes the same function with one fused q/k/v GEMM, the
+scale and the bias folded into one ``baddbmm``, a plain softmax and one ``addcmul`` per residual
+branch. Parameters stay where transformers keeps them (checkpoints, layer decay and optimizers
+see the usual names); drop path draws from the same global generator in the same order as
+``BeitDropPath``, so a seeded run matches transformers' draws.
+
+:func:`fast_path_ok` says when it applies; otherwise callers use the transformers module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.beit.modeling_beit import (
+    BeitLayer,
+    BeitModel,
+    BeitRelativePositionBias,
+)
+
+
+def fast_path_ok(beit: BeitModel, pixel_values: torch.Tensor) -> bool:
+    """True when :func:`beit_encoder` computes exactly what ``beit(pixel_values, ...)`` does.
+
+    Not for: ZeRO-3 partitioned parameters (they are gathered by hooks on each submodule's own
+    forward, which the fused path skips), gradient checkpointing, non-zero dropout, or images of
+    another size than the config's (position interpolation).
+    """
+    cfg = beit.config
+    size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
+    return (
+        tuple(pixel_values.shape[-2:]) == tuple(size)
+        and cfg.hidden_dropout_prob == 0.0
+        and cfg.attention_probs_dropout_prob == 0.0
+        and not any(getattr(layer, "gradient_checkpointing", False) for layer in beit.layers)
+        and not any(hasattr(p, "ds_id") for p in beit.parameters())
+    )
+
+
+def relative_position_bias(module: BeitRelativePositionBias) -> torch.Tensor:
+    """The [1, H, T, T] attention bias at the module's own window (T = 1 + patches).
+
+    transformers bilinearly resizes the table to the window first; at the table's own size that
+    is the identity, so the gather alone gives the same values and the same table gradient.
+    """
+    index = module.generate_relative_position_index(module.window_size)  # [T, T], lru-cached
+    bias = module.relative_position_bias_table[index.view(-1)]  # [T*T, H]
+    t = index.shape[0]
+    return bias.view(t, t, -1).permute(2, 0, 1).unsqueeze(0)  # [1, H, T, T]
+
+
+def _residual(
+    layer: BeitLayer, residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
+    """residual + drop_path(scale * branch) in one pass; [B, T, D] each, scale [D] or 1.0."""
+    drop = layer.drop_path
+    if layer.training and isinstance(drop, nn.Module) and getattr(drop, "drop_prob", 0.0) > 0.0:
+        keep = 1.0 - drop.drop_prob
+        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+        # Same draw as BeitDropPath (global generator, same shape and order) so seeded runs
+        # agree with transformers; the per-sample factor folds into the layer scale.
+        kept = torch.floor(torch.rand(shape, dtype=branch.dtype, device=branch.device) + keep)
+        scale = scale * (kept / keep)  # [B, 1, D] or [B, 1, 1]
+    if isinstance(scale, float) and scale == 1.0:
+        return residual + branch
+    return torch.addcmul(residual, branch, scale)
+
+
+def _attention(layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Self-attention of layer-normed tokens x [B, T, D] with additive bias [1, H, T, T]."""
+    attn = layer.attention
+    b, t, d = x.shape
+    heads, hd = attn.num_attention_heads, attn.head_dim
+    q_bias = attn.q_proj.bias
+    k_bias = attn.k_proj.bias if attn.k_proj.bias is not None else torch.zeros_like(q_bias)
+    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # [3D, D]
+    qkv = F.linear(x, weight, torch.cat([q_bias, k_bias, attn.v_proj.bias]))  # [B, T, 3D]
+    # One copy into head-major layout for all three: [3, B*H, T, hd].
+    qkv = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).reshape(3, b * heads, t, hd)
+    q, k, v = qkv.unbind(0)
+    if bias is None:
+        scores = torch.bmm(q, k.transpose(1, 2)) * attn.scaling
+    else:
+        full = bias.expand(b, heads, t, t).reshape(b * heads, t, t)  # [B*H, T, T]
+        scores = torch.baddbmm(full, q, k.transpose(1, 2), alpha=attn.scaling)  # [B*H, T, T]
+    out = torch.bmm(scores.softmax(-1), v)  # [B*H, T, hd]
+    out = out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)  # [B, T, D]
+    return attn.o_proj(out)
+
+
+def beit_layer(layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One BEiT block on x [B, T, D]; ``bias`` is the shared bias or None."""
+    if layer.relative_position_bias is not None:
+        own = relative_position_bias(layer.relative_position_bias)
+        bias = own if bias is None else own + bias
+    x = _residual(layer, x, _attention(layer, layer.layernorm_before(x), bias), layer.lambda_1)
+    h = layer.mlp.fc2(layer.mlp.activation_fn(layer.mlp.fc1(layer.layernorm_after(x))))
+    return _residual(layer, x, h, layer.lambda_2)
+
+
+def beit_encoder(
+    beit: BeitModel,
+    pixel_values: torch.Tensor,
+    bool_masked_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``beit(pixel_values, bool_masked_pos=...).last_hidden_state`` [B, 1+N, D], faster.
+
+    Call only when :func:`fast_path_ok` holds.
+    """
+    x = beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # [B, 1+N, D]
+    bias = None
+    if beit.shared_position_bias is not None:
+        bias = relative_position_bias(beit.shared_position_bias)  # [1, H, T, T]
+    for layer in beit.layers:
+        x = beit_layer(layer, x, bias)
+    return beit.layernorm(x)
