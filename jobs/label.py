@@ -1,4 +1,4 @@
-"""Label every image under a folder or bucket prefix with a checkpoint (Ray Data, resumable).
+"""Label every image under a folder, bucket prefix, tar or parquet set (Ray Data, resumable).
 
 On a cluster:
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/label.py \
@@ -9,8 +9,16 @@ On a cluster:
 Locally:
     python jobs/label.py --input ./photos --output ./labels --checkpoint ./runs/ft/ --task embed
 
-Input: files under --input (class folders are fine), or a .parquet/.csv manifest with a
-``uri`` column. Output: part-NNNNN.parquet (one row per file: path, error, and top_ids /
+Label the data pipeline's containers (``--layout`` auto detects; or files, class_tars,
+webdataset, parquet, manifest):
+    python jobs/label.py --input s3://bucket/imagenet22k-tars/ --output s3://bucket/labels22k/ \
+        --checkpoint s3://models/beit-ft/ --layout class_tars --chunk_size 1024
+
+Input: files under --input (class folders are fine); per-class tars or WebDataset shards (one
+row per image member, path = "<tar uri>/<member>"; a tar that cannot be listed to its end adds
+one error row with path = "<tar uri>"); parquet files with an image-bytes column
+(--image_column; path = "<parquet uri>#<row index>"); or a .parquet/.csv manifest with a
+``uri`` column. Output: part-NNNNN.parquet (one row per image: path, error, and top_ids /
 top_labels / top_scores, embedding, or mask_uri + class_ids / pixel_counts), _masks/ for
 segment, _SUMMARY.json. Rerunning the same command after an interruption finishes the rest.
 Credentials come from AWS_* variables (or --storage.*); they are never printed.

@@ -29,7 +29,7 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif")
 RAW_COLUMNS = ("key", "path", "image", "label", "class_name", "error")
 FILES_PER_READ_TASK = 64
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 @dataclass
@@ -98,6 +99,19 @@ def _peek_tar(uri: str, st: StorageConfig | None, n: int = 8) -> list[str]:
     return names
 
 
+def detect_layout(uris: list[str], st: StorageConfig | None = None) -> str:
+    """What ``auto`` means for these files: parquet, webdataset or class_tars (peeks at the
+    first tar's member names: .cls/.json → webdataset), else folders."""
+    if any(u.lower().endswith(".parquet") for u in uris):
+        return "parquet"
+    tars = [u for u in uris if u.lower().endswith(TAR_SUFFIXES)]
+    if tars:
+        names = _peek_tar(tars[0], st)
+        is_wds = any(n.lower().endswith((".cls", ".json")) for n in names)
+        return "webdataset" if is_wds else "class_tars"
+    return "folders"
+
+
 def list_source(
     cfg: DataConfig, st: StorageConfig | None = None, source: str | None = None
 ) -> Listing:
@@ -110,17 +124,10 @@ def list_source(
     layout = cfg.layout
     if layout in ("auto", "class_tars", "webdataset", "parquet"):
         every = storage.list_files(root, st)
-        tars = [u for u in every if u.lower().endswith((".tar", ".tar.gz", ".tgz"))]
+        tars = [u for u in every if u.lower().endswith(TAR_SUFFIXES)]
         parquets = [u for u in every if u.lower().endswith(".parquet")]
         if layout == "auto":
-            if parquets:
-                layout = "parquet"
-            elif tars:
-                names = _peek_tar(tars[0], st)
-                is_wds = any(n.lower().endswith((".cls", ".json")) for n in names)
-                layout = "webdataset" if is_wds else "class_tars"
-            else:
-                layout = "folders"
+            layout = detect_layout(every, st)
     if layout == "folders":
         files, classes = _list_folders(root, st)
         return Listing("folders", root, files, classes or None)
@@ -338,3 +345,73 @@ def read_raw(
         fn_kwargs=dict(listing=listing, cfg=cfg, st=st, classes=classes),
         batch_size=per_task,
     )
+
+
+# --------------------------------------------------------------------------- member access
+
+
+def iter_tar_members(uri: str, st: StorageConfig | None = None) -> Iterator[str]:
+    """Names of a tar's regular-file members in tar order, from its headers alone (on an object
+    store that is still one streamed read of the whole tar: streams cannot seek)."""
+    fs, path = storage.pyarrow_fs(uri, st)
+    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            if m.isfile():
+                yield m.name
+
+
+def read_tar_members(
+    uri: str, names: Collection[str], st: StorageConfig | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the wanted members (first copy of a repeated name) in one streamed pass
+    that stops after the last one is found."""
+    wanted = set(names)
+    if not wanted:
+        return
+    fs, path = storage.pyarrow_fs(uri, st)
+    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            if m.isfile() and m.name in wanted:
+                wanted.discard(m.name)
+                yield m.name, tar.extractfile(m).read()  # type: ignore[union-attr]
+                if not wanted:
+                    return
+
+
+def parquet_image_rows(uri: str, image_column: str, st: StorageConfig | None = None) -> int:
+    """Row count of a parquet file of images, from its footer; raises when ``image_column`` is
+    missing or not binary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_fs(uri, st)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    schema = pf.schema_arrow
+    if image_column not in schema.names:
+        raise ValueError(f"no column {image_column!r} in {schema.names}")
+    kind = schema.field(image_column).type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise ValueError(f"column {image_column!r} is {kind}, not binary")
+    return pf.metadata.num_rows
+
+
+def read_parquet_rows(
+    uri: str, image_column: str, rows: Collection[int], st: StorageConfig | None = None
+) -> dict[int, bytes | None]:
+    """Image bytes of the given row indices (None for null cells), reading only the row groups
+    that hold them."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_fs(uri, st)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    wanted, start = sorted(set(rows)), 0
+    out: dict[int, bytes | None] = {}
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        here = [r for r in wanted if start <= r < start + n]
+        if here:
+            col = pf.read_row_group(g, columns=[image_column]).column(image_column)
+            for r in here:
+                out[r] = col[r - start].as_py()
+        start += n
+    return out

@@ -13,6 +13,15 @@ from beit_ray.config import RayConfig, StorageConfig, check
 
 InferTask = Literal["classify", "segment", "embed"]
 INFER_TASKS: tuple[str, ...] = ("classify", "segment", "embed")
+InputLayout = Literal["auto", "files", "class_tars", "webdataset", "parquet", "manifest"]
+INPUT_LAYOUTS: tuple[str, ...] = (
+    "auto",
+    "files",
+    "class_tars",
+    "webdataset",
+    "parquet",
+    "manifest",
+)
 
 
 @dataclass
@@ -67,13 +76,25 @@ class ActorsConfig:
 class LabelConfig:
     """Label every image under --input with --checkpoint; parquet (+ masks) under --output.
 
-    One row per input file: ``path``, ``error`` (null when fine) and the task's columns. A rerun
-    of the same command after an interruption skips finished chunks and writes the rest.
+    One row per input image (a loose file, a tar member, a parquet row; see ``layout`` for what
+    ``path`` holds): ``path``, ``error`` (null when fine) and the task's columns. A rerun of the
+    same command after an interruption skips finished chunks and writes the rest.
     """
 
     input: str = ""
-    """Images: a folder or prefix (local or s3://; every file below it, e.g. class folders), or a
-    manifest (.parquet / .csv) with a column of image URIs. Tar/parquet shards: not yet."""
+    """Images: a folder or prefix (local or s3://), one tar/parquet file, or a .parquet/.csv
+    manifest of image URIs; what is inside is read as ``layout`` says."""
+    layout: InputLayout = "auto"
+    """files: every file below input (class folders fine), path = its URI. class_tars (per-class
+    tars of images, e.g. ImageNet-22k) and webdataset (<key>.jpg + .cls/.json): every image
+    member of every tar below input, path = "<tar uri>/<member>"; a tar that cannot be listed
+    gives one error row with path = "<tar uri>". parquet: every row of every .parquet's
+    image_column, path = "<parquet uri>#<row index>" (a bad file: one row, path = its URI).
+    manifest: the URIs in a .parquet/.csv. auto: detected as the data pipeline does (parquet,
+    then tars: .cls/.json members → webdataset), refusing folders that mix kinds. In container
+    layouts, other files (e.g. classes.json) are not inputs."""
+    image_column: str = "image"
+    """parquet layout: the column of encoded image bytes."""
     output: str = ""
     """Where results go (local or s3://): part-NNNNN.parquet, _masks/, _SUMMARY.json."""
     checkpoint: str = ""
@@ -101,6 +122,19 @@ class LabelConfig:
             f"{self.task!r} is not one of {', '.join(INFER_TASKS)}",
         )
         check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(
+            self.layout in INPUT_LAYOUTS,
+            "layout",
+            f"{self.layout!r} is not one of {', '.join(INPUT_LAYOUTS)}",
+        )
+        check(
+            self.layout != "manifest"
+            or not self.input
+            or self.input.lower().endswith((".parquet", ".csv")),
+            "layout",
+            "manifest needs --input to be a .parquet or .csv file",
+        )
+        check(bool(self.image_column), "image_column", "must not be empty")
         check(
             not self.input or self.input.rstrip("/") != self.output.rstrip("/"),
             "output",

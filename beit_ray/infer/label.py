@@ -1,14 +1,24 @@
 """The labelling graph: list → read + decode + preprocess → predict (actor pool) → parquet.
 
-Resumable and exact: the sorted input list is cut into fixed chunks; each chunk becomes one
-``part-NNNNN.parquet`` written atomically (temp + rename locally; an S3 PUT is atomic), and a
-rerun of the same command skips chunks whose file exists. Every input gives exactly one row;
-unreadable, corrupt, non-image and oversized files give a row whose ``error`` says why.
+Inputs (``LabelConfig.layout``): loose files (path = the file's URI), a .parquet/.csv manifest
+of URIs, or the data pipeline's containers: per-class tars and WebDataset shards (one input per
+image member, path = ``<tar uri>/<member>``) and parquet files of image bytes (one input per row,
+path = ``<parquet uri>#<row index>``). Tar members are listed from their headers in one Ray task
+per tar (parquet row counts come from footers): no image is read on the driver.
+
+Resumable and exact: the input list (containers sorted, members in their own order) is cut into
+fixed chunks; each chunk becomes one ``part-NNNNN.parquet`` written atomically (temp + rename
+locally; an S3 PUT is atomic), and a rerun of the same command skips chunks whose file exists.
+A read task opens a tar or parquet file once per chunk and extracts just that chunk's members.
+Every input gives exactly one row; unreadable, corrupt, non-image and oversized files or members
+give a row whose ``error`` says why; a tar that cannot be listed (to its end) gives one more row
+whose path is the tar's URI; a parquet file without a binary image column gives one row.
 
 Output under ``--output``:
     part-NNNNN.parquet   path, error, height, width + the task's columns (see ``task_schema``)
     _masks/...png        segment: class ids at the original size (``mask_uri`` points here)
     _PLAN.json           what the chunks were made of (a rerun must match it)
+    _INPUTS.parquet      container layouts: the listed members, so a rerun need not list again
     _SUMMARY.json        counts, error reasons, images/s, checkpoint
 Names starting with ``_`` keep ``pandas.read_parquet(output)`` / pyarrow datasets reading
 only the parts.
@@ -16,7 +26,6 @@ only the parts.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -24,6 +33,7 @@ import re
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,11 +43,19 @@ import pyarrow.parquet as pq
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig, to_dict
 from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.inputs import (
+    Entry,
+    check_plan,
+    fetch,
+    mask_uri,
+    plan_chunks,
+    plan_entries,
+    resolve_layout,
+)
 from beit_ray.runtime import print0
 
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-MANIFEST_SUFFIXES = (".parquet", ".csv")
-PLAN_NAME, SUMMARY_NAME, MASKS_DIR = "_PLAN.json", "_SUMMARY.json", "_masks"
+SUMMARY_NAME = "_SUMMARY.json"
 
 
 class LabelInterrupted(RuntimeError):
@@ -46,91 +64,6 @@ class LabelInterrupted(RuntimeError):
 
 def part_name(chunk: int) -> str:
     return f"part-{chunk:05d}.parquet"
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _hidden(uri: str, root: str) -> bool:
-    rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else os.path.basename(uri)
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
-def list_inputs(cfg: LabelConfig) -> list[str]:
-    """Sorted, unique input URIs: every file under ``input`` or every entry of a manifest."""
-    if cfg.input.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(cfg.input, cfg.storage):
-        return read_manifest(cfg.input, cfg.manifest_column, cfg.storage)
-    root = cfg.input.rstrip("/")
-    out_root = cfg.output.rstrip("/") + "/"
-    files = st.list_files(root, cfg.storage)
-    # hidden files (.DS_Store, _SUCCESS) are not inputs; nor are our own outputs
-    return [f for f in files if not _hidden(f, root) and not f.startswith(out_root)]
-
-
-def _is_dir(uri: str, storage: StorageConfig | None) -> bool:
-    fs, path = st.filesystem(uri, storage)
-    return fs.isdir(path)
-
-
-def read_manifest(uri: str, column: str, storage: StorageConfig | None = None) -> list[str]:
-    """Image URIs from a parquet/CSV manifest; relative entries are relative to its folder."""
-    fs, path = st.pyarrow_fs(uri, storage)
-    if uri.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
-
-        with fs.open_input_stream(path) as f:
-            table = pacsv.read_csv(f)
-    else:
-        table = pq.read_table(path, filesystem=fs)
-    name = column if column in table.column_names else "path"
-    if name not in table.column_names:
-        raise ConfigError(
-            f"manifest_column: {uri} has no column {column!r} (columns: {table.column_names})"
-        )
-    base = uri.rsplit("/", 1)[0]
-    entries = [
-        str(u).strip() for u in table.column(name).to_pylist() if u is not None and str(u).strip()
-    ]
-    resolved = [u if st.is_remote(u) or os.path.isabs(u) else st.join(base, u) for u in entries]
-    return sorted(set(resolved))
-
-
-def plan_chunks(inputs: list[str], chunk_size: int) -> list[list[str]]:
-    """The sorted inputs cut into consecutive chunks: the same list always gives the same plan."""
-    return [inputs[i : i + chunk_size] for i in range(0, len(inputs), chunk_size)]
-
-
-def mask_uri(output: str, root: str, uri: str) -> str:
-    """Where a segment mask goes: the input's path under the input root, plus ``.png``."""
-    if uri.startswith(root.rstrip("/") + "/"):
-        rel = uri[len(root.rstrip("/")) + 1 :]
-    else:  # manifest entries from anywhere: a stable, collision-free name
-        rel = hashlib.sha1(uri.encode()).hexdigest()[:16] + "-" + os.path.basename(uri)
-    return st.join(output, MASKS_DIR, rel + ".png")
-
-
-def _check_plan(cfg: LabelConfig, inputs: list[str], n_chunks: int) -> None:
-    """Write the plan on the first run; refuse to mix results of a different plan."""
-    digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()
-    plan = {
-        "inputs": len(inputs),
-        "inputs_sha256": digest,
-        "chunk_size": cfg.chunk_size,
-        "chunks": n_chunks,
-        "task": cfg.task,
-        "checkpoint": cfg.checkpoint,
-    }
-    uri = st.join(cfg.output, PLAN_NAME)
-    if st.exists(uri, cfg.storage):
-        old = json.loads(st.read_text(uri, cfg.storage))
-        diff = [k for k in plan if old.get(k) != plan[k]]
-        if diff:
-            raise ConfigError(
-                f"output: {cfg.output} holds results of another run ({', '.join(diff)} differ); "
-                "use a new --output, or rerun with the same input, task, checkpoint and chunk_size"
-            )
-        return
-    st.write_text(uri, json.dumps(plan, indent=1), cfg.storage)
 
 
 def done_chunks(output: str, storage: StorageConfig | None) -> set[int]:
@@ -172,33 +105,21 @@ def task_schema(task: str) -> pa.Schema:
 # --------------------------------------------------------------------------- stages
 
 
-def read_decode(
-    batch: dict[str, np.ndarray],
-    *,
-    preprocessor: Any,
-    max_pixels: int,
-    storage: StorageConfig | None,
+def decode_batch(
+    blobs: list[bytes | None], errors: list[str], preprocessor: Any, max_pixels: int
 ) -> dict[str, np.ndarray]:
-    """Ray Data task: read each file, decode robustly, resize to the model's input (uint8)."""
+    """Decode robustly and resize to the model's input (uint8); failures become error text."""
     from beit_ray.data.decode import DecodeError, decode_image
 
-    n = len(batch["path"])
+    n = len(blobs)
     h_out, w_out = preprocessor.output_size(1, 1)
     pixels = np.zeros((n, 3, h_out, w_out), dtype=np.uint8)  # [B, 3, h, w]; zeros on error rows
-    errors, heights, widths = [""] * n, np.zeros(n, np.int32), np.zeros(n, np.int32)
-    filesystems: dict[str, Any] = {}
-    for i, uri in enumerate(batch["path"]):
-        uri = str(uri)
-        scheme = uri.split("://", 1)[0] if st.is_remote(uri) else "file"
-        try:
-            if scheme not in filesystems:
-                filesystems[scheme] = st.filesystem(uri, storage)[0]
-            data = filesystems[scheme].cat_file(st.strip_scheme(uri))
-        except Exception as e:  # missing, permission, network: the row says so
-            errors[i] = f"read_failed: {type(e).__name__}: {e}"[:500]
+    errors, heights, widths = list(errors), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for i, data in enumerate(blobs):
+        if errors[i]:
             continue
         try:
-            image = decode_image(data, max_pixels=max_pixels)
+            image = decode_image(data or b"", max_pixels=max_pixels)
             heights[i], widths[i] = image.shape[:2]
             pixels[i] = preprocessor.to_uint8(image).numpy()
         except DecodeError as e:
@@ -206,12 +127,65 @@ def read_decode(
         except Exception as e:  # never let one file end the job
             errors[i] = f"corrupt: {type(e).__name__}: {e}"[:500]
     return {
-        **batch,
         "error": np.array(errors, dtype=object),
         "height": heights,
         "width": widths,
         "pixels": pixels,
     }
+
+
+def read_decode(
+    batch: dict[str, np.ndarray],
+    *,
+    preprocessor: Any,
+    max_pixels: int,
+    storage: StorageConfig | None,
+    image_column: str,
+    batch_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data task: read units (JSON) → decoded rows, ``batch_size`` at a time."""
+    for chunk, text in zip(batch["chunk"], batch["unit"], strict=True):
+        unit = json.loads(str(text))
+        blobs, errors = fetch(unit, storage, image_column)
+        for s in range(0, len(blobs), batch_size):
+            part = slice(s, s + batch_size)
+            out = decode_batch(blobs[part], errors[part], preprocessor, max_pixels)
+            yield {
+                "path": np.array(unit["paths"][part], dtype=object),
+                "chunk": np.full(len(out["error"]), int(chunk), dtype=np.int64),
+                "mask_uri": np.array(unit["masks"][part], dtype=object),
+                **out,
+            }
+
+
+def read_units(
+    plan: list[list[Entry]], pending: list[int], cfg: LabelConfig
+) -> list[dict[str, Any]]:
+    """The read tasks of the pending chunks: one per (chunk, tar/parquet file), so a container
+    is opened once per chunk; loose files and error entries go ``batch_size`` at a time."""
+    root, bs = cfg.input.rstrip("/"), cfg.predict.batch_size
+    units = []
+    for c in pending:
+        groups: list[list[Entry]] = []
+        for e in plan[c]:
+            last = groups[-1] if groups else None
+            same = last is not None and (last[0].kind, last[0].container) == (e.kind, e.container)
+            if same and (e.kind in ("tar", "parquet") or len(last) < bs):  # type: ignore[arg-type]
+                last.append(e)  # type: ignore[union-attr]
+            else:
+                groups.append([e])
+        for g in groups:
+            unit = {
+                "kind": g[0].kind,
+                "container": g[0].container,
+                "paths": [e.path for e in g],
+                "members": [e.member for e in g],
+                "masks": [
+                    mask_uri(cfg.output, root, e.path) if cfg.task == "segment" else "" for e in g
+                ],
+            }
+            units.append({"chunk": c, "unit": json.dumps(unit)})
+    return units
 
 
 class PredictorActor:
@@ -359,41 +333,39 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     cfg.require()
     start = time.perf_counter()
     preprocessor = check_checkpoint(cfg)  # before any cluster work
-    inputs = list_inputs(cfg)
+    layout, units = resolve_layout(cfg)
+    if not units:
+        raise ConfigError(f"input: no {layout} inputs found under {cfg.input}")
+    entries = plan_entries(cfg, layout, units)
+    inputs = [e.path for e in entries]
     if not inputs:
-        raise ConfigError(f"input: no files found under {cfg.input}")
-    plan = plan_chunks(inputs, cfg.chunk_size)
-    _check_plan(cfg, inputs, len(plan))
+        raise ConfigError(f"input: no images inside the {len(units)} {layout} files")
+    plan = plan_chunks(entries, cfg.chunk_size)
+    check_plan(cfg, layout, units, entries, len(plan))
     done = done_chunks(cfg.output, cfg.storage)
     pending = [c for c in range(len(plan)) if c not in done]
-    root = cfg.input.rstrip("/")
     print0(
-        f"label: {len(inputs)} files in {len(plan)} chunks; {len(plan) - len(pending)} already written"
+        f"label: {len(inputs)} images ({layout}, {len(units)} files) in {len(plan)} chunks; "
+        f"{len(plan) - len(pending)} already written"
     )
 
     processed, run_seconds = 0, 0.0
     if pending:
         init_ray(cfg.ray, cfg.storage)
         run_start = time.perf_counter()  # images/s counts the pipeline, not Ray's start-up
-        items = [
-            {
-                "path": p,
-                "chunk": c,
-                "mask_uri": mask_uri(cfg.output, root, p) if cfg.task == "segment" else "",
-            }
-            for c in pending
-            for p in plan[c]
-        ]
+        items = read_units(plan, pending, cfg)
         bs = cfg.predict.batch_size
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 1000)))
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         ds = ds.map_batches(
             read_decode,
             fn_kwargs={
                 "preprocessor": preprocessor,
                 "max_pixels": cfg.predict.max_pixels,
                 "storage": cfg.storage,
+                "image_column": cfg.image_column,
+                "batch_size": bs,
             },
-            batch_size=bs,
+            batch_size=1,
             num_cpus=cfg.actors.decode_cpus,
         )
         a = cfg.actors
@@ -467,6 +439,7 @@ def _summarize(
         "output": cfg.output,
         "checkpoint": cfg.checkpoint,
         "task": cfg.task,
+        "layout": cfg.layout,
         "files": len(inputs),
         "ok": len(paths) - len(errors),
         "errors": len(errors),
