@@ -19,6 +19,8 @@ Data: ImageNet-sized JPEGs (~500×375, quality 85–95) cut from scikit-image's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import math
 import os
 import random
@@ -193,7 +195,49 @@ def ours_batch_rate(paths: list[str], root: str, cfg: DataConfig, batch: int = 3
     return len(paths) / (time.perf_counter() - t)
 
 
-def ray_rate(cfg: DataConfig, num_cpus: int, n: int) -> float:
+def _mad(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean())
+
+
+def fidelity(paths: list[str]) -> dict[str, float]:
+    """Mean abs diff (uint8 levels) of each shortcut against the exact unilm-style resize."""
+    from beit_ray.data.augment import REDUCING_GAP, sample_crop
+
+    rng = np.random.default_rng(0)
+    tok, gap, draft = [], [], []
+    for p in paths[:100]:
+        img = Image.open(p).convert("RGB")
+        i, j, h, w = sample_crop(rng, *img.size)
+        box = (j, i, j + w, i + h)
+        patch = img.resize((224, 224), Image.Resampling.BICUBIC, box=box)
+        exact = img.resize((112, 112), Image.Resampling.LANCZOS, box=box)
+        tok.append(_mad(patch.resize((112, 112), Image.Resampling.LANCZOS), exact))
+        # A large photo (as a PNG would arrive: no JPEG draft), crop ≥ 3x the target.
+        big = img.resize((img.width * 3, img.height * 3), Image.Resampling.BICUBIC)
+        bb = (j * 3, i * 3, (j + w) * 3, (i + h) * 3)
+        ref = big.resize((224, 224), Image.Resampling.BICUBIC, box=bb)
+        fast = big.resize((224, 224), Image.Resampling.BICUBIC, box=bb, reducing_gap=REDUCING_GAP)
+        gap.append(_mad(fast, ref))
+        # The same large photo as a JPEG: draft (DCT-scaled) decode vs full decode.
+        buf = io.BytesIO()
+        big.save(buf, "JPEG", quality=90)
+        full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        d = Image.open(io.BytesIO(buf.getvalue()))
+        sc = max(s for s in (1, 2, 4, 8) if w * 3 / s >= 224 and h * 3 / s >= 224)
+        d.draft("RGB", (-(-d.width // sc), -(-d.height // sc)))
+        d = d.convert("RGB")
+        f = d.width / full.width
+        drafted = d.resize((224, 224), Image.Resampling.BICUBIC, box=tuple(x * f for x in bb))
+        draft.append(_mad(drafted, full.resize((224, 224), Image.Resampling.BICUBIC, box=bb)))
+    return {
+        "tokenizer view from patch view vs from crop (112 lanczos)": float(np.mean(tok)),
+        f"reducing_gap {REDUCING_GAP} vs exact (224 bicubic, 3x-size photos)": float(np.mean(gap)),
+        "JPEG draft decode vs full decode (224 bicubic, 3x-size photos)": float(np.mean(draft)),
+    }
+
+
+def ray_rate(cfg: DataConfig, num_cpus: int, n: int, repeats: int) -> float:
+    """Best images/s of a full epoch through Ray Data on ``num_cpus`` logical CPUs."""
     import ray
 
     from beit_ray.data.pipeline import pretraining_dataset
@@ -204,30 +248,70 @@ def ray_rate(cfg: DataConfig, num_cpus: int, n: int) -> float:
         configure_logging=False,
         _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
     )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
     try:
-        for _ in pretraining_dataset(cfg).iter_batches(batch_size=64):  # warm-up: workers, imports
+        for _ in pretraining_dataset(cfg).iter_batches(batch_size=None):  # warm-up: workers
             pass
-        t = time.perf_counter()
-        count = sum(
-            len(b["key"]) for b in pretraining_dataset(cfg, epoch=1).iter_batches(batch_size=64)
-        )
-        assert count == n, count
-        return count / (time.perf_counter() - t)
+        best = 0.0
+        for r in range(repeats):
+            t = time.perf_counter()
+            # batch_size=None: blocks as produced; the driver only counts (never the bottleneck)
+            count = sum(
+                len(b["key"])
+                for b in pretraining_dataset(cfg, epoch=1 + r).iter_batches(batch_size=None)
+            )
+            assert count == n, count
+            best = max(best, count / (time.perf_counter() - t))
+        return best
     finally:
         ray.shutdown()
+
+
+def _proc_rate(args: tuple[list[str], str, DataConfig]) -> float:
+    torch.set_num_threads(1)
+    return ours_batch_rate(*args)
+
+
+def process_scaling(paths: list[str], root: str, cfg: DataConfig) -> tuple[float, float]:
+    """The batch fn in 1 vs 2 plain processes (no Ray): how far the machine itself scales."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_proc_rate, [(paths[:40], root, cfg)] * 2)  # warm-up (imports)
+        one = pool.map(_proc_rate, [(paths, root, cfg)])[0]
+        half = len(paths) // 2
+        t = time.perf_counter()
+        pool.map(_proc_rate, [(paths[:half], root, cfg), (paths[half:], root, cfg)])
+        two = len(paths) / (time.perf_counter() - t)
+    return one, two
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N for every figure")
+    ap.add_argument("--ray-images", type=int, default=800)
     ap.add_argument("--skip-tokenizers", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="bench_data_")
+    loads = [os.getloadavg()[0]]
     try:
-        root = os.path.join(tmp, "images")
-        paths = make_images(root, args.images)
+        root = os.path.join(tmp, "images")  # the per-core set (--images)
+        ray_root = os.path.join(tmp, "ray")  # the Ray Data set (--ray-images)
+        ray_n = args.ray_images
+        all_paths = make_images(ray_root, max(args.images, ray_n))
+        paths = []
+        for p in all_paths[: args.images]:
+            dst = os.path.join(root, os.path.relpath(p, ray_root))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy(p, dst)
+            paths.append(dst)
+        if ray_n < len(all_paths):
+            for p in all_paths[ray_n:]:
+                os.remove(p)
         sizes = [Image.open(p).size for p in paths[:50]]
         print(
             f"{len(paths)} JPEGs like {sizes[0]}, mean {np.mean([os.path.getsize(p) for p in paths]) / 1e3:.0f} kB"
@@ -235,23 +319,44 @@ def main() -> None:
         random.seed(0)
         torch.manual_seed(0)
         masker = UnilmMasking()
-        rate(lambda p: Image.open(p).convert("RGB"), paths[:20])  # warm caches
-        floor = rate(lambda p: Image.open(p).convert("RGB"), paths)
-        unilm = rate(lambda p: unilm_sample(p, masker), paths)
         cfg = DataConfig(source=root, tokenizer="none", color_jitter=0.0)
-        ours = ours_batch_rate(paths, root, cfg)
-        nodraft = ours_batch_rate(
-            paths, root, DataConfig(source=root, tokenizer="none", color_jitter=0.0, draft=False)
-        )
-        print("\n## per core (1 process, images/s)")
-        print(f"decode floor (b)        {floor:8.1f}")
-        print(f"unilm-style (a)         {unilm:8.1f}")
-        print(
-            f"ours                    {ours:8.1f}   = {ours / unilm:.2f}x (a), {ours / floor:.2f}x (b)"
-        )
-        print(
-            f"ours without draft      {nodraft:8.1f}   = {nodraft / unilm:.2f}x (a), {nodraft / floor:.2f}x (b)"
-        )
+        chunks = [paths[i : i + 32] for i in range(0, len(paths), 32)]
+        variants = {
+            "floor": lambda c: rate(lambda p: Image.open(p).convert("RGB"), c),
+            "unilm": lambda c: rate(lambda p: unilm_sample(p, masker), c),
+            "ours": lambda c: ours_batch_rate(c, root, cfg),
+            "ours_crop": lambda c: ours_batch_rate(
+                c, root, dataclasses.replace(cfg, tokenizer_view="crop")
+            ),
+            "ours_nodraft": lambda c: ours_batch_rate(
+                c, root, dataclasses.replace(cfg, draft=False)
+            ),
+        }
+        rate(lambda p: Image.open(p).convert("RGB"), paths[:20])  # warm caches
+        # Paired timing against the load of the shared machine: every 32-image chunk runs
+        # through every variant back to back, repeats times; a variant's time on a chunk is
+        # its fastest repeat (load spikes only ever slow things down), summed over chunks.
+        secs = {k: [math.inf] * len(chunks) for k in variants}
+        for _ in range(args.repeats):
+            for ci, c in enumerate(chunks):
+                for k, fn in variants.items():
+                    secs[k][ci] = min(secs[k][ci], len(c) / fn(c))
+            loads.append(os.getloadavg()[0])
+        best = {k: len(paths) / sum(v) for k, v in secs.items()}
+        floor, unilm = best["floor"], best["unilm"]
+        print(f"\n## per core (1 process, images/s, fastest of {args.repeats} per 32-image chunk)")
+        labels = {
+            "floor": "decode floor (b)",
+            "unilm": "unilm-style (a)",
+            "ours": "ours (tokenizer view from patch)",
+            "ours_crop": "ours (tokenizer view from crop)",
+            "ours_nodraft": "ours (from patch, no draft)",
+        }
+        for k, label in labels.items():
+            extra = ""
+            if k.startswith("ours"):
+                extra = f" = {best[k] / unilm:.2f}x (a), {best[k] / floor:.2f}x (b)"
+            print(f"{label:<34} {best[k]:8.1f}{extra}")
         gen = BlockMaskGenerator()
         rng = np.random.default_rng(0)
         t = time.perf_counter()
@@ -263,14 +368,31 @@ def main() -> None:
             masker()
         umasks = 2000 / (time.perf_counter() - t)
         print(
-            f"block masks/s           {masks:8.0f}   (unilm python loops {umasks:.0f}/s); masking = {100 * ours / masks:.1f}% of our per-image time"
+            f"block masks/s           {masks:8.0f}   (unilm python loops {umasks:.0f}/s); masking = {100 * best['ours'] / masks:.1f}% of our per-image time"
         )
+        print("\n## fidelity (mean abs diff, uint8 levels)")
+        for k, v in fidelity(paths).items():
+            print(f"{k:<66} {v:.3f}")
 
-        print("\n## Ray Data end to end (list → read → decode/augment/mask), images/s")
-        r1 = ray_rate(cfg, 1, len(paths))
-        r2 = ray_rate(cfg, 2, len(paths))
-        print(f"1 CPU                   {r1:8.1f}")
-        print(f"2 CPUs                  {r2:8.1f}   = {r2 / r1:.2f}x")
+        print("\n## scaling 1 → 2 (images/s)")
+        p1, p2 = process_scaling(paths, root, cfg)
+        print(f"batch fn, 1 process     {p1:8.1f}")
+        print(f"batch fn, 2 processes   {p2:8.1f}   = {p2 / p1:.2f}x")
+        loads.append(os.getloadavg()[0])
+        # ~16 images per read task: enough tasks that 2 CPUs never wait on a straggler block
+        rcfg = DataConfig(
+            source=ray_root,
+            tokenizer="none",
+            color_jitter=0.0,
+            batch_size=16,
+            read_tasks=max(2, ray_n // 16),
+        )
+        r1 = ray_rate(rcfg, 1, ray_n, args.repeats)
+        loads.append(os.getloadavg()[0])
+        r2 = ray_rate(rcfg, 2, ray_n, args.repeats)
+        loads.append(os.getloadavg()[0])
+        print(f"Ray Data, 1 CPU         {r1:8.1f}   ({ray_n} images, best of {args.repeats})")
+        print(f"Ray Data, 2 CPUs        {r2:8.1f}   = {r2 / r1:.2f}x")
         if not args.skip_tokenizers:
             from safetensors.torch import save_file
 
@@ -300,7 +422,11 @@ def main() -> None:
                     color_jitter=0.0,
                     batch_size=32,
                 )
-                print(f"{kind:<23} {ray_rate(c, 2, n):8.1f}")
+                print(f"{kind:<23} {ray_rate(c, 2, n, 1):8.1f}")
+        print(
+            f"\nload average (1 min) during the run: min {min(loads):.1f}, max {max(loads):.1f} "
+            f"on {os.cpu_count()} cores"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -289,3 +289,68 @@ def test_codebook_fit_and_tokenize(tmp_path, photos):
         return float(((f - b.centroids[b.assign(f)]) ** 2).sum(-1).mean())
 
     assert err(again) < err(rand)
+
+
+# --------------------------------------------------------------------------- speed paths
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+@pytest.mark.parametrize("key", ["k0", "k1", "k2", "k3"])
+def test_pretrain_views_follow_the_unilm_recipe(photos, key):
+    """Flip, then crop, then bicubic / Lanczos from that crop, exactly as unilm (no draft)."""
+    from beit_ray.data.augment import image_rng
+
+    data = jpeg_bytes(photos["chelsea"])
+    kw = dict(image_size=128, tokenizer_size=64, grid=8, num_masking_patches=24, min_num_patches=4)
+    crop_tf = PretrainTransform(**kw, draft=False, color_jitter=0.0, tokenizer_view="crop")
+    fast_tf = PretrainTransform(**kw, draft=False, color_jitter=0.0)  # tokenizer view from patch
+    rng = image_rng(0, 0, key)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    i, j, h, w = sample_crop(rng, *img.size)
+    crop = img.crop((j, i, j + w, i + h))
+    patch = np.asarray(crop.resize((128, 128), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    tok = np.asarray(crop.resize((64, 64), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
+    p, t, m = crop_tf(data, key)
+    # Resizing with a box (filter taps may reach just outside the crop, and the mirrored box
+    # is resized then flipped) vs crop-then-resize: identical up to the crop's border pixels.
+    assert _mad(p, patch) < 0.1 and _mad(t, tok) < 0.3
+    assert m.shape == (64,) and 0 < m.sum() <= 24
+    p2, t2, m2 = fast_tf(data, key)
+    assert (p2 == p).all() and (m2 == m).all()  # same crop and mask
+    assert _mad(t2, tok) < 1.0  # tokenizer view from the patch view: within one level
+
+
+def test_pretrain_batch_preallocated_matches_transform(photos):
+    from beit_ray.data.pipeline import pretrain_batch
+
+    cfg = DataConfig(
+        source="unused", tokenizer="none", image_size=32, patch_size=8, tokenizer_image_size=16
+    )
+    tf = PretrainTransform.from_config(cfg)
+    images = [jpeg_bytes(photos["coffee"]), b"not an image", jpeg_bytes(photos["rocket"]), b""]
+    n = len(images)
+    batch = {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "path": np.array([f"p{i}" for i in range(n)], dtype=object),
+        "image": np.array(images, dtype=object),
+        "error": np.array(["", "", "", "read_failed: gone"], dtype=object),
+        "epoch": np.full(n, 3, np.int64),
+        "shard": np.arange(n, dtype=np.int64),
+    }
+    out = pretrain_batch(batch, cfg, None, None)
+    assert list(out["key"]) == ["k0", "k2"] and list(out["shard"]) == [0, 2]
+    for row, k in enumerate((0, 2)):
+        p, t, m = tf(images[k], f"k{k}", 3)
+        assert (out["pixel_values"][row] == p).all() and (out["tokenizer_pixels"][row] == t).all()
+        assert (out["bool_masked_pos"][row] == m).all()
+    assert out["pixel_values"].shape == (2, 3, 32, 32) and out["pixel_values"].dtype == np.uint8
+
+
+def test_tokenizer_view_config_checked():
+    with pytest.raises(ConfigError, match="data.tokenizer_view"):
+        DataConfig(source="x", tokenizer="none", tokenizer_view="bogus")  # type: ignore[arg-type]

@@ -163,7 +163,9 @@ class PretrainTransform:
 
     def __post_init__(self) -> None:
         if self.tokenizer_view not in ("patch", "crop"):
-            raise ValueError(f"tokenizer_view must be 'patch' or 'crop', not {self.tokenizer_view!r}")
+            raise ValueError(
+                f"tokenizer_view must be 'patch' or 'crop', not {self.tokenizer_view!r}"
+            )
         self.masker = BlockMaskGenerator(
             self.grid,
             self.num_masking_patches,

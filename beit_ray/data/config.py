@@ -123,9 +123,7 @@ class DataConfig:
         a, b = self.tokenizer_actors
         check(1 <= a <= b, "data.tokenizer_actors", "needs 1 ≤ min ≤ max")
         check(self.tokenizer_num_cpus > 0, "data.tokenizer_num_cpus", "must be positive")
-        check(
-            self.tokenizer_view in ("patch", "crop"), "data.tokenizer_view", "patch or crop"
-        )
+        check(self.tokenizer_view in ("patch", "crop"), "data.tokenizer_view", "patch or crop")
         if self.tokenizer != "none":
             check(
                 bool(self.tokenizer_weights) or self.tokenizer == "dalle",

@@ -91,7 +91,8 @@ def load_rgb(img: Image.Image, scale: int = 1) -> Image.Image:
             w, h = img.size
             img.draft("RGB", (-(-w // scale), -(-h // scale)))
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        if _orientation(img) != 1:  # exif_transpose copies the whole image even when upright
+            img = ImageOps.exif_transpose(img) or img
         return to_rgb(img)
     except DecodeError:
         raise
