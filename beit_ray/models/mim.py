@@ -29,11 +29,12 @@ def mim_forward(
     core = getattr(model, "module", model)
     bool_masked_pos = bool_masked_pos.to(torch.bool)
     if fast_path_ok(core.beit, pixel_values):
-        hidden = beit_encoder(core.beit, pixel_values, bool_masked_pos)  # [B, 1+N, D]
+        # The loss reads masked patches only, so the last block computes only those rows.
+        rows = F.pad(bool_masked_pos, (1, 0))  # [B, 1+N], CLS not kept
+        masked = beit_encoder(core.beit, pixel_values, bool_masked_pos, rows)  # [M, D]
     else:
         hidden = core.beit(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state
-    patches = hidden[:, 1:]  # [B, N, D], CLS dropped
-    masked = patches[bool_masked_pos]  # [M, D], row-major over (batch, patch) like labels
+        masked = hidden[:, 1:][bool_masked_pos]  # [M, D], row-major over (batch, patch)
     logits = core.lm_head(core.layernorm(masked))  # [M, V]
     labels = token_ids[bool_masked_pos].long()  # [M]
     loss = F.cross_entropy(logits.float(), labels)

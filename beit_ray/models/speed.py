@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.models.beit.modeling_beit import (
     BeitLayer,
     BeitModel,
@@ -57,24 +56,35 @@ def relative_position_bias(module: BeitRelativePositionBias) -> torch.Tensor:
 
 
 def _residual(
-    layer: BeitLayer, residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | float
+    layer: BeitLayer,
+    residual: torch.Tensor,
+    branch: torch.Tensor,
+    scale: torch.Tensor | float,
+    batch: int,
+    sample: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """residual + drop_path(scale * branch) in one pass; [B, T, D] each, scale [D] or 1.0."""
+    """residual + drop_path(scale * branch) in one pass.
+
+    residual, branch: [B, T, D], or [M, D] rows of images ``sample`` [M]; scale: [D] or 1.0.
+    """
     drop = layer.drop_path
-    if layer.training and isinstance(drop, nn.Module) and getattr(drop, "drop_prob", 0.0) > 0.0:
+    if layer.training and getattr(drop, "drop_prob", 0.0) > 0.0:
         keep = 1.0 - drop.drop_prob
-        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
-        # Same draw as BeitDropPath (global generator, same shape and order) so seeded runs
-        # agree with transformers; the per-sample factor folds into the layer scale.
-        kept = torch.floor(torch.rand(shape, dtype=branch.dtype, device=branch.device) + keep)
-        scale = scale * (kept / keep)  # [B, 1, D] or [B, 1, 1]
+        # Same draw as BeitDropPath (global generator, shape [B, 1, 1], same order) so seeded
+        # runs agree with transformers; the per-sample factor folds into the layer scale.
+        noise = torch.rand((batch, 1, 1), dtype=branch.dtype, device=branch.device)
+        kept = torch.floor(noise + keep) / keep  # [B, 1, 1]
+        scale = scale * (kept if sample is None else kept.view(batch, 1)[sample])
     if isinstance(scale, float) and scale == 1.0:
         return residual + branch
     return torch.addcmul(residual, branch, scale)
 
 
 def _attention(layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Self-attention of layer-normed tokens x [B, T, D] with additive bias [1, H, T, T]."""
+    """Self-attention of layer-normed tokens x [B, T, D] with additive bias [B*H, T, T].
+
+    Returns the heads' outputs [B, T, D] before the output projection.
+    """
     attn = layer.attention
     b, t, d = x.shape
     heads, hd = attn.num_attention_heads, attn.head_dim
@@ -88,36 +98,60 @@ def _attention(layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None) -> 
     if bias is None:
         scores = torch.bmm(q, k.transpose(1, 2)) * attn.scaling
     else:
-        full = bias.expand(b, heads, t, t).reshape(b * heads, t, t)  # [B*H, T, T]
-        scores = torch.baddbmm(full, q, k.transpose(1, 2), alpha=attn.scaling)  # [B*H, T, T]
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=attn.scaling)  # [B*H, T, T]
     out = torch.bmm(scores.softmax(-1), v)  # [B*H, T, hd]
-    out = out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)  # [B, T, D]
-    return attn.o_proj(out)
+    return out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)  # [B, T, D]
 
 
-def beit_layer(layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """One BEiT block on x [B, T, D]; ``bias`` is the shared bias or None."""
+def _expand_bias(bias: torch.Tensor, batch: int) -> torch.Tensor:
+    """[1, H, T, T] -> [B*H, T, T], the batch-of-heads layout ``baddbmm`` takes."""
+    _, heads, t, _ = bias.shape
+    return bias.expand(batch, heads, t, t).reshape(batch * heads, t, t)
+
+
+def beit_layer(
+    layer: BeitLayer,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One BEiT block on x [B, T, D]; ``bias`` is the shared bias [B*H, T, T] or None.
+
+    With ``rows`` (bool [B, T]) only those tokens' outputs are computed and returned, [M, D]
+    in row-major order: every token still serves as key and value, but the output
+    projection and the MLP, three quarters of the block, skip the other rows.
+    """
     if layer.relative_position_bias is not None:
-        own = relative_position_bias(layer.relative_position_bias)
+        own = _expand_bias(relative_position_bias(layer.relative_position_bias), x.shape[0])
         bias = own if bias is None else own + bias
-    x = _residual(layer, x, _attention(layer, layer.layernorm_before(x), bias), layer.lambda_1)
-    h = layer.mlp.fc2(layer.mlp.activation_fn(layer.mlp.fc1(layer.layernorm_after(x))))
-    return _residual(layer, x, h, layer.lambda_2)
+    batch = x.shape[0]
+    heads_out = _attention(layer, layer.layernorm_before(x), bias)  # [B, T, D]
+    sample = None
+    if rows is not None:
+        sample = rows.nonzero()[:, 0]  # [M], the image of each kept row
+        x, heads_out = x[rows], heads_out[rows]  # [M, D]
+    mlp = layer.mlp
+    x = _residual(layer, x, layer.attention.o_proj(heads_out), layer.lambda_1, batch, sample)
+    h = mlp.fc2(mlp.activation_fn(mlp.fc1(layer.layernorm_after(x))))
+    return _residual(layer, x, h, layer.lambda_2, batch, sample)
 
 
 def beit_encoder(
     beit: BeitModel,
     pixel_values: torch.Tensor,
     bool_masked_pos: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``beit(pixel_values, bool_masked_pos=...).last_hidden_state`` [B, 1+N, D], faster.
 
-    Call only when :func:`fast_path_ok` holds.
+    With ``rows`` (bool [B, 1+N]) the last block computes only those tokens and the result is
+    ``last_hidden_state[rows]`` [M, D]. Call only when :func:`fast_path_ok` holds.
     """
     x = beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # [B, 1+N, D]
     bias = None
-    if beit.shared_position_bias is not None:
-        bias = relative_position_bias(beit.shared_position_bias)  # [1, H, T, T]
-    for layer in beit.layers:
-        x = beit_layer(layer, x, bias)
+    if beit.shared_position_bias is not None:  # one [B*H, T, T] copy for all blocks
+        bias = _expand_bias(relative_position_bias(beit.shared_position_bias), x.shape[0])
+    last = len(beit.layers) - 1
+    for i, layer in enumerate(beit.layers):
+        x = beit_layer(layer, x, bias, rows if i == last else None)
     return beit.layernorm(x)
