@@ -48,13 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints progress
-    if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not os.path.isdir(cfg.data.source):
+    if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not os.path.isdir(
+        cfg.data.source
+    ):
         make_demo_images(DEMO_DATA)
     result = run_finetuning(cfg)
     print(f"{cfg.task} fine-tuning done at step {result.step}; best {result.metrics}")
     print(f"  run:     {result.run_uri}")
     print(f"  model:   {result.model_uri}  (load_model(run) or transformers' from_pretrained)")
-    print(f"  logs:    {result.logs_uri}  (metrics.jsonl, curves.png, tensorboard --logdir {result.logs_uri}/tb)")
+    print(
+        f"  logs:    {result.logs_uri}  (metrics.jsonl, curves.png, tensorboard --logdir {result.logs_uri}/tb)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,18 @@ DEMO_DATA = os.path.join("runs", "demo-data")
 # Without a --config file: a debug-sized recipe (the BEiT lr scaled to a 16-image batch would be
 # 1.2e-5, too small to see the loss move in a demo), and 4 logical CPUs for a local Ray so the
 # 2 workers, the tokenizer actor and the read tasks all fit on 2 cores.
-DEMO_ARGS = ["--ray.num_cpus", "4", "--optim.lr", "1e-3", "--run.epochs", "6", "--run.log_every", "8", "--checkpoint.every_n_steps", "32"]
+DEMO_ARGS = [
+    "--ray.num_cpus",
+    "4",
+    "--optim.lr",
+    "1e-3",
+    "--run.epochs",
+    "6",
+    "--run.log_every",
+    "8",
+    "--checkpoint.every_n_steps",
+    "32",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,12 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not cfg.shards:
         from beit_ray.models.flavours import get_flavour
 
-        ensure_demo_data(cfg.data, cfg.model.vocab_size or get_flavour(cfg.model.flavour).vocab_size, cfg.storage)
+        ensure_demo_data(
+            cfg.data, cfg.model.vocab_size or get_flavour(cfg.model.flavour).vocab_size, cfg.storage
+        )
     result = run_pretraining(cfg)
     print(f"pretraining done at step {result.step}")
     print(f"  run:     {result.run_uri}")
     print(f"  model:   {result.model_uri}  (load_model(run) or transformers' from_pretrained)")
-    print(f"  logs:    {result.logs_uri}  (metrics.jsonl, curves.png, tensorboard --logdir {result.logs_uri}/tb)")
+    print(
+        f"  logs:    {result.logs_uri}  (metrics.jsonl, curves.png, tensorboard --logdir {result.logs_uri}/tb)"
+    )
 
 
 if __name__ == "__main__":

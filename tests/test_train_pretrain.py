@@ -30,7 +30,11 @@ def config(tmp: str, name: str, **sections: dict) -> PretrainConfig:
         "run": {"log_every": 1, "seed": 3},
         "optim": {"lr": 2e-3, "warmup_steps": 1},
         "deepspeed": {"micro_batch_size": 8, "zero_stage": 2},
-        "data": {"source": os.path.join(tmp, "images"), "tokenizer": "codebook", "tokenizer_weights": os.path.join(tmp, "codebook.safetensors")},
+        "data": {
+            "source": os.path.join(tmp, "images"),
+            "tokenizer": "codebook",
+            "tokenizer_weights": os.path.join(tmp, "codebook.safetensors"),
+        },
     }
     for key, val in sections.items():
         tree.setdefault(key, {}).update(val)
@@ -38,7 +42,11 @@ def config(tmp: str, name: str, **sections: dict) -> PretrainConfig:
 
 
 def train_steps(logs_uri: str) -> list[int]:
-    return [r["step"] for r in read_metrics(storage.join(logs_uri, "metrics.jsonl")) if r["kind"] == "train"]
+    return [
+        r["step"]
+        for r in read_metrics(storage.join(logs_uri, "metrics.jsonl"))
+        if r["kind"] == "train"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +62,20 @@ def demo_data(tmp_path_factory, ray_session) -> str:
 
 def test_pipeline_fed_run_survives_a_killed_worker(demo_data: str) -> None:
     """Streaming pipeline, ZeRO-2: rank 1 dies at step 5; Ray restarts from step 4's checkpoint."""
-    cfg = config(demo_data, "killed", run={"max_steps": 8}, debug={"fail_rank": 1, "fail_at_step": 5})
+    cfg = config(
+        demo_data, "killed", run={"max_steps": 8}, debug={"fail_rank": 1, "fail_at_step": 5}
+    )
     result = run_pretraining(cfg)
 
     assert result.step == 8
     assert os.path.exists(os.path.join(result.run_uri, ".fail_injected_rank1_step5"))
     steps = train_steps(result.logs_uri)
     assert steps == list(range(1, 9)), steps  # step 5 was trained twice but counted once
-    recs = [r for r in read_metrics(os.path.join(result.logs_uri, "metrics.jsonl")) if r["kind"] == "train"]
+    recs = [
+        r
+        for r in read_metrics(os.path.join(result.logs_uri, "metrics.jsonl"))
+        if r["kind"] == "train"
+    ]
     assert np.mean([r["loss"] for r in recs[-2:]]) < recs[0]["loss"] - 0.05
     assert all(0 <= r["mlm_acc"] <= 1 and r["images_per_s"] > 0 and r["lr"] > 0 for r in recs)
     assert os.path.getsize(os.path.join(result.logs_uri, "curves.png")) > 1000
@@ -89,22 +103,42 @@ def synthetic_rows(n: int = 64, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         pix = rng.integers(0, 255, (3, 32, 32), dtype=np.uint8)
-        tokens = (pix.reshape(3, 4, 8, 4, 8).mean((0, 2, 4)).astype(np.int16).reshape(16))  # [16]
-        rows.append({"pixel_values": pix, "bool_masked_pos": rng.random(16) < 0.4, "visual_token_ids": tokens, "key": f"k{i}"})
+        tokens = pix.reshape(3, 4, 8, 4, 8).mean((0, 2, 4)).astype(np.int16).reshape(16)  # [16]
+        rows.append(
+            {
+                "pixel_values": pix,
+                "bool_masked_pos": rng.random(16) < 0.4,
+                "visual_token_ids": tokens,
+                "key": f"k{i}",
+            }
+        )
     return rows
 
 
-def test_zero3_stop_and_resume_matches_uninterrupted_run_on_s3(ray_session, s3_bucket: str, tmp_path) -> None:
+def test_zero3_stop_and_resume_matches_uninterrupted_run_on_s3(
+    ray_session, s3_bucket: str, tmp_path, request
+) -> None:
     """ZeRO-3 on S3: run to step 3, stop, rerun the same name → same weights and steps as one run."""
     import ray
     from safetensors.torch import load_file
     from transformers import BeitForMaskedImageModeling
 
     def data() -> TrainData:
-        return TrainData({"train": ray.data.from_items(synthetic_rows())}, passes=1)
+        return TrainData(
+            {"train": ray.data.from_items(synthetic_rows(), override_num_blocks=8)}, passes=1
+        )
+
+    # Same rows in the same order on the same rank in every run (Ray Train reads this context).
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    request.addfinalizer(lambda: setattr(ctx.execution_options, "preserve_order", saved))
 
     base = f"s3://{s3_bucket}/runs"
-    common = {"run": {"max_steps": 6}, "deepspeed": {"zero_stage": 3}, "checkpoint": {"storage_path": base, "every_n_steps": 0}}
+    common = {
+        "run": {"max_steps": 6},
+        "deepspeed": {"zero_stage": 3},
+        "checkpoint": {"storage_path": base, "every_n_steps": 0},
+    }
     cfg_full = config(str(tmp_path), "full", **common)
     cfg_full.checkpoint.name = "full"
     full = run_pretraining(cfg_full, data())

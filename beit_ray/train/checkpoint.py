@@ -56,7 +56,9 @@ def restore(engine: Any) -> TrainState | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        engine.load_checkpoint(
+            d, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         with open(os.path.join(d, STATE_FILE)) as f:
             return TrainState(**json.load(f))
 
@@ -71,8 +73,13 @@ def consolidate(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(checkpoint_dir, TAG)
-    if any(n.endswith("optim_states.pt") and n.startswith(("zero_pp", "bf16_zero_pp")) for n in os.listdir(tag_dir)):
+    if any(
+        n.endswith("optim_states.pt") and n.startswith(("zero_pp", "bf16_zero_pp"))
+        for n in os.listdir(tag_dir)
+    ):
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=TAG)
     # ZeRO-0 keeps the whole model in rank 0's file. It is a pickle, but one this run wrote.
-    states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    states = torch.load(
+        os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
+    )
     return {k: v.float() for k, v in states["module"].items()}

@@ -56,11 +56,19 @@ class OptimConfig:
         check(self.base_batch > 0, "optim.base_batch", "must be positive")
         check(self.lr is None or self.lr > 0, "optim.lr", "must be positive")
         check(self.min_lr >= 0, "optim.min_lr", "must be >= 0")
-        check(self.warmup_steps is None or self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            "optim.warmup_steps",
+            "must be >= 0",
+        )
         check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each must be in [0, 1)")
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
-        check(self.layer_decay is None or 0 < self.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
+        check(
+            self.layer_decay is None or 0 < self.layer_decay <= 1,
+            "optim.layer_decay",
+            "must be in (0, 1]",
+        )
         check(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
         check(self.mixup >= 0, "optim.mixup", "must be >= 0")
         check(self.cutmix >= 0, "optim.cutmix", "must be >= 0")
@@ -86,6 +94,9 @@ class DeepSpeedConfig:
     """fp16: the initial loss scale is 2**this."""
     loss_scale: float = 0.0
     """fp16: a fixed loss scale; 0 means dynamic."""
+    bucket_size: int = 50_000_000
+    """Elements per ZeRO communication bucket and ZeRO-3 live/prefetch limit (DeepSpeed's
+    defaults, up to 1e9, hold gigabytes of gathered fp32 buffers on CPU)."""
     override: dict[str, Any] | str | None = None
     """Raw DeepSpeed JSON merged over the generated config: a mapping, or a path/URI to a JSON file."""
 
@@ -98,8 +109,13 @@ class DeepSpeedConfig:
             "deepspeed.offload_optimizer",
             "needs zero_stage >= 1",
         )
-        check(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params", "needs zero_stage 3")
+        check(
+            not self.offload_params or self.zero_stage == 3,
+            "deepspeed.offload_params",
+            "needs zero_stage 3",
+        )
         check(self.loss_scale >= 0, "deepspeed.loss_scale", "must be >= 0")
+        check(self.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
 
 
 @dataclass
@@ -113,6 +129,8 @@ class ScalingSection:
     cpus_per_worker: float = 0.5
     """Logical CPUs reserved per worker. Fractional by default: workers holding every CPU leave
     none for Ray Data's read tasks and the run hangs silently."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement of the workers over nodes (STRICT_SPREAD: one per node)."""
 
     def __post_init__(self) -> None:
         check(self.num_workers > 0, "scaling.num_workers", "must be positive")
@@ -137,7 +155,11 @@ class CheckpointSection:
     """Worker-group restarts from the latest checkpoint after a worker dies (-1: unlimited)."""
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, "checkpoint.name", "must be a non-empty name without '/'")
+        check(
+            bool(self.name) and "/" not in self.name,
+            "checkpoint.name",
+            "must be a non-empty name without '/'",
+        )
         check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
         check(self.every_n_minutes >= 0, "checkpoint.every_n_minutes", "must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -163,7 +185,11 @@ class RunSection:
     def __post_init__(self) -> None:
         check(self.epochs > 0, "run.epochs", "must be positive")
         check(self.max_steps is None or self.max_steps > 0, "run.max_steps", "must be positive")
-        check(self.steps_per_epoch is None or self.steps_per_epoch > 0, "run.steps_per_epoch", "must be positive")
+        check(
+            self.steps_per_epoch is None or self.steps_per_epoch > 0,
+            "run.steps_per_epoch",
+            "must be positive",
+        )
         check(self.log_every > 0, "run.log_every", "must be positive")
 
 
@@ -204,7 +230,11 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
-        return self.deepspeed.micro_batch_size * self.deepspeed.grad_accum_steps * self.scaling.num_workers
+        return (
+            self.deepspeed.micro_batch_size
+            * self.deepspeed.grad_accum_steps
+            * self.scaling.num_workers
+        )
 
     @property
     def peak_lr(self) -> float:
@@ -228,9 +258,15 @@ def fit_data(cfg: TrainConfig, data: DataConfig) -> DataConfig:
         tok = data.tokenizer_image_size
         if tok == default.tokenizer_image_size:
             tok = 8 * (size // f.patch_size)  # DALL-E's view: 8 pixels per grid cell
-        data = dataclasses.replace(data, image_size=size, patch_size=f.patch_size, tokenizer_image_size=tok)
+        data = dataclasses.replace(
+            data, image_size=size, patch_size=f.patch_size, tokenizer_image_size=tok
+        )
     check(data.image_size == size, "data.image_size", f"must equal the model's image size {size}")
-    check(data.patch_size == f.patch_size, "data.patch_size", f"must equal the model's patch size {f.patch_size}")
+    check(
+        data.patch_size == f.patch_size,
+        "data.patch_size",
+        f"must equal the model's patch size {f.patch_size}",
+    )
     return data
 
 
@@ -238,12 +274,14 @@ def fit_data(cfg: TrainConfig, data: DataConfig) -> DataConfig:
 class PretrainConfig(TrainConfig):
     """Masked image modelling (BEiT pretraining) on Ray Train + DeepSpeed."""
 
-    data: DataConfig = field(default_factory=lambda: DataConfig(
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(
             source="./runs/demo-data/images",
             tokenizer="codebook",
             tokenizer_weights="./runs/demo-data/codebook.safetensors",
             batch_size=16,
-        ))
+        )
+    )
     """Images, masking and visual tokens (the streaming pipeline, used unless `shards` is set)."""
     shards: str | None = None
     """Materialized masked-patch shards written by jobs/tokenize_shards.py (local or s3://)."""
@@ -271,7 +309,9 @@ class FinetuneConfig(TrainConfig):
     """Segmentation: number of classes (after reduce_labels); classification reads its classes."""
     eval_every_epochs: int = 1
     """Validation (top-1/top-5 or mIoU and pixel accuracy) every N epochs and at the end."""
-    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(name="finetune-debug"))
+    checkpoint: CheckpointSection = field(
+        default_factory=lambda: CheckpointSection(name="finetune-debug")
+    )
     """Run location and checkpoints."""
 
     def __post_init__(self) -> None:
@@ -281,4 +321,8 @@ class FinetuneConfig(TrainConfig):
         check(self.num_labels is None or self.num_labels > 1, "num_labels", "must be > 1")
         if self.task == "segmentation":
             get = get_flavour(self.model.flavour)
-            check(get.family == "beit", "model.flavour", "segmentation needs a BEiT flavour (UperNet on BEiT)")
+            check(
+                get.family == "beit",
+                "model.flavour",
+                "segmentation needs a BEiT flavour (UperNet on BEiT)",
+            )

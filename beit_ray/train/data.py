@@ -38,9 +38,15 @@ def pretraining_data(cfg: PretrainConfig) -> TrainData:
     from beit_ray.data.sources import list_source
 
     listing = list_source(cfg.data, cfg.storage)
-    ds = pretraining_dataset(cfg.data, epoch=0, epochs=cfg.run.epochs, storage_cfg=cfg.storage, listing=listing)
+    ds = pretraining_dataset(
+        cfg.data, epoch=0, epochs=cfg.run.epochs, storage_cfg=cfg.storage, listing=listing
+    )
     rows = len(listing.units) * cfg.run.epochs if listing.layout == "folders" else None
-    actors = cfg.data.tokenizer_actors[0] * cfg.data.tokenizer_num_cpus if cfg.data.tokenizer != "none" else 0.0
+    actors = (
+        cfg.data.tokenizer_actors[0] * cfg.data.tokenizer_num_cpus
+        if cfg.data.tokenizer != "none"
+        else 0.0
+    )
     return TrainData({"train": ds}, 1, rows_per_pass=rows, ray_data_cpus=1.0 + actors)
 
 
@@ -60,7 +66,9 @@ def finetuning_data(cfg: FinetuneConfig) -> TrainData:
         val = labelled_dataset(cfg.data, "val", val_fraction=cfg.val_fraction, **common)
     names = classes_for(cfg.data, cfg.storage, classes_uri) or []
     if len(names) < 2:
-        raise ValueError(f"data.source {cfg.data.source}: classification needs at least 2 classes, found {names}")
+        raise ValueError(
+            f"data.source {cfg.data.source}: classification needs at least 2 classes, found {names}"
+        )
     return TrainData({"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)))
 
 
@@ -94,4 +102,6 @@ def _seg_names(cfg: FinetuneConfig) -> list[str]:
 
 def _run(cfg: Any) -> str:
     base = cfg.checkpoint.storage_path
-    return storage.join(base if storage.is_remote(base) else os.path.abspath(base), cfg.checkpoint.name)
+    return storage.join(
+        base if storage.is_remote(base) else os.path.abspath(base), cfg.checkpoint.name
+    )

@@ -22,14 +22,25 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=False)
+        b = ds.bucket_size
+        zero.update(
+            contiguous_gradients=True,
+            overlap_comm=False,
+            reduce_bucket_size=b,
+            allgather_bucket_size=b,
+        )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if ds.zero_stage == 3:
-        # Save a 16-bit copy is not needed: consolidation reads the fp32 partitions.
-        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+        # No 16-bit copy on save: consolidation reads the fp32 partitions.
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=False,
+            stage3_prefetch_bucket_size=ds.bucket_size,
+            stage3_max_live_parameters=2 * ds.bucket_size,
+            stage3_max_reuse_distance=2 * ds.bucket_size,
+        )
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
@@ -83,5 +94,14 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
     if kind == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=cfg.peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        return DeepSpeedCPUAdam(
+            groups,
+            lr=cfg.peak_lr,
+            betas=o.betas,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            adamw_mode=True,
+        )
+    return torch.optim.AdamW(
+        groups, lr=cfg.peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+    )

@@ -15,7 +15,16 @@ import numpy as np
 from beit_ray.config import StorageConfig
 from beit_ray.data.config import DataConfig
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "coins", "camera", "hubble_deep_field", "immunohistochemistry")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "coins",
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 
 
 def make_demo_images(root: str, per_photo: int = 32, size: int = 96, seed: int = 0) -> str:
@@ -33,7 +42,9 @@ def make_demo_images(root: str, per_photo: int = 32, size: int = 96, seed: int =
         for i in range(per_photo):
             side = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
             y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-            crop = Image.fromarray(np.ascontiguousarray(img[y : y + side, x : x + side])).resize((size, size))
+            crop = Image.fromarray(np.ascontiguousarray(img[y : y + side, x : x + side])).resize(
+                (size, size)
+            )
             buf = io.BytesIO()
             crop.save(buf, format="JPEG", quality=90)
             with open(os.path.join(out, name, f"{i:03d}.jpg"), "wb") as f:
@@ -41,7 +52,9 @@ def make_demo_images(root: str, per_photo: int = 32, size: int = 96, seed: int =
     return out
 
 
-def ensure_demo_data(data_cfg: DataConfig, vocab_size: int, storage_cfg: StorageConfig | None = None) -> None:
+def ensure_demo_data(
+    data_cfg: DataConfig, vocab_size: int, storage_cfg: StorageConfig | None = None
+) -> None:
     """Create the demo images and fit their codebook tokenizer unless they exist already.
 
     ``data_cfg`` is the job's DataConfig; its ``source`` must be ``<root>/images`` and its
@@ -61,7 +74,9 @@ def ensure_demo_data(data_cfg: DataConfig, vocab_size: int, storage_cfg: Storage
                 input=source,
                 output=weights,
                 data=data_cfg,
-                codebook=CodebookConfig(vocab_size=vocab_size, sample_images=256, patches_per_image=16, iterations=10),
+                codebook=CodebookConfig(
+                    vocab_size=vocab_size, sample_images=256, patches_per_image=16, iterations=10
+                ),
                 storage=storage_cfg or StorageConfig(),
             )
         )

@@ -32,7 +32,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]
     task = make_task(cfg, config["extra"])
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")  # reuses Ray's group
+    # Inside TorchTrainer this reuses the process group Ray Train has already set up.
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     rank = ray.train.get_context().get_world_rank()
     engine = build_engine(cfg, task)
     state = checkpoint.restore(engine) or TrainState()
@@ -58,8 +59,24 @@ def train_loop(config: dict[str, Any]) -> None:
 class Loop:
     """One worker's training state and the steps of the loop."""
 
-    def __init__(self, cfg: TrainConfig, config: dict, task: Task, engine: Any, state: TrainState, obs: Any, rank: int) -> None:
-        self.cfg, self.task, self.engine, self.state, self.obs, self.rank = cfg, task, engine, state, obs, rank
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        config: dict,
+        task: Task,
+        engine: Any,
+        state: TrainState,
+        obs: Any,
+        rank: int,
+    ) -> None:
+        self.cfg, self.task, self.engine, self.state, self.obs, self.rank = (
+            cfg,
+            task,
+            engine,
+            state,
+            obs,
+            rank,
+        )
         self.total, self.run_uri = config["total_steps"], config["run_uri"]
         self.last_ckpt = time.monotonic()
 
@@ -67,9 +84,18 @@ class Loop:
         """Train through the rest of this pass; True if the run stops inside it."""
         import ray.train
 
-        cfg, state, engine, micro = self.cfg, self.state, self.engine, self.cfg.deepspeed.micro_batch_size
+        cfg, state, engine, micro = (
+            self.cfg,
+            self.state,
+            self.engine,
+            self.cfg.deepspeed.micro_batch_size,
+        )
         shard = ray.train.get_dataset_shard("train")
-        batches = timed(iter(shard.iter_torch_batches(batch_size=micro, dtypes=self.task.dtypes, drop_last=True)))
+        batches = timed(
+            iter(
+                shard.iter_torch_batches(batch_size=micro, dtypes=self.task.dtypes, drop_last=True)
+            )
+        )
         for _ in range(state.micro_in_pass):  # resume mid-pass: skip what was trained on
             next(batches)
         seen = 0
@@ -77,7 +103,9 @@ class Loop:
             seen += 1
             boundary = engine.is_gradient_accumulation_boundary()
             set_lr(engine, lr_at(state.step, self.total, cfg))
-            gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + state.step * 1009 + self.rank)
+            gen = torch.Generator().manual_seed(
+                cfg.run.seed * 1_000_003 + state.step * 1009 + self.rank
+            )
             loss, metrics = self.task.loss(engine, batch, gen)
             engine.backward(loss)
             engine.step()
@@ -89,7 +117,10 @@ class Loop:
             state.step += 1
             maybe_fail(cfg, self.rank, state.step, self.run_uri)
             if self.obs and (state.step % cfg.run.log_every == 0 or state.step == self.total):
-                extra = {"lr": lr_at(state.step - 1, self.total, cfg), "grad_norm": grad_norm(engine)}
+                extra = {
+                    "lr": lr_at(state.step - 1, self.total, cfg),
+                    "grad_norm": grad_norm(engine),
+                }
                 self.obs.log(state.step, state.epoch, self.total, extra)
             if state.step >= self.total or state.step == cfg.debug.stop_at_step:
                 return True
@@ -118,7 +149,9 @@ class Loop:
         self.engine.train()
         if self.obs:
             self.obs.log_eval(self.state.step, self.state.epoch, metrics)
-        self.state.best = max(self.state.best if self.state.best is not None else -math.inf, metrics[self.task.score])
+        self.state.best = max(
+            self.state.best if self.state.best is not None else -math.inf, metrics[self.task.score]
+        )
         self.save(metrics)
 
     def save(self, metrics: dict[str, float]) -> None:
@@ -127,7 +160,9 @@ class Loop:
         s = self.state
         # Checkpoints without a validation score rank lowest: of those only the latest is kept.
         score = metrics.get(self.task.score, -1.0) if self.task.score else -1.0
-        checkpoint.save(self.engine, s, {"step": s.step, "epoch": s.epoch, **metrics, "score": score}, self.rank)
+        checkpoint.save(
+            self.engine, s, {"step": s.step, "epoch": s.epoch, **metrics, "score": score}, self.rank
+        )
         self.last_ckpt = time.monotonic()
 
 
@@ -143,13 +178,21 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
         torch.manual_seed(cfg.run.seed)
         model = task.build(ds_config if cfg.deepspeed.zero_stage == 3 else None)
     model.train()
-    groups = param_groups(model, lr=cfg.peak_lr, weight_decay=cfg.optim.weight_decay, layer_decay=task.layer_decay())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(groups, cfg), config=ds_config)
-    task.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+    groups = param_groups(
+        model, lr=cfg.peak_lr, weight_decay=cfg.optim.weight_decay, layer_decay=task.layer_decay()
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(groups, cfg), config=ds_config
+    )
+    task.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        cfg.deepspeed.precision, torch.float32
+    )
     return engine
 
 
-def timed(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+def timed(
+    batches: Iterator[dict[str, torch.Tensor]],
+) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
     """Yield (batch, seconds spent waiting for it)."""
     while True:
         t0 = time.perf_counter()

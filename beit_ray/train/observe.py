@@ -26,12 +26,16 @@ CURVES_FILE = "curves.png"
 class Observer:
     """Averages per-step metrics over a log interval and writes them out (rank 0 only)."""
 
-    def __init__(self, logs_uri: str, start_step: int, storage_cfg: StorageConfig | None = None) -> None:
+    def __init__(
+        self, logs_uri: str, start_step: int, storage_cfg: StorageConfig | None = None
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.uri, self.storage_cfg = logs_uri, storage_cfg
         self.remote = storage.is_remote(logs_uri)
-        self.local = tempfile.mkdtemp(prefix="beit_logs_") if self.remote else storage.strip_scheme(logs_uri)
+        self.local = (
+            tempfile.mkdtemp(prefix="beit_logs_") if self.remote else storage.strip_scheme(logs_uri)
+        )
         os.makedirs(self.local, exist_ok=True)
         if self.remote and storage.exists(storage.join(logs_uri, METRICS_FILE), storage_cfg):
             storage.download_dir(logs_uri, storage_cfg, dest=self.local)
@@ -51,14 +55,25 @@ class Observer:
         self.images += images
         self.wait += data_wait
 
-    def log(self, step: int, epoch: int, total: int, extra: dict[str, float] | None = None) -> dict[str, float]:
+    def log(
+        self, step: int, epoch: int, total: int, extra: dict[str, float] | None = None
+    ) -> dict[str, float]:
         """Write the averages since the last call; returns the record written."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         rec: dict[str, float] = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-        rec.update(images_per_s=self.images / elapsed, data_wait_frac=self.wait / elapsed)
+        rec.update(
+            images_per_s=self.images / elapsed,
+            data_wait_frac=self.wait / elapsed,
+            peak_rss_gb=_peak_rss_gb(),
+        )
         rec.update(extra or {})
         with open(os.path.join(self.local, METRICS_FILE), "a") as f:
-            f.write(json.dumps({"kind": "train", "step": step, "epoch": epoch, **rec, "time": time.time()}) + "\n")
+            f.write(
+                json.dumps(
+                    {"kind": "train", "step": step, "epoch": epoch, **rec, "time": time.time()}
+                )
+                + "\n"
+            )
         for k, v in rec.items():
             self.tb.add_scalar(f"train/{k}", v, step)
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in rec.items())
@@ -72,10 +87,19 @@ class Observer:
     def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         """Write one validation record."""
         with open(os.path.join(self.local, METRICS_FILE), "a") as f:
-            f.write(json.dumps({"kind": "eval", "step": step, "epoch": epoch, **metrics, "time": time.time()}) + "\n")
+            f.write(
+                json.dumps(
+                    {"kind": "eval", "step": step, "epoch": epoch, **metrics, "time": time.time()}
+                )
+                + "\n"
+            )
         for k, v in metrics.items():
             self.tb.add_scalar(f"val/{k}", v, step)
-        print(f"eval  step {step}  epoch {epoch}  " + "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()), flush=True)
+        print(
+            f"eval  step {step}  epoch {epoch}  "
+            + "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()),
+            flush=True,
+        )
 
     def sync(self) -> None:
         """Flush TensorBoard and mirror the files to the run's logs folder when it is remote."""
@@ -89,7 +113,9 @@ class Observer:
         self.sync()
 
 
-def read_metrics(path_or_uri: str, storage_cfg: StorageConfig | None = None) -> list[dict[str, Any]]:
+def read_metrics(
+    path_or_uri: str, storage_cfg: StorageConfig | None = None
+) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl (local path or URI)."""
     text = storage.read_text(path_or_uri, storage_cfg)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -104,8 +130,13 @@ def plot_curves(metrics_path: str, out_png: str) -> None:
 
     if not os.path.exists(metrics_path):
         return
-    recs = [json.loads(x) for x in open(metrics_path) if x.strip()]
-    keys = [k for k in ("loss", "mlm_acc", "acc", "top1", "miou", "pixel_acc") if any(k in r for r in recs)]
+    with open(metrics_path) as f:
+        recs = [json.loads(x) for x in f if x.strip()]
+    keys = [
+        k
+        for k in ("loss", "mlm_acc", "acc", "top1", "miou", "pixel_acc")
+        if any(k in r for r in recs)
+    ]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
@@ -124,9 +155,17 @@ def _trim(path: str, start_step: int) -> None:
     """Keep only records up to ``start_step`` (those after it will be trained again)."""
     if not os.path.exists(path):
         return
-    keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= start_step]
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory (rank 0's worker), in GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _fmt(v: float) -> str:

@@ -20,7 +20,10 @@ from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
 
 HEAD_INIT_SCALE = 1e-3
 """BEiT fine-tuning scales a new classification head by 0.001 (unilm --init_scale)."""
-MEAN_STD = {"beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+MEAN_STD = {
+    "beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 class Task:
@@ -49,9 +52,22 @@ class Task:
         m = self.cfg.model
         overrides = {k: getattr(m, k) for k in ("image_size",) if getattr(m, k) is not None}
         if not m.init_from:  # flavour knobs only apply to a new model
-            overrides.update({k: getattr(m, k) for k in ("vocab_size", "drop_path", "layer_scale") if getattr(m, k) is not None})
+            overrides.update(
+                {
+                    k: getattr(m, k)
+                    for k in ("vocab_size", "drop_path", "layer_scale")
+                    if getattr(m, k) is not None
+                }
+            )
         overrides.update(self.model_kwargs())
-        return build_or_load(m.flavour, self.name, init_from=m.init_from, zero3_config=zero3_config, storage=self.cfg.storage, **overrides)
+        return build_or_load(
+            m.flavour,
+            self.name,
+            init_from=m.init_from,
+            zero3_config=zero3_config,
+            storage=self.cfg.storage,
+            **overrides,
+        )
 
     def model_kwargs(self) -> dict[str, Any]:
         return {}
@@ -59,7 +75,9 @@ class Task:
     def layer_decay(self) -> float:
         return self.cfg.optim.layer_decay or 1.0
 
-    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def evaluate(self, engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
@@ -71,9 +89,15 @@ class MimTask(Task):
     """Masked image modelling: cross-entropy of visual tokens on masked patches only."""
 
     name = "mim"
-    dtypes = {"pixel_values": torch.uint8, "bool_masked_pos": torch.bool, "visual_token_ids": torch.int64}
+    dtypes = {
+        "pixel_values": torch.uint8,
+        "bool_masked_pos": torch.bool,
+        "visual_token_ids": torch.int64,
+    }
 
-    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         from beit_ray.models.mim import mim_forward, mlm_accuracy
 
         dev = engine.device
@@ -109,7 +133,9 @@ class ClassificationTask(Task):
 
         return self.cfg.optim.layer_decay or get_flavour(self.cfg.model.flavour).layer_decay
 
-    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         o, dev = self.cfg.optim, engine.device
         x = self.pixels(batch["pixel_values"], dev)
         y = batch["label"].to(dev)  # [B]
@@ -128,9 +154,14 @@ class ClassificationTask(Task):
             logits = engine(pixel_values=self.pixels(b["pixel_values"], dev)).logits.float().cpu()
             top = logits.topk(min(5, logits.shape[-1]), -1).indices  # [B, k]
             y = b["label"].view(-1, 1)
-            sums += torch.tensor([(top[:, :1] == y).sum(), (top == y).any(-1).sum(), len(y)], dtype=torch.float64)
+            sums += torch.tensor(
+                [(top[:, :1] == y).sum(), (top == y).any(-1).sum(), len(y)], dtype=torch.float64
+            )
         dist.all_reduce(sums)
-        return {"top1": (sums[0] / sums[2].clamp(min=1)).item(), "top5": (sums[1] / sums[2].clamp(min=1)).item()}
+        return {
+            "top1": (sums[0] / sums[2].clamp(min=1)).item(),
+            "top5": (sums[1] / sums[2].clamp(min=1)).item(),
+        }
 
 
 class SegmentationTask(Task):
@@ -146,12 +177,16 @@ class SegmentationTask(Task):
     def layer_decay(self) -> float:
         return self.cfg.optim.layer_decay or 0.9
 
-    def loss(self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         dev = engine.device
         labels = batch["labels"].to(dev).long()  # [B, H, W], 255 = ignored
         out = engine(pixel_values=self.pixels(batch["pixel_values"], dev), labels=labels)
         with torch.no_grad():
-            pred = F.interpolate(out.logits.float(), size=labels.shape[-2:], mode="bilinear").argmax(1)
+            pred = F.interpolate(
+                out.logits.float(), size=labels.shape[-2:], mode="bilinear"
+            ).argmax(1)
             valid = labels != 255
             acc = ((pred == labels) & valid).sum() / valid.sum().clamp(min=1)
         return out.loss, {"loss": out.loss.item(), "pixel_acc": acc.item()}
@@ -163,9 +198,16 @@ class SegmentationTask(Task):
         conf = torch.zeros(n, n, dtype=torch.float64)  # [true, pred]
         # Full-size validation images differ in shape: one image per batch.
         for b in shard.iter_batches(batch_size=1, batch_format="numpy"):
-            x = torch.from_numpy(np.ascontiguousarray(np.asarray(b["pixel_values"][0], dtype=np.uint8)))[None]  # [1, 3, H, W]
+            x = torch.from_numpy(
+                np.ascontiguousarray(np.asarray(b["pixel_values"][0], dtype=np.uint8))
+            )[None]  # [1, 3, H, W]
             y = torch.from_numpy(np.asarray(b["labels"][0], dtype=np.int64))  # [H, W]
-            logits = slide_logits(lambda v: engine(pixel_values=v).logits.float(), self.pixels(x, engine.device), crop, n)
+            logits = slide_logits(
+                lambda v: engine(pixel_values=v).logits.float(),
+                self.pixels(x, engine.device),
+                crop,
+                n,
+            )
             pred, y = logits.argmax(1).cpu().flatten(), y.flatten()
             ok = y != 255
             conf += torch.bincount(y[ok] * n + pred[ok], minlength=n * n).view(n, n).double()
@@ -193,9 +235,15 @@ def slide_logits(forward: Any, x: torch.Tensor, crop: int, num_classes: int) -> 
     if h < crop or w < crop:  # pad up to one window; padded pixels are cut off after
         x = F.pad(x, (0, max(0, crop - w), 0, max(0, crop - h)))
     hp, wp = x.shape[-2:]
-    ys = sorted({min(i * stride, hp - crop) for i in range(math.ceil(max(hp - crop, 0) / stride) + 1)})
-    xs = sorted({min(j * stride, wp - crop) for j in range(math.ceil(max(wp - crop, 0) / stride) + 1)})
-    wins = torch.cat([x[:, :, i : i + crop, j : j + crop] for i in ys for j in xs])  # [W*B, 3, crop, crop]
+    ys = sorted(
+        {min(i * stride, hp - crop) for i in range(math.ceil(max(hp - crop, 0) / stride) + 1)}
+    )
+    xs = sorted(
+        {min(j * stride, wp - crop) for j in range(math.ceil(max(wp - crop, 0) / stride) + 1)}
+    )
+    wins = torch.cat(
+        [x[:, :, i : i + crop, j : j + crop] for i in ys for j in xs]
+    )  # [W*B, 3, crop, crop]
     out = F.interpolate(forward(wins), size=(crop, crop), mode="bilinear")  # [W*B, C, crop, crop]
     total = torch.zeros(b, num_classes, hp, wp, device=out.device)
     count = torch.zeros(1, 1, hp, wp, device=out.device)
@@ -205,7 +253,9 @@ def slide_logits(forward: Any, x: torch.Tensor, crop: int, num_classes: int) -> 
     return (total / count)[:, :, :h, :w]
 
 
-def mix(x: torch.Tensor, target: torch.Tensor, mixup: float, cutmix: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(
+    x: torch.Tensor, target: torch.Tensor, mixup: float, cutmix: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix of a batch with its reverse (as timm), drawn from ``gen``."""
     if mixup <= 0 and cutmix <= 0:
         return x, target
@@ -217,7 +267,12 @@ def mix(x: torch.Tensor, target: torch.Tensor, mixup: float, cutmix: float, gen:
         h, w = x.shape[-2:]
         ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
         cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        y0, y1, x0, x1 = (
+            max(cy - ch // 2, 0),
+            min(cy + ch // 2, h),
+            max(cx - cw // 2, 0),
+            min(cx + cw // 2, w),
+        )
         x = x.clone()
         x[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
@@ -232,5 +287,7 @@ def make_task(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> Task:
     if isinstance(cfg, PretrainConfig):
         return MimTask(cfg, extra)
     if isinstance(cfg, FinetuneConfig):
-        return (ClassificationTask if cfg.task == "classification" else SegmentationTask)(cfg, extra)
+        return (ClassificationTask if cfg.task == "classification" else SegmentationTask)(
+            cfg, extra
+        )
     raise TypeError(f"no task for {type(cfg).__name__}")

@@ -64,21 +64,32 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
 
     uri = run_uri(cfg)
     save_config(cfg, storage.join(uri, "config.yaml"))
-    extra = {"id2label": {int(k): str(v) for k, v in data.id2label.items()}} if data.id2label else {}
+    extra = (
+        {"id2label": {int(k): str(v) for k, v in data.id2label.items()}} if data.id2label else {}
+    )
     task = make_task(cfg, extra)
     datasets = {k: ds.select_columns(list(task.dtypes)) for k, ds in data.datasets.items()}
     # With max_steps the data is iterated as often as needed; the schedule follows max_steps.
     passes = 1 << 30 if cfg.run.max_steps else data.passes
-    total = cfg.run.max_steps or data.passes * steps_per_pass(cfg, datasets["train"], data.rows_per_pass)
+    total = cfg.run.max_steps or data.passes * steps_per_pass(
+        cfg, datasets["train"], data.rows_per_pass
+    )
     check_cpus(cfg, data.ray_data_cpus)
     ray_fs, ray_path = storage.pyarrow_fs(cfg.checkpoint.storage_path, cfg.storage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "extra": extra, "total_steps": total, "passes": passes, "run_uri": uri},
+        train_loop_config={
+            "cfg": cfg,
+            "extra": extra,
+            "total_steps": total,
+            "passes": passes,
+            "run_uri": uri,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement,
         ),
         datasets=datasets,
         run_config=RunConfig(
@@ -93,7 +104,7 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
         ),
     )
     result = trainer.fit()
-    ckpt = _final_checkpoint(result, task.score)
+    ckpt, metrics = _final_checkpoint(result, task.score)
     model_uri = storage.join(uri, "model")
     with ckpt.as_directory() as d:
         from beit_ray.train.checkpoint import read_state
@@ -103,14 +114,23 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
             export(cfg, task, d, model_uri, extra)
     storage.write_text(
         storage.join(uri, "beit_ray.json"),
-        json.dumps({"model_dir": "model", "task": task.name, "step": state.step, "total_steps": total}),
+        json.dumps(
+            {"model_dir": "model", "task": task.name, "step": state.step, "total_steps": total}
+        ),
         cfg.storage,
     )
-    print(f"run: {uri}\n  model (HF format): {model_uri}\n  logs: {storage.join(uri, 'logs')}", flush=True)
-    return RunResult(uri, model_uri, storage.join(uri, "logs"), state.step, dict(result.metrics or {}))
+    print(
+        f"run: {uri}\n  model (HF format): {model_uri}\n  logs: {storage.join(uri, 'logs')}",
+        flush=True,
+    )
+    return RunResult(
+        uri, model_uri, storage.join(uri, "logs"), state.step, dict(result.metrics or {})
+    )
 
 
-def export(cfg: TrainConfig, task: Any, checkpoint_dir: str, model_uri: str, extra: dict[str, Any]) -> None:
+def export(
+    cfg: TrainConfig, task: Any, checkpoint_dir: str, model_uri: str, extra: dict[str, Any]
+) -> None:
     """Consolidated fp32 weights of a checkpoint → an HF-format folder at ``model_uri``."""
     import torch
 
@@ -123,7 +143,9 @@ def export(cfg: TrainConfig, task: Any, checkpoint_dir: str, model_uri: str, ext
         model = task.build(None)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"consolidated checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"consolidated checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
     export_hf(model.eval(), model_uri, id2label=extra.get("id2label"), storage=cfg.storage)
 
 
@@ -135,7 +157,9 @@ def steps_per_pass(cfg: TrainConfig, train_ds: Any, rows: int | None = None) -> 
     micro_batches = rows // cfg.scaling.num_workers // cfg.deepspeed.micro_batch_size
     steps = micro_batches // cfg.deepspeed.grad_accum_steps
     if steps < 1:
-        raise ValueError(f"{rows} training rows give no full step of {cfg.global_batch} (micro batch × accumulation × workers)")
+        raise ValueError(
+            f"{rows} training rows give no full step of {cfg.global_batch} (micro batch × accumulation × workers)"
+        )
     return steps
 
 
@@ -154,17 +178,18 @@ def check_cpus(cfg: TrainConfig, ray_data_cpus: float) -> None:
         )
 
 
-def _final_checkpoint(result: Any, score: str | None) -> Any:
+def _final_checkpoint(result: Any, score: str | None) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint to export (the best by score, else the latest) and its metrics."""
     if result.error:
         raise result.error
     if score and result.best_checkpoints:
-        return max(result.best_checkpoints, key=lambda cm: cm[1].get("score", -1.0))[0]
+        ckpt, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", -1.0))
+        return ckpt, dict(metrics)
     if result.checkpoint is None:
         raise RuntimeError("the run reported no checkpoint")
-    return result.checkpoint
+    return result.checkpoint, dict(result.metrics or {})
 
 
 def _worker_env() -> dict[str, str]:
     # DeepSpeed's JIT ops are cached here; workers must see the same folder as the driver.
     return {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if os.environ.get(k)}
-

@@ -1,0 +1,116 @@
+"""Fast checks of the training layer's pure parts: config validation, the DeepSpeed config,
+the lr schedule, mixup/cutmix, sliding-window inference and the segmentation metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from beit_ray.config import ConfigError, build
+from beit_ray.train.config import FinetuneConfig, PretrainConfig
+from beit_ray.train.deepspeed import build_optimizer, deepspeed_config
+from beit_ray.train.loop import lr_at
+from beit_ray.train.tasks import mix, segmentation_metrics, slide_logits
+
+
+def pretrain(**tree: dict) -> PretrainConfig:
+    return build(PretrainConfig, tree)
+
+
+def test_data_sizes_follow_the_model_and_bad_values_name_the_field() -> None:
+    cfg = pretrain(data={"source": "x"})
+    assert (cfg.data.image_size, cfg.data.patch_size, cfg.data.grid) == (32, 8, 4)
+    base = pretrain(model={"flavour": "base"}, data={"source": "x", "tokenizer": "dalle"})
+    assert (base.data.image_size, base.data.tokenizer_image_size) == (224, 112)
+    with pytest.raises(ConfigError, match="data.image_size"):
+        pretrain(
+            data={"source": "x", "image_size": 64, "patch_size": 8, "tokenizer_image_size": 64}
+        )
+    with pytest.raises(ConfigError, match="deepspeed.offload_params"):
+        pretrain(deepspeed={"zero_stage": 2, "offload_params": True})
+    with pytest.raises(ConfigError, match="scaling.cpus_per_worker"):
+        pretrain(scaling={"cpus_per_worker": 0})
+    with pytest.raises(ConfigError, match="model.flavour"):
+        build(FinetuneConfig, {"task": "segmentation", "model": {"flavour": "vit-debug"}})
+
+
+def test_deepspeed_config_from_the_dataclass_with_raw_override(tmp_path) -> None:
+    cfg = pretrain(
+        deepspeed={
+            "micro_batch_size": 4,
+            "grad_accum_steps": 3,
+            "zero_stage": 3,
+            "offload_params": True,
+            "precision": "fp16",
+        },
+        scaling={"num_workers": 2},
+    )
+    ds = deepspeed_config(cfg)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 3.0
+    assert (
+        ds["zero_optimization"]["stage"] == 3
+        and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    )
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
+    assert "optimizer" not in ds and "scheduler" not in ds  # ours: layer-decay AdamW, lr per step
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "steps_per_print": 7}))
+    over = deepspeed_config(pretrain(deepspeed={"override": str(path), "zero_stage": 2}))
+    zero = over["zero_optimization"]
+    assert (
+        zero["stage"] == 2
+        and zero["overlap_comm"] is True
+        and zero["reduce_bucket_size"] == 50_000_000
+    )
+    assert over["steps_per_print"] == 7
+
+
+def test_lr_scales_with_batch_warms_up_and_decays_to_min() -> None:
+    cfg = pretrain(
+        deepspeed={"micro_batch_size": 64}, scaling={"num_workers": 32}, optim={"warmup_steps": 10}
+    )
+    assert cfg.peak_lr == pytest.approx(1.5e-3)  # 2048 = the reference batch
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1.5e-4) and lrs[9] == pytest.approx(1.5e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lr_at(100, 100, cfg) == pytest.approx(1e-5)
+    groups = [
+        {
+            "params": [torch.nn.Parameter(torch.ones(2))],
+            "lr_scale": 0.5,
+            "weight_decay": 0.0,
+            "param_names": ["w"],
+        }
+    ]
+    opt = build_optimizer(groups, cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr_scale"] == 0.5
+
+
+def test_mixup_and_cutmix_keep_target_mass_and_are_seeded() -> None:
+    x = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).view(4, 3, 8, 8)
+    t = torch.eye(4)
+    for kw in ({"mixup": 0.8, "cutmix": 0.0}, {"mixup": 0.0, "cutmix": 1.0}):
+        a = mix(x, t, gen=torch.Generator().manual_seed(1), **kw)
+        b = mix(x, t, gen=torch.Generator().manual_seed(1), **kw)
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[1].sum(-1), torch.ones(4))
+        assert not torch.equal(a[0], x)
+
+
+def test_sliding_windows_cover_the_image_and_miou() -> None:
+    x = torch.randn(2, 3, 20, 27)
+    calls = []
+
+    def forward(w: torch.Tensor) -> torch.Tensor:  # logits = the first channel's mean per window
+        calls.append(w.shape[0])
+        return w[:, :1].mean((2, 3), keepdim=True).expand(-1, 2, 4, 4)
+
+    out = slide_logits(forward, x, crop=12, num_classes=2)
+    assert out.shape == (2, 2, 20, 27) and len(calls) == 1  # one call: ZeRO-3 ranks stay in step
+    conf = torch.tensor([[8.0, 2.0], [0.0, 10.0]])
+    m = segmentation_metrics(conf)
+    assert m["pixel_acc"] == pytest.approx(0.9)
+    assert m["miou"] == pytest.approx((8 / 10 + 10 / 12) / 2)
