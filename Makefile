@@ -9,6 +9,16 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
+# Build DeepSpeed's shared-memory comm op once at install, serially (~45 s), instead of inside
+# tests and jobs where concurrent workers would queue on its build lock.
+define PREBUILD_DEEPSPEED_OPS
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None and builder.is_compatible():
+    builder.load()
+endef
+export PREBUILD_DEEPSPEED_OPS
+
 .PHONY: install demo test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -16,6 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.*"
 	$(PIP) install -q -c constraints.txt -e ".[test,dev]"
+	$(PY) -c "$$PREBUILD_DEEPSPEED_OPS"
 	touch $@
 
 install: $(VENV)/.installed
