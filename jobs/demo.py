@@ -64,7 +64,16 @@ def main() -> None:
     print("== 1/4 pretraining (masked image modelling, ZeRO-2, 2 workers)", flush=True)
     pre_cfg = parse_args(
         PretrainConfig,
-        ["--optim.lr", "1e-3", "--run.epochs", "4", "--run.log_every", "8", "--checkpoint.name", f"demo-pretrain-{stamp}"],
+        [
+            "--optim.lr",
+            "1e-3",
+            "--run.epochs",
+            "4",
+            "--run.log_every",
+            "8",
+            "--checkpoint.name",
+            f"demo-pretrain-{stamp}",
+        ],
     )
     ensure_demo_data(pre_cfg.data, get_flavour(pre_cfg.model.flavour).vocab_size, pre_cfg.storage)
     pre = run_pretraining(pre_cfg)
@@ -84,7 +93,9 @@ def main() -> None:
 
     print("== 3/4 batch labelling every demo image with the fine-tuned model", flush=True)
     labels_uri = os.path.abspath(os.path.join("runs", f"demo-labels-{stamp}"))
-    summary = label(LabelConfig(input=IMAGES, output=labels_uri, checkpoint=ft.model_uri, task="classify"))
+    summary = label(
+        LabelConfig(input=IMAGES, output=labels_uri, checkpoint=ft.model_uri, task="classify")
+    )
 
     print("== 4/4 serving /classify on loopback (one request, then shut down)", flush=True)
     first = sorted(os.listdir(os.path.join(IMAGES, "chelsea")))[0]
@@ -94,14 +105,19 @@ def main() -> None:
     print(f"  pretraining run   {pre.run_uri}  (logs: {pre.logs_uri}, HF export: {pre.model_uri})")
     print(f"  fine-tuning run   {ft.run_uri}  (val metrics: {_short(ft.metrics)})")
     print(f"  fine-tuned model  {ft.model_uri}  (loads with transformers' from_pretrained)")
-    print(f"  labels            {labels_uri}  ({summary.get('files')} files, {summary.get('errors')} errors)")
+    print(
+        f"  labels            {labels_uri}  ({summary.get('files')} files, {summary.get('errors')} errors)"
+    )
     top = answer["predictions"][0]
     print(f"  served /classify  chelsea/{first} → {top['label']} ({top['score']:.2f})")
 
 
 def _short(metrics: dict) -> str:
     keys = [k for k in metrics if k.startswith(("val/", "top1", "val_"))]
-    return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys[:3] if isinstance(metrics[k], float)) or "see logs"
+    return (
+        ", ".join(f"{k}={metrics[k]:.3f}" for k in keys[:3] if isinstance(metrics[k], float))
+        or "see logs"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = sorted(f for f in os.listdir(os.path.join(ROOT, "jobs")) if f.endswith(".py") and f != "demo.py")
+JOBS = sorted(
+    f for f in os.listdir(os.path.join(ROOT, "jobs")) if f.endswith(".py") and f != "demo.py"
+)
 
 
 def run(job: str, *args: str) -> subprocess.CompletedProcess:
@@ -28,8 +30,12 @@ def test_help_lists_documented_fields(job):
     assert "usage:" in out.stdout
     assert "--ray.address" in out.stdout and "--storage.endpoint_url" in out.stdout
     # Every job script opens with a docstring showing the cluster and the local command.
-    source = open(os.path.join(ROOT, "jobs", job)).read()
-    assert "ray job submit" in source.split('"""')[1] and f"python jobs/{job}" in source.split('"""')[1]
+    with open(os.path.join(ROOT, "jobs", job)) as f:
+        source = f.read()
+    assert (
+        "ray job submit" in source.split('"""')[1]
+        and f"python jobs/{job}" in source.split('"""')[1]
+    )
 
 
 @pytest.mark.parametrize("job", JOBS)

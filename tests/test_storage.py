@@ -29,7 +29,8 @@ def test_read_write_list_upload_download(tmp_path, remote, request):
     (local / "sub" / "w.txt").write_text("w")
     storage.upload_dir(str(local), storage.join(root, "up"))
     back = storage.download_dir(storage.join(root, "up"))
-    assert open(f"{back}/sub/w.txt").read() == "w"
+    with open(f"{back}/sub/w.txt") as f:
+        assert f.read() == "w"
 
 
 def test_pyarrow_filesystem_reads_parquet_from_s3(s3_bucket, tmp_path):
