@@ -2,9 +2,11 @@
 
 Both runs take the same few MIM steps on tiny inputs (memory is dominated by parameters,
 gradients and AdamW states, not activations); the peak resident set of rank 0's worker comes
-from metrics.jsonl. Target: ZeRO-3 ≤ 0.6 × ZeRO-0.
+from metrics.jsonl: ``ru_maxrss`` of the worker process, so it includes startup (model build,
+engine init) as well as the steps. Target: ZeRO-3 ≤ 0.6 × ZeRO-0.
 
     python bench/train_memory.py --flavour large --steps 2
+    python bench/train_memory.py --stages 3 --mmap-threshold 0   # ablation: glibc's default
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 import numpy as np
 
 
-def peak_rss(flavour: str, zero: int, steps: int, image: int) -> float:
+def peak_rss(flavour: str, zero: int, steps: int, image: int, ds_extra: dict) -> float:
     import ray
 
     from beit_ray.config import build
@@ -43,7 +45,7 @@ def peak_rss(flavour: str, zero: int, steps: int, image: int) -> float:
         {
             "model": {"flavour": flavour, "image_size": image},
             "data": {"source": "unused", "tokenizer": "none"},
-            "deepspeed": {"zero_stage": zero, "micro_batch_size": 1},
+            "deepspeed": {"zero_stage": zero, "micro_batch_size": 1, **ds_extra},
             "run": {"max_steps": steps, "log_every": 1},
             "optim": {"lr": 1e-4},
             "checkpoint": {"storage_path": tmp, "name": f"zero{zero}"},
@@ -63,14 +65,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--stages", type=int, nargs="+", default=[0, 3], help="ZeRO stages, run in turn")
+    p.add_argument(
+        "--mmap-threshold", type=int, default=None, help="deepspeed.malloc_mmap_threshold"
+    )
+    p.add_argument("--bucket-size", type=int, default=None, help="deepspeed.bucket_size")
     args = p.parse_args()
+    ds_extra = {
+        k: v
+        for k, v in (
+            ("malloc_mmap_threshold", args.mmap_threshold),
+            ("bucket_size", args.bucket_size),
+        )
+        if v is not None
+    }
     ray.init(
         num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp")
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     peaks = {}
     for zero in args.stages:
-        peaks[zero] = peak_rss(args.flavour, zero, args.steps, args.image_size)
+        peaks[zero] = peak_rss(args.flavour, zero, args.steps, args.image_size, ds_extra)
         print(f"ZeRO-{zero}: rank-0 worker peak RSS {peaks[zero]:.2f} GiB", flush=True)
     if 0 in peaks and 3 in peaks:
         print(f"ratio ZeRO-3 / ZeRO-0: {peaks[3] / peaks[0]:.3f} (target <= 0.6)")

@@ -184,7 +184,9 @@ class Preprocessor:
         """HxWx3 (or HxW, HxWx4) uint8 → resized, cropped uint8 [3, H, W]; not normalized."""
         image = _rgb(image)
         out = self._geometry(image, self.resample)
-        return torch.from_numpy(np.array(out.transpose(2, 0, 1), order="C"))  # [3, H, W], a writable copy
+        return torch.from_numpy(
+            np.array(out.transpose(2, 0, 1), order="C")
+        )  # [3, H, W], a writable copy
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] or [3, H, W] → float32, rescaled and normalized (one fused op)."""

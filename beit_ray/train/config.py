@@ -95,10 +95,15 @@ class DeepSpeedConfig:
     loss_scale: float = 0.0
     """fp16: a fixed loss scale; 0 means dynamic."""
     bucket_size: int = 50_000_000
-    """Elements per ZeRO communication bucket and ZeRO-3 live/prefetch limit (DeepSpeed's
-    defaults, up to 1e9, hold gigabytes of gathered fp32 buffers on CPU)."""
+    """Elements per ZeRO communication bucket, ZeRO-3 live/prefetch limit and optimizer sub-group
+    (DeepSpeed's defaults, up to 1e9, hold gigabytes of fp32 buffers on CPU)."""
     override: dict[str, Any] | str | None = None
     """Raw DeepSpeed JSON merged over the generated config: a mapping, or a path/URI to a JSON file."""
+    malloc_mmap_threshold: int = 1 << 20
+    """Bytes from which glibc serves (and on free, returns) allocations with their own mmap, fixed
+    on each worker; 0 keeps glibc's sliding default. Fixed and small, the many transient
+    tensors (ZeRO-3 gathers, gradient buckets) go back to the OS when freed instead of staying
+    in a fragmented heap (BEiT-large, ZeRO-3, 2 workers: peak RSS per worker 5.6 → 3.4 GiB)."""
 
     def __post_init__(self) -> None:
         check(self.micro_batch_size > 0, "deepspeed.micro_batch_size", "must be positive")
@@ -116,6 +121,7 @@ class DeepSpeedConfig:
         )
         check(self.loss_scale >= 0, "deepspeed.loss_scale", "must be >= 0")
         check(self.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
+        check(self.malloc_mmap_threshold >= 0, "deepspeed.malloc_mmap_threshold", "must be >= 0")
 
 
 @dataclass

@@ -34,12 +34,16 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if ds.zero_stage == 3:
-        # No 16-bit copy on save: consolidation reads the fp32 partitions.
+        # No 16-bit copy on save: consolidation reads the fp32 partitions. Gathered (whole)
+        # parameters live in fp32 on the CPU: bound them by the bucket size, not DeepSpeed's
+        # defaults (1e9 elements = 4 GB), and cut the optimizer's sub-groups (each one gets a
+        # gradient buffer of its *unpartitioned* size) to the same size.
         zero.update(
             stage3_gather_16bit_weights_on_model_save=False,
             stage3_prefetch_bucket_size=ds.bucket_size,
-            stage3_max_live_parameters=2 * ds.bucket_size,
-            stage3_max_reuse_distance=2 * ds.bucket_size,
+            stage3_max_live_parameters=ds.bucket_size,
+            stage3_max_reuse_distance=ds.bucket_size,
+            sub_group_size=ds.bucket_size,
         )
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
@@ -62,6 +66,55 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
     }
     return merge(out, load_override(ds.override, cfg))
+
+
+def tune_allocator(mmap_threshold: int) -> bool:
+    """Fix glibc's mmap threshold (bytes) in this process; False where there is no glibc.
+
+    glibc raises its threshold each time a large mmapped block is freed, so soon every tensor
+    comes from the heap, whose freed holes are kept, not returned: RSS then grows with each
+    ZeRO-3 gather. A fixed threshold also switches that sliding rule off.
+    """
+    if mmap_threshold <= 0:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, mmap_threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def share_fp32_partitions(engine: Any) -> int:
+    """ZeRO-3 without 16-bit weights: make the fp32 master partitions the module's partitions.
+
+    DeepSpeed 0.19 means to alias them when dtype and device match (stage3.py
+    ``_create_fp32_partitions``) but compares a ``torch.device`` with the string ``"cpu"``,
+    which is False, so on CPU each rank kept a second fp32 copy of its partition. After this
+    the optimizer updates the module's partition in place and DeepSpeed's copy back is a
+    self-copy. Returns the bytes freed (0 when nothing applies: ZeRO < 3, bf16/fp16, offload).
+    """
+    opt = getattr(engine, "optimizer", None)
+    low = getattr(opt, "fp16_partitioned_groups_flat", None)
+    high = getattr(opt, "fp32_partitioned_groups_flat", None)
+    if not low or not high or getattr(opt, "offload_optimizer", False):
+        return 0
+    freed = 0
+    for lo, hi in zip(low, high, strict=True):
+        if (
+            lo is None
+            or lo.dtype != hi.dtype
+            or lo.device != hi.device
+            or lo.shape != hi.shape
+            or lo.data_ptr() == hi.data_ptr()
+        ):
+            continue
+        with torch.no_grad():
+            lo.copy_(hi)  # equal already; keep the master values authoritative anyway
+        freed += hi.numel() * hi.element_size()
+        hi.data = lo.data  # same Parameter object: optimizer state keys are unchanged
+    return freed
 
 
 def load_override(override: dict[str, Any] | str | None, cfg: TrainConfig) -> dict[str, Any]:

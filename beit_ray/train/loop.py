@@ -171,8 +171,14 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
     import deepspeed
 
     from beit_ray.models.layer_decay import param_groups
-    from beit_ray.train.deepspeed import build_optimizer, deepspeed_config
+    from beit_ray.train.deepspeed import (
+        build_optimizer,
+        deepspeed_config,
+        share_fp32_partitions,
+        tune_allocator,
+    )
 
+    tune_allocator(cfg.deepspeed.malloc_mmap_threshold)  # before the model's tensors exist
     ds_config = deepspeed_config(cfg)
     with torch.random.fork_rng():  # same init on every rank and every attempt
         torch.manual_seed(cfg.run.seed)
@@ -184,6 +190,7 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=build_optimizer(groups, cfg), config=ds_config
     )
+    share_fp32_partitions(engine)  # ZeRO-3 fp32: drop DeepSpeed's duplicate master partition
     task.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.deepspeed.precision, torch.float32
     )
