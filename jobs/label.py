@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 
-from beit_ray.config import ConfigError, parse_args
+from beit_ray.config import ConfigError, parse_args, save_config
 from beit_ray.infer.config import LabelConfig
 from beit_ray.infer.label import SUMMARY_NAME, label
 from beit_ray.storage import join
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    save_config(cfg, join(cfg.output, "_CONFIG.yaml"))  # the resolved config, secrets redacted
     summary = label(cfg)
     print(f"results: {cfg.output} (part-*.parquet); summary: {join(cfg.output, SUMMARY_NAME)}")
     return 0 if summary["files"] else 1
