@@ -92,7 +92,11 @@ def ours(args: argparse.Namespace, data: list[dict]) -> tuple[float, float, floa
             "model": {"flavour": args.flavour, "image_size": args.image_size},
             "data": {"source": "unused", "tokenizer": "none"},
             "scaling": {"num_workers": args.workers, "cpus_per_worker": 0.5},
-            "deepspeed": {"zero_stage": args.zero, "micro_batch_size": args.batch // args.workers},
+            "deepspeed": {
+                "zero_stage": args.zero,
+                "micro_batch_size": args.batch // args.workers,
+                **({} if args.mmap_threshold is None else {"malloc_mmap_threshold": args.mmap_threshold}),
+            },
             "run": {"max_steps": args.warmup + args.steps, "log_every": args.warmup},
             "optim": {"lr": 1e-4},
             "checkpoint": {"storage_path": tmp, "name": "bench"},
@@ -118,6 +122,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--mmap-threshold", type=int, default=None, help="deepspeed.malloc_mmap_threshold")
     args = p.parse_args()
     from beit_ray.models.flavours import get_flavour
 
