@@ -38,11 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from beit_ray.data.config import DataConfig  # noqa: E402
 from beit_ray.data.masking import BlockMaskGenerator  # noqa: E402
 from beit_ray.data.pipeline import pretrain_batch  # noqa: E402
+from beit_ray.train.demo_data import load_photo  # noqa: E402
 
 
 def make_images(dest: str, n: int, seed: int = 0) -> list[str]:
-    from skimage import data
-
     rng = np.random.default_rng(seed)
     names = [
         "astronaut",
@@ -59,12 +58,9 @@ def make_images(dest: str, n: int, seed: int = 0) -> list[str]:
     photos = []
     for name in names:
         try:
-            img = getattr(data, name)()
+            photos.append(Image.fromarray(load_photo(name)))
         except Exception:
             continue
-        if img.ndim == 2:
-            img = np.stack([img] * 3, -1)
-        photos.append(Image.fromarray(img[..., :3].astype(np.uint8)))
     paths = []
     for i in range(n):
         src = photos[i % len(photos)]

@@ -25,7 +25,7 @@ from PIL import Image
 
 def make_images(folder: str, n: int, seed: int = 0) -> list[str]:
     """``n`` JPEGs of 500×375 / 375×500 cut from scikit-image's real photos."""
-    from skimage import data
+    from beit_ray.train.demo_data import load_photo
 
     names = (
         "astronaut",
@@ -35,12 +35,12 @@ def make_images(folder: str, n: int, seed: int = 0) -> list[str]:
         "hubble_deep_field",
         "immunohistochemistry",
     )
-    photos = [getattr(data, n)() for n in names]
+    photos = [load_photo(name) for name in names]
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(n):
-        img = Image.fromarray(photos[i % len(photos)][..., :3]).convert("RGB")
+        img = Image.fromarray(photos[i % len(photos)])
         w, h = (500, 375) if i % 2 else (375, 500)
         scale = max(w / img.width, h / img.height) * float(rng.uniform(1.0, 1.3))
         img = img.resize((int(img.width * scale) + 1, int(img.height * scale) + 1))

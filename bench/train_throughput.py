@@ -95,7 +95,11 @@ def ours(args: argparse.Namespace, data: list[dict]) -> tuple[float, float, floa
             "deepspeed": {
                 "zero_stage": args.zero,
                 "micro_batch_size": args.batch // args.workers,
-                **({} if args.mmap_threshold is None else {"malloc_mmap_threshold": args.mmap_threshold}),
+                **(
+                    {}
+                    if args.mmap_threshold is None
+                    else {"malloc_mmap_threshold": args.mmap_threshold}
+                ),
             },
             "run": {"max_steps": args.warmup + args.steps, "log_every": args.warmup},
             "optim": {"lr": 1e-4},
@@ -122,7 +126,9 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--mmap-threshold", type=int, default=None, help="deepspeed.malloc_mmap_threshold")
+    p.add_argument(
+        "--mmap-threshold", type=int, default=None, help="deepspeed.malloc_mmap_threshold"
+    )
     args = p.parse_args()
     from beit_ray.models.flavours import get_flavour
 

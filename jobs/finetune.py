@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         make_demo_images(DEMO_DATA)
     result = run_finetuning(cfg)
     print(f"{cfg.task} fine-tuning done at step {result.step}; best {result.metrics}")
-    print(f"  run:     {result.run_uri}")
-    print(f"  model:   {result.model_uri}  (load_model(run) or transformers' from_pretrained)")
-    print(
-        f"  logs:    {result.logs_uri}  (metrics.jsonl, curves.png, tensorboard --logdir {result.logs_uri}/tb)"
-    )
+    print(result.describe())
 
 
 if __name__ == "__main__":

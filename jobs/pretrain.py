@@ -58,11 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     result = run_pretraining(cfg)
     print(f"pretraining done at step {result.step}")
-    print(f"  run:     {result.run_uri}")
-    print(f"  model:   {result.model_uri}  (load_model(run) or transformers' from_pretrained)")
-    print(
-        f"  logs:    {result.logs_uri}  (metrics.jsonl, curves.png, tensorboard --logdir {result.logs_uri}/tb)"
-    )
+    print(result.describe())
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def ray_session(s3_server):
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photos shipped with scikit-image, as RGB uint8 arrays."""
-    from skimage import data
+    from beit_ray.train.demo_data import load_photo
 
     out = {}
     for name in (
@@ -104,10 +104,7 @@ def photos() -> dict[str, np.ndarray]:
         "hubble_deep_field",
         "immunohistochemistry",
     ):
-        img = getattr(data, name)()
-        if img.ndim == 2:
-            img = np.stack([img] * 3, -1)
-        out[name] = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+        out[name] = load_photo(name)
     return out
 
 

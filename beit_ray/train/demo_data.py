@@ -27,16 +27,23 @@ PHOTOS = (
 )
 
 
+def load_photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photos as RGB uint8 [H, W, 3] (grey and RGBA converted)."""
+    from skimage import data
+
+    img = getattr(data, name)()
+    img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
+    return np.ascontiguousarray(img).astype(np.uint8)
+
+
 def make_demo_images(root: str, per_photo: int = 32, size: int = 96, seed: int = 0) -> str:
     """Write ``per_photo`` random crops of each photo as JPEGs; returns the images folder."""
     from PIL import Image
-    from skimage import data
 
     rng = np.random.default_rng(seed)
     out = os.path.join(root, "images")
     for name in PHOTOS:
-        img = getattr(data, name)()
-        img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]  # [H, W, 3]
+        img = load_photo(name)  # [H, W, 3]
         os.makedirs(os.path.join(out, name), exist_ok=True)
         h, w = img.shape[:2]
         for i in range(per_photo):

@@ -32,6 +32,15 @@ class RunResult:
     step: int
     metrics: dict[str, Any]
 
+    def describe(self) -> str:
+        """Where each output is, for a job's closing lines."""
+        return (
+            f"  run:     {self.run_uri}\n"
+            f"  model:   {self.model_uri}  (load_model(run) or transformers' from_pretrained)\n"
+            f"  logs:    {self.logs_uri}  (metrics.jsonl, curves.png, "
+            f"tensorboard --logdir {self.logs_uri}/tb)"
+        )
+
 
 def run_uri(cfg: TrainConfig) -> str:
     base = cfg.checkpoint.storage_path
