@@ -67,17 +67,7 @@ class Observer:
             peak_rss_gb=_peak_rss_gb(),
         )
         rec.update(extra or {})
-        with open(os.path.join(self.local, METRICS_FILE), "a") as f:
-            f.write(
-                json.dumps(
-                    {"kind": "train", "step": step, "epoch": epoch, **rec, "time": time.time()}
-                )
-                + "\n"
-            )
-        for k, v in rec.items():
-            self.tb.add_scalar(f"train/{k}", v, step)
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in rec.items())
-        print(f"step {step}/{total}  epoch {epoch}  {shown}", flush=True)
+        self._record("train", step, epoch, rec, f"step {step}/{total}")
         self.sums.clear()
         self.steps = self.images = 0
         self.wait = 0.0
@@ -86,20 +76,18 @@ class Observer:
 
     def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         """Write one validation record."""
+        self._record("eval", step, epoch, metrics, f"eval  step {step}")
+
+    def _record(self, kind: str, step: int, epoch: int, rec: dict[str, float], head: str) -> None:
+        """One record to metrics.jsonl, TensorBoard (train/ or val/) and the progress line."""
         with open(os.path.join(self.local, METRICS_FILE), "a") as f:
-            f.write(
-                json.dumps(
-                    {"kind": "eval", "step": step, "epoch": epoch, **metrics, "time": time.time()}
-                )
-                + "\n"
-            )
-        for k, v in metrics.items():
-            self.tb.add_scalar(f"val/{k}", v, step)
-        print(
-            f"eval  step {step}  epoch {epoch}  "
-            + "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()),
-            flush=True,
-        )
+            line = {"kind": kind, "step": step, "epoch": epoch, **rec, "time": time.time()}
+            f.write(json.dumps(line) + "\n")
+        prefix = "train" if kind == "train" else "val"
+        for k, v in rec.items():
+            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in rec.items())
+        print(f"{head}  epoch {epoch}  {shown}", flush=True)
 
     def sync(self) -> None:
         """Flush TensorBoard and mirror the files to the run's logs folder when it is remote."""
