@@ -353,9 +353,14 @@ class RayConfig:
     """Logical CPUs for a local Ray (unset: what the machine has). Ignored on a cluster."""
     temp_dir: str | None = None
     """Temp dir for a local Ray (short paths: Unix sockets have a length limit)."""
+    worker_niceness: int = 0
+    """Nice level of a local Ray's workers. Ray's default, 15, lets every nice-0 process (the
+    driver's Ray Data loop, Ray's daemons) preempt the model's threads on a small machine. On a
+    cluster the nodes' ``ray start`` decides (environment variable RAY_worker_niceness)."""
 
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus > 0, "ray.num_cpus", "must be positive")
+        check(0 <= self.worker_niceness <= 19, "ray.worker_niceness", "must be in [0, 19]")
 
 
 @dataclass

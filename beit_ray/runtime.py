@@ -54,4 +54,13 @@ def init_ray(
         _temp_dir=temp_dir,
         runtime_env=runtime_env,
         configure_logging=False,
+        _system_config={"worker_niceness": cfg.worker_niceness},
     )
+
+
+def worker_threads(requested: int | None, local_workers: int) -> int:
+    """torch threads for one of ``local_workers`` processes sharing this node's cores."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, local_workers))

@@ -28,6 +28,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
             overlap_comm=False,
             reduce_bucket_size=b,
             allgather_bucket_size=b,
+            # gloo's reduce-scatter takes twice as long as its all-reduce of the same buffer
+            # (92 M fp32 on 2 ranks: 0.58 s vs 0.29 s): on CPU, all-reduce and keep the part.
+            reduce_scatter=cfg.scaling.use_gpu,
         )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
@@ -137,11 +140,11 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over layer-decay groups; DeepSpeedCPUAdam when the optimizer lives on the CPU."""
+    """AdamW over layer-decay groups: fused by default, DeepSpeedCPUAdam when offloaded."""
     o = cfg.optim
     kind = o.optimizer
     if kind == "auto":
-        kind = "cpu_adam" if cfg.deepspeed.offload_optimizer else "adamw"
+        kind = "cpu_adam" if cfg.deepspeed.offload_optimizer else "adamw_fused"
     # DeepSpeed keeps extra group keys (lr_scale) but cannot flatten lists of names.
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     if kind == "cpu_adam":
@@ -156,5 +159,10 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
             adamw_mode=True,
         )
     return torch.optim.AdamW(
-        groups, lr=cfg.peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        groups,
+        lr=cfg.peak_lr,
+        betas=o.betas,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=kind == "adamw_fused" or None,
     )

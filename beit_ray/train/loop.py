@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from beit_ray import storage
+from beit_ray.runtime import worker_threads
 from beit_ray.train import checkpoint
 from beit_ray.train.checkpoint import TrainState
 from beit_ray.train.config import TrainConfig
@@ -31,10 +32,12 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    torch.set_num_threads(worker_threads(cfg.scaling.threads_per_worker, ctx.get_local_world_size()))
     task = make_task(cfg, config["extra"])
     # Inside TorchTrainer this reuses the process group Ray Train has already set up.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
-    rank = ray.train.get_context().get_world_rank()
+    rank = ctx.get_world_rank()
     engine = build_engine(cfg, task)
     state = checkpoint.restore(engine) or TrainState()
     obs = None
@@ -178,7 +181,7 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
         tune_allocator,
     )
 
-    tune_allocator(cfg.deepspeed.malloc_mmap_threshold)  # before the model's tensors exist
+    tune_allocator(cfg.deepspeed.mmap_threshold())  # before the model's tensors exist
     ds_config = deepspeed_config(cfg)
     with torch.random.fork_rng():  # same init on every rank and every attempt
         torch.manual_seed(cfg.run.seed)
