@@ -5,8 +5,10 @@
 Baseline: transformers ``pipeline("image-classification", model=DIR)`` called on the files one
 at a time (the same exported checkpoint, same images, same machine, same run). Ours:
 ``beit_ray.infer.label.label`` (Ray Data: read + decode tasks → predictor actor pool → parquet)
-with 1 actor (all cores) and with 2 actors (half the cores each). Images/s of ours count the
-pipeline from submission to the last part written (Ray start-up excluded; printed apart).
+with 1 actor (all cores) and with 2 actors (half the cores each), for each ``--dtypes`` value
+(``predict.dtype``; the baseline stays the user's float32 loop, and for another dtype the same
+loop with the model in that dtype is timed too). Images/s of ours count the pipeline from
+submission to the last part written (Ray start-up excluded; printed apart).
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ def make_images(folder: str, n: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def baseline(ckpt: str, paths: list[str]) -> float:
+def baseline(ckpt: str, paths: list[str], dtype: str = "float32") -> float:
     from transformers import pipeline
 
-    pipe = pipeline("image-classification", model=ckpt, device="cpu")
+    pipe = pipeline("image-classification", model=ckpt, device="cpu", dtype=getattr(torch, dtype))
     pipe(paths[0])  # warm-up, as a user's second call would be
     start = time.perf_counter()
     for p in paths:
@@ -66,7 +68,7 @@ def baseline(ckpt: str, paths: list[str]) -> float:
 
 
 def ours(
-    ckpt: str, folder: str, out: str, actors: int, threads: int, batch: int
+    ckpt: str, folder: str, out: str, actors: int, threads: int, batch: int, dtype: str
 ) -> tuple[float, float]:
     from beit_ray.config import parse_args
     from beit_ray.infer.config import LabelConfig
@@ -78,7 +80,7 @@ def ours(
         [
             "--input", folder, "--output", out, "--checkpoint", ckpt, "--task", "classify",
             "--predict.batch_size", str(batch), "--actors.min_actors", str(actors),
-            "--actors.max_actors", str(actors), "--actors.num_cpus", "1", "--actors.threads", str(threads),
+            "--actors.max_actors", str(actors), "--actors.num_cpus", "1", "--actors.threads", str(threads), "--predict.dtype", dtype,
         ],
     )  # fmt: skip
     start = time.perf_counter()
@@ -91,12 +93,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--flavour", default="base")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="predict.dtype values to run")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    from beit_ray.config import RayConfig
     from beit_ray.models.build import build_model
     from beit_ray.models.load import export_hf
+    from beit_ray.runtime import init_ray
 
     root = tempfile.mkdtemp(prefix="bench_label_")
     torch.manual_seed(0)
@@ -112,30 +117,27 @@ def main() -> None:
     base = baseline(ckpt, paths)
     print(f"baseline pipeline() one at a time: {base:.2f} images/s")
     t = time.perf_counter()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        configure_logging=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
-    )
+    init_ray(RayConfig(num_cpus=4))  # as jobs/label.py starts it
     print(f"ray start-up: {time.perf_counter() - t:.1f} s (not counted below)")
-    one, one_wall = ours(
-        ckpt, folder, os.path.join(root, "out1"), actors=1, threads=cores, batch=args.batch
-    )
-    print(
-        f"ours, 1 actor x {cores} threads: {one:.2f} images/s ({one / base:.2f}x baseline; {one_wall:.2f} incl. actor start)"
-    )
-    two, two_wall = ours(
-        ckpt,
-        folder,
-        os.path.join(root, "out2"),
-        actors=2,
-        threads=max(1, cores // 2),
-        batch=args.batch,
-    )
-    print(
-        f"ours, 2 actors x {max(1, cores // 2)} threads: {two:.2f} images/s ({two / one:.2f}x 1 actor; {two_wall:.2f} incl. actor start)"
-    )
+    half = max(1, cores // 2)
+    for dtype in args.dtypes.split(","):
+        runs = {}
+        # One actor on all cores, then scaling: 1 → 2 actors of the same size (half the cores).
+        for actors, threads in ((1, cores), (1, half), (2, half)):
+            out = os.path.join(root, f"out-{dtype}-{actors}x{threads}")
+            ips, wall = ours(ckpt, folder, out, actors, threads, args.batch, dtype)
+            runs[(actors, threads)] = ips
+            print(
+                f"ours {dtype}, {actors} actor(s) x {threads} threads: {ips:.2f} images/s "
+                f"({ips / base:.2f}x baseline; {wall:.2f} incl. actor start)",
+                flush=True,
+            )
+        print(f"ours {dtype}: 1 -> 2 actors of {half} thread(s) "
+              f"{runs[(2, half)] / runs[(1, half)]:.2f}x")  # fmt: skip
+        if dtype != "float32":  # the same loop with the user's model in that dtype, for scale
+            same = baseline(ckpt, paths, dtype)
+            print(f"baseline pipeline() in {dtype}: {same:.2f} images/s; ours/that "
+                  f"{max(runs.values()) / same:.2f}x", flush=True)  # fmt: skip
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
 

@@ -327,3 +327,33 @@ def test_banded_upsampling_matches_interpolate():
     finally:
         predictor.UPSAMPLE_BUDGET = saved
     assert (banded == ref).mean() > 0.999
+
+
+def test_bfloat16_predictions_stay_close_to_float32(checkpoints, photos):
+    """predict.dtype=bfloat16 (the fast CPU/GPU path) reaches the actor and stays near fp32."""
+    from beit_ray.infer.label import PredictorActor, decode_batch
+    from beit_ray.infer.predictor import Predictor
+
+    images = [photos[k] for k in sorted(photos)[:3]]
+    fp32 = Predictor(checkpoints["classification"], "classify", top_k=10)
+    bf16 = Predictor(checkpoints["classification"], "classify", top_k=10, dtype="bfloat16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    for a, b in zip(fp32.predict(images), bf16.predict(images), strict=True):
+        sa = dict(zip(a["top_ids"].tolist(), a["top_scores"], strict=True))
+        sb = dict(zip(b["top_ids"].tolist(), b["top_scores"], strict=True))
+        assert max(abs(sa[k] - sb[k]) for k in sa) < 2e-2
+    # the labelling actor builds its predictor with the configured dtype
+    actor = PredictorActor(
+        checkpoints["classification"], "classify", None, 5, "pooled", 1, 0.0, dtype="bfloat16"
+    )
+    assert actor.predictor.dtype == torch.bfloat16
+    blobs = [io.BytesIO() for _ in images]
+    for buf, img in zip(blobs, images, strict=True):
+        Image.fromarray(img).save(buf, format="PNG")
+    batch = decode_batch([b.getvalue() for b in blobs], [""] * 3, fp32.preprocessor, MAX_PIXELS)
+    table = actor({**batch, "path": np.array(["a", "b", "c"]), "chunk": np.zeros(3, np.int64)})
+    assert table.num_rows == 3 and table.column("error").null_count == 3
+    want = bf16.predict(images, top_k=5)
+    assert table.column("top_ids").to_pylist() == [w["top_ids"].tolist() for w in want]
+    got = np.array(table.column("top_scores").to_pylist())
+    assert np.allclose(got, np.stack([w["top_scores"] for w in want]), atol=1e-6)

@@ -121,7 +121,7 @@ def decode_batch(
         try:
             image = decode_image(data or b"", max_pixels=max_pixels)
             heights[i], widths[i] = image.shape[:2]
-            pixels[i] = preprocessor.to_uint8(image).numpy()
+            pixels[i] = preprocessor.to_uint8(image)
         except DecodeError as e:
             errors[i] = str(e)[:500]
         except Exception as e:  # never let one file end the job
@@ -200,6 +200,7 @@ class PredictorActor:
         embed_pool: str,
         threads: int | None,
         num_gpus: float,
+        dtype: str = "float32",
     ) -> None:
         from beit_ray.infer.predictor import Predictor, actor_threads
 
@@ -217,6 +218,7 @@ class PredictorActor:
             embed_pool=embed_pool,
             device=device,
             threads=threads,
+            dtype=dtype,  # type: ignore[arg-type]
         )  # type: ignore[arg-type]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -379,6 +381,7 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
                 "embed_pool": cfg.predict.embed_pool,
                 "threads": a.threads,
                 "num_gpus": a.num_gpus,
+                "dtype": cfg.predict.dtype,
             },
             compute=ray.data.ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
             batch_size=bs,

@@ -3,7 +3,9 @@
 Built from a ``preprocessor_config.json`` (BeitImageProcessor / ViTImageProcessor semantics):
 resize with PIL on uint8 (as transformers' PIL backend does), center crop, rescale, normalize.
 Two halves so data and serving can ship uint8 and normalize late, in one fused torch op:
-:meth:`Preprocessor.to_uint8` (resize + crop → uint8 [3, H, W]) and :meth:`Preprocessor.normalize`.
+:meth:`Preprocessor.to_uint8` (resize + crop → uint8 [3, H, W], numpy and PIL only: decode tasks
+never import torch, which costs each fresh Ray worker ~1.6 s of CPU) and
+:meth:`Preprocessor.normalize`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from beit_ray.config import StorageConfig
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "preprocessor_config.json"
 # Defaults of transformers 5's processors for keys a config leaves out.
@@ -180,16 +184,17 @@ class Preprocessor:
         return image
 
     # ------------------------------------------------------------------ images
-    def to_uint8(self, image: np.ndarray) -> torch.Tensor:
+    def to_uint8(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 (or HxW, HxWx4) uint8 → resized, cropped uint8 [3, H, W]; not normalized."""
         image = _rgb(image)
         out = self._geometry(image, self.resample)
-        return torch.from_numpy(
-            np.array(out.transpose(2, 0, 1), order="C")
-        )  # [3, H, W], a writable copy
+        return np.array(out.transpose(2, 0, 1), order="C")  # [3, H, W], a writable copy
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+    def normalize(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 [B, 3, H, W] or [3, H, W] → float32, rescaled and normalized (one fused op)."""
+        import torch
+
+        pixels = torch.as_tensor(pixels)
         scale = self.rescale_factor if self.do_rescale else 1.0
         mean = torch.tensor(
             self.image_mean if self.do_normalize else (0.0,) * 3, dtype=torch.float32
@@ -209,7 +214,7 @@ class Preprocessor:
             raise ValueError(
                 "images come out at different sizes: set size {height, width} or a center crop"
             )
-        return self.normalize(torch.stack(batch))
+        return self.normalize(np.stack(batch))
 
     # ------------------------------------------------------------------ label maps
     @staticmethod
@@ -235,6 +240,8 @@ class Preprocessor:
 
     def label_map(self, seg_map: np.ndarray) -> torch.Tensor:
         """A segmentation target: reduced (if configured), resized like the image → int64 [H, W]."""
+        import torch
+
         seg = self.reduce_labels(seg_map) if self.do_reduce_labels else seg_map
         return torch.from_numpy(self.resize_label_map(seg).astype(np.int64))
 

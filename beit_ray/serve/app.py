@@ -76,6 +76,7 @@ class ModelServer:
         threads: int | None,
         max_batch_size: int,
         batch_wait_timeout_s: float,
+        dtype: str = "float32",
     ) -> None:
         import ray
 
@@ -83,7 +84,7 @@ class ModelServer:
 
         if threads is None:  # the replica's CPUs, however the YAML set them
             threads = actor_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
-        self.predictor = Predictor(checkpoint, task, storage, threads=threads)  # type: ignore[arg-type]
+        self.predictor = Predictor(checkpoint, task, storage, threads=threads, dtype=dtype)  # type: ignore[arg-type]
         self.run.set_max_batch_size(max_batch_size)
         self.run.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # for the benchmark: how full batches were
@@ -196,7 +197,7 @@ class Ingress:
         except DecodeError as e:
             status = 413 if e.reason == "too_large" else 400 if e.reason == "empty" else 422
             raise ApiError(status, e.reason, str(e)) from None
-        pixels = await asyncio.to_thread(lambda: self.preprocessors[task].to_uint8(image).numpy())
+        pixels = await asyncio.to_thread(lambda: self.preprocessors[task].to_uint8(image))
         return pixels, (int(image.shape[0]), int(image.shape[1]))
 
     def _top_k(self, request: Request) -> int:
@@ -340,6 +341,7 @@ def _model_deployment(name: str, uri: str, task: str, r: ReplicaConfig, cfg: Ser
             r.threads,
             cfg.batching.max_batch_size,
             cfg.batching.batch_wait_timeout_s,
+            r.dtype,
         )
     )
 

@@ -33,7 +33,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]
     ctx = ray.train.get_context()
-    torch.set_num_threads(worker_threads(cfg.scaling.threads_per_worker, ctx.get_local_world_size()))
+    torch.set_num_threads(
+        worker_threads(cfg.scaling.threads_per_worker, ctx.get_local_world_size())
+    )
     task = make_task(cfg, config["extra"])
     # Inside TorchTrainer this reuses the process group Ray Train has already set up.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
