@@ -38,6 +38,18 @@ def check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
+def run_job(main: typing.Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """A job's exit code: ``main(argv)``'s int (0 otherwise), or 2 after printing ``config
+    error: <field>: <why>`` when a value is bad or missing. Every ``jobs/*.py`` ends with
+    ``sys.exit(run_job(main))``: one way to report a bad config, before any cluster work."""
+    try:
+        code = main(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return code if isinstance(code, int) else 0
+
+
 # --------------------------------------------------------------------------- field docs
 
 

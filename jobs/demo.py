@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 
-from beit_ray.config import RayConfig, parse_args
+from beit_ray.config import RayConfig, parse_args, run_job
 from beit_ray.runtime import init_ray
 
 IMAGES = os.path.join("runs", "demo-data", "images")
@@ -121,4 +121,4 @@ def _short(metrics: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(lambda _: main()))

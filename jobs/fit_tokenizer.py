@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from beit_ray.config import parse_args
+from beit_ray.config import parse_args, run_job
 from beit_ray.data.config import FitTokenizerConfig
 from beit_ray.data.tokenizers.fit import fit_codebook
 from beit_ray.runtime import init_ray, print0
@@ -31,4 +31,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_job(main))

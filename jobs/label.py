@@ -29,19 +29,15 @@ from __future__ import annotations
 
 import sys
 
-from beit_ray.config import ConfigError, parse_args, save_config
+from beit_ray.config import parse_args, run_job, save_config
 from beit_ray.infer.config import LabelConfig
 from beit_ray.infer.label import SUMMARY_NAME, label
 from beit_ray.storage import join
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(LabelConfig, argv)
-        cfg.require()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(LabelConfig, argv)
+    cfg.require()
     save_config(cfg, join(cfg.output, "_CONFIG.yaml"))  # the resolved config, secrets redacted
     summary = label(cfg)
     print(f"results: {cfg.output} (part-*.parquet); summary: {join(cfg.output, SUMMARY_NAME)}")
@@ -49,4 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from beit_ray.config import parse_args
+from beit_ray.config import parse_args, run_job
 from beit_ray.runtime import init_ray
 from beit_ray.train.config import PretrainConfig
 from beit_ray.train.demo_data import ensure_demo_data
@@ -62,4 +62,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_job(main))

@@ -20,19 +20,15 @@ import signal
 import sys
 import threading
 
-from beit_ray.config import ConfigError, parse_args
+from beit_ray.config import parse_args, run_job
 from beit_ray.serve.config import ServeConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["--http.port" if a == "--port" else "--http.host" if a == "--host" else a for a in argv]
-    try:
-        cfg = parse_args(ServeConfig, argv)
-        cfg.require()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(ServeConfig, argv)
+    cfg.require()
 
     from ray import serve
 
@@ -59,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

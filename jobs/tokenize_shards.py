@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from beit_ray.config import parse_args, save_config
+from beit_ray.config import parse_args, run_job, save_config
 from beit_ray.data.config import TokenizeConfig
 from beit_ray.data.materialize import materialize
 from beit_ray.runtime import init_ray, print0
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_job(main))

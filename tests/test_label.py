@@ -14,7 +14,7 @@ from conftest import jpeg_bytes
 from PIL import Image
 
 from beit_ray import storage as st
-from beit_ray.config import ConfigError, parse_args
+from beit_ray.config import ConfigError, parse_args, run_job
 from beit_ray.infer.config import LabelConfig
 from beit_ray.infer.label import LabelInterrupted, label, part_name, read_parts
 
@@ -291,7 +291,8 @@ def test_job_cli_and_config_errors(ray_session, photos, checkpoints, tmp_path, c
     assert job.main(argv) == 0
     assert "1/1 labelled" in capsys.readouterr().out
     assert (tmp_path / "out" / "_masks" / "a.jpg.png").exists()
-    assert job.main(["--input", "x"]) == 2  # missing output/checkpoint: a clear config error
+    # missing output/checkpoint: a clear config error, exit 2 (every job ends in run_job)
+    assert run_job(job.main, ["--input", "x"]) == 2
     assert "output: is required" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="predict.top_k"):
         parse_args(LabelConfig, ["--predict.top_k", "0"])

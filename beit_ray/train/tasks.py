@@ -70,7 +70,9 @@ class Task:
         )
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {}
+        """Config kwargs of the task's model: the class names when the task has labelled data."""
+        labels = self.extra.get("id2label")
+        return {"id2label": labels, "num_labels": len(labels)} if labels else {}
 
     def layer_decay(self) -> float:
         return self.cfg.optim.layer_decay or 1.0
@@ -113,9 +115,6 @@ class ClassificationTask(Task):
     name = "classification"
     dtypes = {"pixel_values": torch.uint8, "label": torch.int64}
     score = "top1"
-
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"id2label": self.extra["id2label"], "num_labels": len(self.extra["id2label"])}
 
     def build(self, zero3_config: dict[str, Any] | None) -> nn.Module:
         model = super().build(zero3_config)
@@ -170,9 +169,6 @@ class SegmentationTask(Task):
     name = "segmentation"
     dtypes = {"pixel_values": torch.uint8, "labels": torch.uint8}
     score = "miou"
-
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"id2label": self.extra["id2label"], "num_labels": len(self.extra["id2label"])}
 
     def layer_decay(self) -> float:
         return self.cfg.optim.layer_decay or 0.9
