@@ -9,13 +9,15 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-# Build DeepSpeed's shared-memory comm op once at install, serially (~45 s), instead of inside
-# tests and jobs where concurrent workers would queue on its build lock.
+# Build DeepSpeed's shared-memory comm op (loaded by every rank) and CPU Adam (optimizer
+# offload) once at install, serially (~45 s each), instead of inside tests and jobs where
+# concurrent workers would queue on the build lock.
 define PREBUILD_DEEPSPEED_OPS
 from deepspeed.accelerator import get_accelerator
-builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-if builder is not None and builder.is_compatible():
-    builder.load()
+for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and builder.is_compatible():
+        builder.load()
 endef
 export PREBUILD_DEEPSPEED_OPS
 

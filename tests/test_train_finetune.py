@@ -40,9 +40,11 @@ def test_classification_on_digits_beats_chance_and_exports(ray_session, tmp_path
     cfg = build(
         FinetuneConfig,
         {
-            "data": {"source": source, "crop_scale": [0.7, 1.0]},
+            # BEiT's ImageNet augmentation (RandAugment m9, random erasing 0.25) is too strong
+            # for 6 epochs of 32-px digits; tests/test_augment_classify.py covers it.
+            "data": {"source": source, "crop_scale": [0.7, 1.0], "rand_augment": ""},
             "val_fraction": 0.2,
-            "optim": {"lr": 1e-2, "layer_decay": 0.9, "warmup_steps": 10},
+            "optim": {"lr": 1e-2, "layer_decay": 0.9, "warmup_steps": 10, "reprob": 0.0},
             "deepspeed": {"micro_batch_size": 16, "zero_stage": 2},
             "run": {"epochs": 6, "log_every": 30},
             "checkpoint": {

@@ -30,6 +30,8 @@ from beit_ray.data.decode import (
     oriented_size,
 )
 from beit_ray.data.masking import BlockMaskGenerator
+from beit_ray.data.randaugment import parse_rand_augment
+from beit_ray.data.randaugment import rand_augment as apply_rand_augment
 
 MEANS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.485, 0.456, 0.406)}
 STDS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.229, 0.224, 0.225)}
@@ -44,6 +46,12 @@ def stable_hash(key: str) -> int:
 def image_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """The one RNG for everything random about ``key`` in ``epoch``."""
     return np.random.default_rng([seed, epoch, stable_hash(key)])
+
+
+def mean_fill(kind: str = "beit") -> tuple[int, int, int]:
+    """``kind``'s mean as a uint8 colour (imagenet: (124, 116, 104)), which normalizes to ~0."""
+    r, g, b = (min(255, round(255 * m)) for m in MEANS[kind])
+    return r, g, b
 
 
 def normalize(x, kind: str = "beit"):  # noqa: ANN001, ANN201 - numpy or torch, [..., 3, H, W]
@@ -224,7 +232,10 @@ class PretrainTransform:
 
 @dataclass
 class ClassifyTransform:
-    """Fine-tuning views: train = random-resized crop + flip; eval = resize (size/crop_pct) + centre crop."""
+    """Fine-tuning views: train = random-resized crop + flip (+ RandAugment when
+    ``rand_augment`` is a spec such as ``rand-m9-mstd0.5-inc1``); eval = resize
+    (size/crop_pct) + centre crop. RandAugment draws from the same per-image RNG, after the
+    crop and flip, so those are unchanged by turning it on."""
 
     image_size: int = 224
     train: bool = True
@@ -234,6 +245,12 @@ class ClassifyTransform:
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True
     seed: int = 0
+    rand_augment: str | None = None
+    fill: tuple[int, int, int] = (124, 116, 104)
+    """RandAugment's fill for pixels moved in from outside (the normalization mean, as timm)."""
+
+    def __post_init__(self) -> None:
+        self.ra_spec = parse_rand_augment(self.rand_augment)  # ValueError on a bad spec
 
     def __call__(self, data: bytes, key: str, epoch: int = 0) -> np.ndarray:
         s = self.image_size
@@ -250,6 +267,8 @@ class ClassifyTransform:
             out = img.resize((s, s), Image.Resampling.BICUBIC, box=b)
             if flip:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.ra_spec is not None:
+                out = apply_rand_augment(out, self.ra_spec, rng, tuple(self.fill))
             return to_chw(out)
         resize = int(s / self.crop_pct)
 

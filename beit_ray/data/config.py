@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from beit_ray.config import RayConfig, StorageConfig, check
+from beit_ray.data.randaugment import parse_rand_augment
 
 LAYOUTS = ("auto", "folders", "class_tars", "webdataset", "parquet")
 
@@ -82,6 +83,10 @@ class DataConfig:
     tokenizer_view: Literal["patch", "crop"] = "patch"
     """Where the tokenizer view (Lanczos) is resized from: patch = from the patch view (3x
     cheaper, ~0.3 uint8 levels mean abs diff); crop = from the crop box, as unilm does."""
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """Classification fine-tuning RandAugment, a timm spec (BEiT's --aa default): rand-m<0..10
+    magnitude>[-n<ops, 2>][-mstd<magnitude noise std>][-mmax<cap, 10>][-inc<0|1>][-p<op prob,
+    0.5>]; '' or null disables. Pretraining and segmentation ignore it."""
 
     def __post_init__(self) -> None:
         check(self.layout in LAYOUTS, "data.layout", f"{self.layout!r} is not one of {LAYOUTS}")
@@ -124,6 +129,10 @@ class DataConfig:
         check(1 <= a <= b, "data.tokenizer_actors", "needs 1 ≤ min ≤ max")
         check(self.tokenizer_num_cpus > 0, "data.tokenizer_num_cpus", "must be positive")
         check(self.tokenizer_view in ("patch", "crop"), "data.tokenizer_view", "patch or crop")
+        try:
+            parse_rand_augment(self.rand_augment)
+        except ValueError as e:
+            check(False, "data.rand_augment", str(e))
         if self.tokenizer != "none":
             check(
                 bool(self.tokenizer_weights) or self.tokenizer == "dalle",

@@ -31,7 +31,13 @@ import numpy as np
 
 from beit_ray import storage
 from beit_ray.config import StorageConfig
-from beit_ray.data.augment import ClassifyTransform, PretrainTransform, image_rng, stable_hash
+from beit_ray.data.augment import (
+    ClassifyTransform,
+    PretrainTransform,
+    image_rng,
+    mean_fill,
+    stable_hash,
+)
 from beit_ray.data.config import DataConfig
 from beit_ray.data.decode import DecodeError
 from beit_ray.data.sources import Listing, class_index, list_source, read_raw, relative_key
@@ -144,6 +150,7 @@ def labelled_batch(
     tf = ClassifyTransform(
         cfg.image_size, train, crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
         max_pixels=cfg.max_pixels, draft=cfg.draft, seed=cfg.seed,
+        rand_augment=cfg.rand_augment, fill=mean_fill(cfg.normalization),
     )  # fmt: skip
     s = cfg.image_size
     pix, labels, keys, errors = [], [], [], []

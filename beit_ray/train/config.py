@@ -52,6 +52,10 @@ class OptimConfig:
     """Classification mixup alpha (0 disables)."""
     cutmix: float = 0.0
     """Classification cutmix alpha (0 disables); with both set, one is picked per batch."""
+    reprob: float = 0.25
+    """Classification random erasing (timm 'pixel' mode, BEiT's --reprob): each training image
+    has one box (2%-33% of the area, aspect 0.3-3.3) replaced by N(0, 1) noise after
+    normalization, with this probability (0 disables)."""
 
     def __post_init__(self) -> None:
         check(self.base_lr > 0, "optim.base_lr", "must be positive")
@@ -74,6 +78,7 @@ class OptimConfig:
         check(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
         check(self.mixup >= 0, "optim.mixup", "must be >= 0")
         check(self.cutmix >= 0, "optim.cutmix", "must be >= 0")
+        check(0 <= self.reprob <= 1, "optim.reprob", "must be in [0, 1]")
 
 
 @dataclass

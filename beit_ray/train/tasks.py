@@ -140,6 +140,7 @@ class ClassificationTask(Task):
         y = batch["label"].to(dev)  # [B]
         n = len(self.extra["id2label"])
         target = F.one_hot(y, n).float() * (1 - o.label_smoothing) + o.label_smoothing / n  # [B, C]
+        x = random_erase(x, o.reprob, gen)  # per image, before mixing (timm's order)
         x, target = mix(x, target, o.mixup, o.cutmix, gen)
         logits = engine(pixel_values=x).logits.float()  # [B, C]
         loss = torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
@@ -275,6 +276,40 @@ def mix(
     else:
         x = x * lam + flipped * (1 - lam)
     return x, target * lam + target.flip(0) * (1 - lam)
+
+
+def random_erase(
+    x: torch.Tensor,
+    prob: float,
+    gen: torch.Generator,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    attempts: int = 10,
+) -> torch.Tensor:
+    """timm ``RandomErasing(mode='pixel', count 1)`` on a normalized batch [B, C, H, W], in place.
+
+    Each image, with probability ``prob``, gets one box of ``area`` × H·W pixels (log-uniform
+    ``aspect`` h/w; up to ``attempts`` tries to fit strictly inside) filled with per-pixel
+    N(0, 1) noise: noise in normalized space, i.e. around the dataset mean. Drawn from ``gen``.
+    """
+    if prob <= 0:
+        return x
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    b, c, h, w = x.shape
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    for i in range(b):
+        if rng.random() > prob:
+            continue
+        for _ in range(attempts):
+            target = rng.uniform(*area) * h * w
+            ratio = math.exp(rng.uniform(*log_aspect))
+            eh, ew = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if ew < w and eh < h:
+                top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+                noise = torch.from_numpy(rng.standard_normal((c, eh, ew), dtype=np.float32))
+                x[i, :, top : top + eh, left : left + ew] = noise.to(x.device, x.dtype)
+                break
+    return x
 
 
 def make_task(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> Task:

@@ -1,0 +1,147 @@
+"""DeepSpeed precisions and offload on CPU, and fine-tuning from an HF MIM folder (pt22k-style).
+
+The engine cases run in one child process (a world-size-1 gloo group), so the test session's
+own process never joins a process group; the fine-tuning case is the whole Ray Train path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from beit_ray.config import build
+from beit_ray.train.config import FinetuneConfig
+from beit_ray.train.observe import read_metrics
+from beit_ray.train.trainer import run_finetuning
+
+pytestmark = pytest.mark.integration
+
+ENGINE_CASES = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from beit_ray.config import build
+    from beit_ray.train.config import PretrainConfig
+    from beit_ray.train.loop import build_engine
+    from beit_ray.train.tasks import make_task
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cases = [
+        {"precision": "bf16", "zero_stage": 2},
+        {"precision": "bf16", "zero_stage": 3},
+        {"precision": "fp16", "zero_stage": 2, "initial_scale_power": 8},
+        {"precision": "fp32", "zero_stage": 2, "offload_optimizer": True},
+        {"precision": "fp32", "zero_stage": 3, "offload_optimizer": True, "offload_params": True},
+    ]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    batch = {"pixel_values": x, "bool_masked_pos": torch.rand(8, 16, generator=gen) < 0.4,
+             "visual_token_ids": torch.randint(0, 256, (8, 16), generator=gen)}
+    out = []
+    for case in cases:
+        cfg = build(PretrainConfig, {
+            "data": {"source": "unused", "tokenizer": "none"}, "scaling": {"num_workers": 1},
+            "deepspeed": {"micro_batch_size": 8, **case}, "optim": {"lr": 1e-3},
+            "checkpoint": {"storage_path": sys.argv[2], "name": "p"}})
+        task = make_task(cfg, {})
+        engine = build_engine(cfg, task)
+        losses = []
+        for _ in range(15):
+            loss, _ = task.loss(engine, batch, gen)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        opt = engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        out.append({**case, "first": losses[0], "last": losses[-1],
+                    "module_dtype": str(next(engine.module.parameters()).dtype),
+                    "optimizer": type(inner).__name__,
+                    "loss_scale": float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0)) or 0)})
+        del engine, opt, inner
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_bf16_fp16_and_offload_train_on_cpu(tmp_path) -> None:
+    script = tmp_path / "cases.py"
+    script.write_text(ENGINE_CASES)
+    port = str(29600 + os.getpid() % 300)
+    proc = subprocess.run(
+        [sys.executable, str(script), port, str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    results = json.loads(lines[-1][len("RESULT ") :])
+    by = {(r["precision"], r["zero_stage"], r.get("offload_params", False)): r for r in results}
+    for r in results:
+        assert np.isfinite(r["last"]) and r["last"] < r["first"] - 0.5, r  # it learns
+    assert by[("bf16", 2, False)]["module_dtype"] == "torch.bfloat16"
+    assert by[("bf16", 3, False)]["module_dtype"] == "torch.bfloat16"
+    fp16 = by[("fp16", 2, False)]
+    assert fp16["module_dtype"] == "torch.float16" and fp16["loss_scale"] >= 1  # dynamic scaling
+    for key in (("fp32", 2, False), ("fp32", 3, True)):  # offloaded: DeepSpeed's CPU Adam
+        assert by[key]["optimizer"] == "DeepSpeedCPUAdam", by[key]
+
+
+def save_hf_mim_folder(folder: str) -> dict[str, torch.Tensor]:
+    """A pt22k-style folder as transformers writes it: BeitForMaskedImageModeling + processor."""
+    from transformers import BeitForMaskedImageModeling
+
+    from beit_ray.models.flavours import model_config
+    from beit_ray.models.preprocess import Preprocessor
+
+    torch.manual_seed(1)
+    model = BeitForMaskedImageModeling(model_config("debug", "mim"))
+    model.save_pretrained(folder)
+    Preprocessor.for_model("beit", 32).save(folder)
+    return {k: v.clone() for k, v in model.beit.state_dict().items()}
+
+
+def test_finetune_from_hf_mim_folder_in_bf16(ray_session, tmp_path) -> None:
+    """A transformers-written MIM folder → classification fine-tuning in bf16 → HF export."""
+    from test_train_finetune import write_digits
+    from transformers import BeitForImageClassification
+
+    pretrained = save_hf_mim_folder(str(tmp_path / "beit-debug-pt"))
+    cfg = build(
+        FinetuneConfig,
+        {
+            "model": {"init_from": str(tmp_path / "beit-debug-pt")},
+            "data": {"source": write_digits(str(tmp_path / "digits")), "rand_augment": ""},
+            "val_fraction": 0.2,
+            # A tiny layer decay keeps the encoder near the folder's weights (embeddings' lr
+            # x 0.05**5), so the test can tell they were loaded; the head learns at full lr.
+            "optim": {"lr": 1e-2, "layer_decay": 0.05, "warmup_steps": 5, "reprob": 0.0},
+            "deepspeed": {"micro_batch_size": 16, "zero_stage": 2, "precision": "bf16"},
+            "run": {"epochs": 2, "log_every": 10},
+            "checkpoint": {"storage_path": str(tmp_path / "runs"), "name": "ft-hf", "keep_last": 1},
+        },
+    )
+    result = run_finetuning(cfg)
+    records = read_metrics(os.path.join(result.logs_uri, "metrics.jsonl"))
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) >= 4 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses  # bf16 training makes progress
+    model = BeitForImageClassification.from_pretrained(result.model_uri)
+    assert model.config.num_labels == 10 and model.config.id2label[3] == "3"
+    # The encoder came from the folder (a fresh init would correlate ~0 with it).
+    for name in (
+        "embeddings.patch_embeddings.projection.weight",
+        "layers.0.attention.q_proj.weight",
+    ):
+        a = pretrained[name].flatten().float()
+        b = model.beit.state_dict()[name].flatten().float()
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95, name
