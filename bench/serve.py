@@ -1,6 +1,6 @@
 """Serving throughput and latency: dynamic batching on vs off, same replicas, one run.
 
-    .venv/bin/python bench/serve.py [--flavour base] [--seconds 20] [--clients 16]
+    .venv/bin/python bench/serve.py [--flavour base] [--seconds 20] [--clients 16] [--dtype bfloat16]
 
 Phase 1 and 2: one Classifier replica (min = max = 1), 16 concurrent HTTP clients posting
 JPEGs to /classify for ``--seconds``; max_batch_size 16 vs 1 (off). Phase 3: autoscaling
@@ -78,14 +78,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-replicas", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", help="replicas' model dtype (classify.dtype)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
 
-    from beit_ray.config import parse_args
+    from beit_ray.config import RayConfig, parse_args
     from beit_ray.models.build import build_model
     from beit_ray.models.load import export_hf
+    from beit_ray.runtime import init_ray
     from beit_ray.serve.app import build_app
     from beit_ray.serve.config import ServeConfig
 
@@ -105,12 +107,7 @@ def main() -> None:
         for n in ("astronaut", "chelsea", "coffee", "rocket")
     ]
     cores = os.cpu_count() or 1
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        configure_logging=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
-    )
+    init_ray(RayConfig(num_cpus=4))  # as jobs/serve.py starts it
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/classify"
@@ -123,7 +120,7 @@ def main() -> None:
                 "--classify.min_replicas", "1", "--classify.max_replicas", str(max_replicas),
                 "--classify.num_cpus", "1", "--classify.threads", str(max(1, cores // max_replicas)),
                 "--classify.upscale_delay_s", "2", "--classify.target_ongoing_requests", "4",
-                "--ingress_cpus", "0.5",
+                "--ingress_cpus", "0.5", "--classify.dtype", args.dtype,
             ],
         )  # fmt: skip
         serve.run(build_app(cfg), name="beit", route_prefix="/")

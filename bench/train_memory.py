@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -54,6 +55,7 @@ def peak_rss(flavour: str, zero: int, steps: int, image: int, ds_extra: dict) ->
     result = run_pretraining(cfg, TrainData({"train": ray.data.from_items(rows)}, passes=1))
     with open(os.path.join(result.logs_uri, "metrics.jsonl")) as f:
         recs = [json.loads(x) for x in f]
+    shutil.rmtree(tmp, ignore_errors=True)  # checkpoints of BEiT-large: GBs per run
     return max(r["peak_rss_gb"] for r in recs if r["kind"] == "train")
 
 

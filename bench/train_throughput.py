@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -110,6 +111,7 @@ def ours(args: argparse.Namespace, data: list[dict]) -> tuple[float, float, floa
     with open(os.path.join(result.logs_uri, "metrics.jsonl")) as f:
         recs = [json.loads(x) for x in f if '"train"' in x][1:]  # first interval: warm-up
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # the run's checkpoints: GBs for BEiT-base
     return (
         float(np.mean([r["images_per_s"] for r in recs])),
         float(np.mean([r["data_wait_frac"] for r in recs])),
