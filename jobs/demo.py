@@ -86,6 +86,8 @@ def main() -> None:
             "--data.source", IMAGES,
             "--optim.lr", "2e-3",
             "--run.epochs", "4",
+            # ImageNet-strength RandAugment / random erasing need more than 4 epochs of 256 images
+            "--data.rand_augment", "", "--optim.reprob", "0",
             "--checkpoint.name", f"demo-finetune-{stamp}",
         ],
     )  # fmt: skip

@@ -33,11 +33,13 @@ from beit_ray.train.demo_data import make_demo_images
 from beit_ray.train.trainer import run_finetuning
 
 DEMO_DATA = os.path.join("runs", "demo-data")
-# Without a --config file: the demo images (8 photo classes), a debug-sized lr and 4 logical
-# CPUs for a local Ray so 2 workers and the read tasks fit on 2 cores.
+# Without a --config file: the demo images (8 photo classes), a debug-sized lr, no RandAugment
+# or random erasing (ImageNet-strength augmentation needs more than 4 epochs of 256 images) and
+# 4 logical CPUs for a local Ray so 2 workers and the read tasks fit on 2 cores.
 DEMO_ARGS = [
     "--ray.num_cpus", "4", "--data.source", os.path.join(DEMO_DATA, "images"), "--optim.lr", "1e-3",
     "--run.epochs", "4", "--run.log_every", "8", "--val_fraction", "0.2",
+    "--data.rand_augment", "", "--optim.reprob", "0",
 ]  # fmt: skip
 
 
