@@ -257,7 +257,13 @@ def masked_rows(
         fn_kwargs={"cfg": cfg, "errors_uri": errors_uri or cfg.errors_uri, "st": st},
         batch_size=cfg.batch_size,
     )
-    return add_tokenizer(ds, cfg, st)
+    return with_reservation(add_tokenizer(ds, cfg, st), cfg)
+
+
+def with_reservation(ds, cfg: DataConfig):  # noqa: ANN001, ANN201
+    """``ds`` executing with ``cfg.reserve_per_operator`` (the dataset's own DataContext copy)."""
+    ds.context.op_resource_reservation_enabled = cfg.reserve_per_operator
+    return ds
 
 
 def labelled_dataset(
@@ -300,7 +306,7 @@ def labelled_dataset(
         keep = split == "val"
         ds = ds.filter(lambda r: in_val_split(str(r["key"]), val_fraction, cfg.seed) == keep)
     train = split == "train" if train_augment is None else train_augment
-    return ds.map_batches(
+    ds = ds.map_batches(
         labelled_batch,
         fn_kwargs={
             "cfg": cfg,
@@ -310,6 +316,7 @@ def labelled_dataset(
         },
         batch_size=cfg.batch_size,
     )
+    return with_reservation(ds, cfg)
 
 
 def classes_for(
