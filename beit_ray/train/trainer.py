@@ -30,7 +30,9 @@ class RunResult:
     model_uri: str
     logs_uri: str
     step: int
+    """Step of the exported checkpoint (the best by validation score when the task has one)."""
     metrics: dict[str, Any]
+    """That checkpoint's reported metrics."""
 
     def describe(self) -> str:
         """Where each output is, for a job's closing lines."""
@@ -132,9 +134,8 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
         f"run: {uri}\n  model (HF format): {model_uri}\n  logs: {storage.join(uri, 'logs')}",
         flush=True,
     )
-    return RunResult(
-        uri, model_uri, storage.join(uri, "logs"), state.step, dict(result.metrics or {})
-    )
+    # The exported checkpoint's metrics (the best by score), not Ray's latest report.
+    return RunResult(uri, model_uri, storage.join(uri, "logs"), state.step, metrics)
 
 
 def export(
