@@ -130,10 +130,6 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
         ),
         cfg.storage,
     )
-    print(
-        f"run: {uri}\n  model (HF format): {model_uri}\n  logs: {storage.join(uri, 'logs')}",
-        flush=True,
-    )
     # The exported checkpoint's metrics (the best by score), not Ray's latest report.
     return RunResult(uri, model_uri, storage.join(uri, "logs"), state.step, metrics)
 
