@@ -12,6 +12,8 @@ from typing import Literal
 from beit_ray.config import RayConfig, StorageConfig, check
 
 InferTask = Literal["classify", "segment", "embed"]
+InferDtype = Literal["float32", "bfloat16", "float16"]
+"""Model dtype for labelling and serving (``torch.<name>``)."""
 INFER_TASKS: tuple[str, ...] = ("classify", "segment", "embed")
 InputLayout = Literal["auto", "files", "class_tars", "webdataset", "parquet", "manifest"]
 INPUT_LAYOUTS: tuple[str, ...] = (
@@ -36,7 +38,7 @@ class PredictConfig:
     """Images per forward pass in each actor."""
     max_pixels: int = 50_000_000
     """Images with more pixels than this become error rows (decompression bombs, huge scans)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: InferDtype = "float32"
     """Model weights and activations. float32 equals transformers' forward (scores within 1e-4);
     bfloat16 is ~5x faster on CPUs with AMX (Intel Sapphire Rapids and later) and fast on recent
     GPUs, with scores within ~1e-2; float16 is for GPUs."""

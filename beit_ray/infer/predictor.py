@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_ray.config import StorageConfig
+from beit_ray.infer.config import InferDtype
 
 PredictTask = Literal["classify", "segment", "embed"]
 # Our inference task names → the model layer's.
@@ -28,7 +29,6 @@ MODEL_TASKS: dict[str, str] = {
     "segment": "segmentation",
     "embed": "features",
 }
-InferDtype = Literal["float32", "bfloat16", "float16"]
 # Upsampling [C, H, W] float logits at once above this many elements would take GBs (ADE's 150
 # classes on a 12 MP photo: 7 GB); larger maps are upsampled in row bands.
 UPSAMPLE_BUDGET = 1 << 26

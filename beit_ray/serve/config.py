@@ -8,9 +8,9 @@ the YAML's ``deployments:`` list (autoscaling_config, ray_actor_options) overrid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from beit_ray.config import RayConfig, StorageConfig, check
+from beit_ray.infer.config import InferDtype
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ReplicaConfig:
     """GPUs per replica (0 on CPU-only machines; fractions share a GPU)."""
     threads: int | None = None
     """torch CPU threads per replica; unset: num_cpus rounded up."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: InferDtype = "float32"
     """Model weights and activations: float32 answers as transformers does (1e-4); bfloat16 is
     ~5x faster on CPUs with AMX and on recent GPUs (scores within ~1e-2); float16 for GPUs."""
     upscale_delay_s: float = 2.0
