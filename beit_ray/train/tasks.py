@@ -16,14 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from beit_ray.data.augment import MEANS, STDS
 from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
 
 HEAD_INIT_SCALE = 1e-3
 """BEiT fine-tuning scales a new classification head by 0.001 (unilm --init_scale)."""
-MEAN_STD = {
-    "beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 
 class Task:
@@ -36,7 +33,8 @@ class Task:
 
     def __init__(self, cfg: TrainConfig, extra: dict[str, Any]) -> None:
         self.cfg, self.extra = cfg, extra
-        mean, std = MEAN_STD[getattr(cfg.data, "normalization", "beit")]
+        kind = getattr(cfg.data, "normalization", "beit")  # the data pipeline's own tables
+        mean, std = MEANS[kind], STDS[kind]
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
         self.dtype = torch.float32
