@@ -31,10 +31,11 @@ class TrainData:
 
 def pretraining_data(cfg: PretrainConfig) -> TrainData:
     from beit_ray.data.materialize import read_materialized
-    from beit_ray.data.pipeline import pretraining_dataset
+    from beit_ray.data.pipeline import pretraining_dataset, with_reservation
 
     if cfg.shards:
-        return TrainData({"train": read_materialized(cfg.shards, cfg.storage)}, cfg.run.epochs)
+        shards = with_reservation(read_materialized(cfg.shards, cfg.storage), cfg.data)
+        return TrainData({"train": shards}, cfg.run.epochs)
     from beit_ray.data.sources import list_source
 
     listing = list_source(cfg.data, cfg.storage)
@@ -74,6 +75,7 @@ def finetuning_data(cfg: FinetuneConfig) -> TrainData:
 
 def segmentation_data(cfg: FinetuneConfig) -> TrainData:
     """ADE20k layout: images/{training,validation} + annotations/{training,validation}."""
+    from beit_ray.data.pipeline import with_reservation
     from beit_ray.data.segmentation import segmentation_dataset
 
     common: dict[str, Any] = {
@@ -83,8 +85,11 @@ def segmentation_data(cfg: FinetuneConfig) -> TrainData:
         "storage_cfg": cfg.storage,
         "errors_uri": cfg.data.errors_uri,
     }
-    train = segmentation_dataset(cfg.data.source, "training", **common)
-    val = segmentation_dataset(cfg.val_source or cfg.data.source, "validation", **common)
+    # data.reserve_per_operator holds here too (the other layouts' builders apply it themselves)
+    train = with_reservation(segmentation_dataset(cfg.data.source, "training", **common), cfg.data)
+    val = with_reservation(
+        segmentation_dataset(cfg.val_source or cfg.data.source, "validation", **common), cfg.data
+    )
     names = _seg_names(cfg)
     return TrainData({"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)))
 
