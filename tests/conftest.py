@@ -7,9 +7,14 @@ and a local Ray. Starting Ray costs seconds and ``fit()`` ~30 s here, so one Ray
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+from typing import Any
 
 import numpy as np
 import pytest
@@ -114,3 +119,23 @@ def jpeg_bytes(img: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_child(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> Any:
+    """Run ``python *args`` from the repo root (for work that must not share this process:
+    a process group, a second Ray); return the JSON of its last ``RESULT <json>`` line."""
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import free_port, run_child
 
 SCRIPT = textwrap.dedent(
     """
@@ -45,12 +42,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_zero3_build_partitions_and_keeps_transformers_init(tmp_path):
     from beit_ray.models.build import build_model
@@ -63,19 +54,9 @@ def test_zero3_build_partitions_and_keeps_transformers_init(tmp_path):
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "mim")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = run_child(["-c", SCRIPT, str(tmp_path / "mim")], env)
     assert out["partitioned"] and out["local_numel"] == 0 and out["ds_numel"] == 128 * 64
     assert abs(out["std"] - 0.02) < 0.002, out["std"]  # transformers' init, not zero.Init's 0.059
     assert out["loaded_partitioned"] and out["max_diff"] == 0.0 and out["copied"] == 4

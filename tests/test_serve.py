@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 from collections import Counter
@@ -12,18 +11,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import jpeg_bytes
+from conftest import free_port, jpeg_bytes
 from PIL import Image
 
 pytestmark = pytest.mark.integration
 
 MAX_PIXELS = 1_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def server(ray_session, checkpoints):
     from beit_ray.serve.app import build_app
     from beit_ray.serve.config import ServeConfig
 
-    port = _free_port()
+    port = free_port()
     cfg = parse_args(
         ServeConfig,
         [

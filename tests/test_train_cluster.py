@@ -3,13 +3,11 @@ per node. It cannot share a process with the session's Ray, so it runs in a subp
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_child
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +61,6 @@ def test_two_node_cluster_trains_one_worker_per_node(tmp_path) -> None:
         "RAY_ADDRESS": "",
     }
     env.pop("RAY_ADDRESS")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "runs")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = run_child([str(script), str(tmp_path / "runs")], env)
     assert out["nodes"] == 2 and out["step"] == 4 and out["steps"] == [1, 2, 3, 4]
     assert os.path.exists(os.path.join(out["model"], "model.safetensors"))

@@ -6,15 +6,13 @@ own process never joins a process group; the fine-tuning case is the whole Ray T
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, run_child
 
 from beit_ray.config import build
 from beit_ray.train.config import FinetuneConfig
@@ -75,16 +73,7 @@ ENGINE_CASES = textwrap.dedent(
 def test_bf16_fp16_and_offload_train_on_cpu(tmp_path) -> None:
     script = tmp_path / "cases.py"
     script.write_text(ENGINE_CASES)
-    port = str(29600 + os.getpid() % 300)
-    proc = subprocess.run(
-        [sys.executable, str(script), port, str(tmp_path / "ck")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULT ") :])
+    results = run_child([str(script), str(free_port()), str(tmp_path / "ck")])
     by = {(r["precision"], r["zero_stage"], r.get("offload_params", False)): r for r in results}
     for r in results:
         assert np.isfinite(r["last"]) and r["last"] < r["first"] - 0.5, r  # it learns
