@@ -80,9 +80,10 @@ def main() -> None:
         )
         if v is not None
     }
-    ray.init(
-        num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp")
-    )
+    from beit_ray.config import RayConfig
+    from beit_ray.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=4))  # as the jobs start it
     ray.data.DataContext.get_current().enable_progress_bars = False
     peaks = {}
     for zero in args.stages:
