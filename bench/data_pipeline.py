@@ -292,7 +292,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3, help="best of N for every figure")
-    ap.add_argument("--ray-images", type=int, default=800)
+    ap.add_argument("--ray-images", type=int, default=3200)
     ap.add_argument("--skip-tokenizers", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -379,13 +379,15 @@ def main() -> None:
         print(f"batch fn, 1 process     {p1:8.1f}")
         print(f"batch fn, 2 processes   {p2:8.1f}   = {p2 / p1:.2f}x")
         loads.append(os.getloadavg()[0])
-        # ~16 images per read task: enough tasks that 2 CPUs never wait on a straggler block
+        # 64 images per read task (the folders default), 50 tasks at the default 3200 images:
+        # an epoch long enough (5-10 s) that executor start-up and the last straggler task
+        # weigh little, as in a real epoch of millions of images
         rcfg = DataConfig(
             source=ray_root,
             tokenizer="none",
             color_jitter=0.0,
             batch_size=16,
-            read_tasks=max(2, ray_n // 16),
+            read_tasks=max(2, ray_n // 64),
         )
         r1 = ray_rate(rcfg, 1, ray_n, args.repeats)
         loads.append(os.getloadavg()[0])
