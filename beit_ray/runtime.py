@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -64,3 +65,14 @@ def worker_threads(requested: int | None, local_workers: int) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, local_workers))
+
+
+def say(line: str) -> None:
+    """Write one line to this process's stdout, once, also inside a Ray Train worker.
+
+    Ray Train patches ``print`` in its workers to log through Train's logger, and when Ray has
+    also wrapped ``sys.stdout`` it writes the line to both, so every progress line showed twice.
+    """
+    out = sys.__stdout__ or sys.stdout
+    out.write(line + "\n")
+    out.flush()

@@ -114,3 +114,35 @@ def test_sliding_windows_cover_the_image_and_miou() -> None:
     m = segmentation_metrics(conf)
     assert m["pixel_acc"] == pytest.approx(0.9)
     assert m["miou"] == pytest.approx((8 / 10 + 10 / 12) / 2)
+
+
+def test_progress_line_shows_once_under_ray_trains_patched_print(tmp_path, capfd) -> None:
+    """Ray Train workers patch ``print``; with Ray's wrapped sys.stdout it wrote each line twice."""
+    import builtins
+    import io
+    import logging
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from beit_ray.train.observe import Observer
+
+    obs = Observer(str(tmp_path / "logs"), 0)
+    obs.step({"loss": 2.5}, images=8, data_wait=0.0)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.__stdout__)  # Train's console handler, in short
+    root.addHandler(handler)
+    old_print, old_stdout, old_level = builtins.print, sys.stdout, root.level
+    root.setLevel(logging.INFO)
+    wrapped = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)  # noqa: SIM115
+    builtins.print, sys.stdout = redirected_print, wrapped  # as in a worker: fd 1, another object
+    try:
+        obs.log(1, 0, 10)
+    finally:
+        builtins.print, sys.stdout = old_print, old_stdout
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        obs.close()
+    out = capfd.readouterr().out
+    assert out.count("step 1/10") == 1, out
+    assert "loss 2.5" in out

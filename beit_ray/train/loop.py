@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from beit_ray import storage
-from beit_ray.runtime import worker_threads
+from beit_ray.runtime import say, worker_threads
 from beit_ray.train import checkpoint
 from beit_ray.train.checkpoint import TrainState
 from beit_ray.train.config import TrainConfig
@@ -255,5 +255,5 @@ def maybe_fail(cfg: TrainConfig, rank: int, step: int, run_uri: str) -> None:
     if storage.exists(marker, cfg.storage):
         return
     storage.write_text(marker, "injected failure\n", cfg.storage)
-    print(f"[debug] rank {rank} exits at step {step} (fault injection)", flush=True)
+    say(f"[debug] rank {rank} exits at step {step} (fault injection)")
     os._exit(1)

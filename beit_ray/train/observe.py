@@ -18,6 +18,7 @@ from typing import Any
 
 from beit_ray import storage
 from beit_ray.config import StorageConfig
+from beit_ray.runtime import say
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -87,7 +88,7 @@ class Observer:
         for k, v in rec.items():
             self.tb.add_scalar(f"{prefix}/{k}", v, step)
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in rec.items())
-        print(f"{head}  epoch {epoch}  {shown}", flush=True)
+        say(f"{head}  epoch {epoch}  {shown}")
 
     def sync(self) -> None:
         """Flush TensorBoard and mirror the files to the run's logs folder when it is remote."""
