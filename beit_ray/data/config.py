@@ -71,7 +71,7 @@ class DataConfig:
     reserve_per_operator: bool = True
     """Ray Data's per-operator resource reservation (its default): each stage is held to its
     reserved share, so read tasks never starve the tokenizer actors. Off, the decode stage takes
-    every free CPU: on 2 CPUs it then scales 1.65x from 1 to 2 CPUs instead of 1.06x
+    every free CPU: on 2 CPUs it then scales 1.74x from 1 to 2 CPUs instead of 1.05x
     (bench/data_pipeline.py); worth trying on small machines."""
     tokenizer: Literal["dalle", "codebook", "none"] = "dalle"
     """Visual tokenizer; none: rows carry the tokenizer view (tokenizer_pixels) instead of tokens."""
