@@ -9,7 +9,8 @@ Data: ImageNet-sized JPEGs (~500×375, quality 85–95) cut from scikit-image's 
    pipeline (full PIL decode, flip, RandomResizedCrop to 224 bicubic + 112 lanczos, ToTensor,
    Normalize, map_pixels, python-`random` MaskingGenerator); (b) the decode floor (full PIL
    decode to RGB); ours (the exact batch function Ray Data runs: read, draft decode, two
-   views, mask, uint8). Colour jitter off on both sides (same work).
+   views, mask, uint8). Colour jitter off on both sides, then both at BEiT's default 0.4
+   (unilm jitters the whole decoded image with PIL; we jitter the two small views).
 2. Ray Data end to end (list → read → decode/augment/mask) with 1 and then 2 CPUs.
 3. With each tokenizer as an actor stage (random weights of the real shapes: DALL-E n_hid 256 /
    8192 codes; codebook of 8192 centroids).
@@ -31,7 +32,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -144,9 +145,28 @@ def to_tensor_normalize(img: Image.Image, mean: float, std: float) -> torch.Tens
     return (x - mean) / std
 
 
-def unilm_sample(path: str, masker: UnilmMasking) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def pil_color_jitter(img: Image.Image, s: float) -> Image.Image:
+    """torchvision ``ColorJitter(s, s, s)`` on a PIL image, as unilm runs it (ImageEnhance ops
+    in a random order, factors uniform in [1 - s, 1 + s], torch RNG)."""
+    order = torch.randperm(4).tolist()
+    b, c, sat = (float(torch.empty(1).uniform_(1 - s, 1 + s)) for _ in range(3))
+    for fn in order:
+        if fn == 0:
+            img = ImageEnhance.Brightness(img).enhance(b)
+        elif fn == 1:
+            img = ImageEnhance.Contrast(img).enhance(c)
+        elif fn == 2:
+            img = ImageEnhance.Color(img).enhance(sat)
+    return img  # fn 3 (hue) is off: unilm passes no hue
+
+
+def unilm_sample(
+    path: str, masker: UnilmMasking, jitter: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     with open(path, "rb") as f:
         img = Image.open(f).convert("RGB")
+    if jitter > 0:  # unilm: ColorJitter first, on the whole image
+        img = pil_color_jitter(img, jitter)
     if torch.rand(1) < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     i, j, h, w = rrc_params(img)
@@ -197,7 +217,8 @@ def _mad(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
 
 def fidelity(paths: list[str]) -> dict[str, float]:
     """Mean abs diff (uint8 levels) of each shortcut against the exact unilm-style resize."""
-    from beit_ray.data.augment import REDUCING_GAP, sample_crop
+    from beit_ray.data.augment import sample_crop
+    from beit_ray.data.resize import REDUCING_GAP
 
     rng = np.random.default_rng(0)
     tok, gap, draft = [], [], []
@@ -294,6 +315,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of N for every figure")
     ap.add_argument("--ray-images", type=int, default=3200)
     ap.add_argument("--skip-tokenizers", action="store_true")
+    ap.add_argument("--per-core-only", action="store_true", help="only section 1 (and masks)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="bench_data_")
@@ -301,7 +323,7 @@ def main() -> None:
     try:
         root = os.path.join(tmp, "images")  # the per-core set (--images)
         ray_root = os.path.join(tmp, "ray")  # the Ray Data set (--ray-images)
-        ray_n = args.ray_images
+        ray_n = 0 if args.per_core_only else args.ray_images
         all_paths = make_images(ray_root, max(args.images, ray_n))
         paths = []
         for p in all_paths[: args.images]:
@@ -320,6 +342,7 @@ def main() -> None:
         torch.manual_seed(0)
         masker = UnilmMasking()
         cfg = DataConfig(source=root, tokenizer="none", color_jitter=0.0)
+        jcfg = dataclasses.replace(cfg, color_jitter=0.4)  # BEiT's default, both sides
         chunks = [paths[i : i + 32] for i in range(0, len(paths), 32)]
         variants = {
             "floor": lambda c: rate(lambda p: Image.open(p).convert("RGB"), c),
@@ -331,6 +354,8 @@ def main() -> None:
             "ours_nodraft": lambda c: ours_batch_rate(
                 c, root, dataclasses.replace(cfg, draft=False)
             ),
+            "unilm_jitter": lambda c: rate(lambda p: unilm_sample(p, masker, 0.4), c),
+            "ours_jitter": lambda c: ours_batch_rate(c, root, jcfg),
         }
         rate(lambda p: Image.open(p).convert("RGB"), paths[:20])  # warm caches
         # Paired timing against the load of the shared machine: every 32-image chunk runs
@@ -357,6 +382,10 @@ def main() -> None:
             if k.startswith("ours"):
                 extra = f" = {best[k] / unilm:.2f}x (a), {best[k] / floor:.2f}x (b)"
             print(f"{label:<34} {best[k]:8.1f}{extra}")
+        uj, oj = best["unilm_jitter"], best["ours_jitter"]
+        print("with colour jitter 0.4 on both sides (BEiT's default; unilm: whole image first)")
+        print(f"{'unilm-style (a)':<34} {uj:8.1f}")
+        print(f"{'ours (from patch)':<34} {oj:8.1f} = {oj / uj:.2f}x (a), {oj / floor:.2f}x (b)")
         gen = BlockMaskGenerator()
         rng = np.random.default_rng(0)
         t = time.perf_counter()
@@ -373,6 +402,8 @@ def main() -> None:
         print("\n## fidelity (mean abs diff, uint8 levels)")
         for k, v in fidelity(paths).items():
             print(f"{k:<66} {v:.3f}")
+        if args.per_core_only:
+            return
 
         print("\n## scaling 1 → 2 (images/s)")
         p1, p2 = process_scaling(paths, root, cfg)
