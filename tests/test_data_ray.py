@@ -186,17 +186,26 @@ def test_labelled_split_is_deterministic_and_disjoint(ray_session, tmp_path, ite
     val = {r["key"] for r in labelled_dataset(cfg, "val", val_fraction=0.4).take_all()}
     assert not train & val and len(train | val) == 8 and val
     assert val == {r["key"] for r in labelled_dataset(cfg, "val", val_fraction=0.4).take_all()}
-    # data.reserve_per_operator reaches the dataset's own context (Ray's default stays global)
+    # data.reserve_per_operator reaches the dataset's own context (Ray's default stays global).
+    # Unset (auto): off for task-only graphs such as this one, on where an actor stage is.
     import dataclasses
 
     import ray
 
-    off = labelled_dataset(
-        dataclasses.replace(cfg, reserve_per_operator=False), "val", val_fraction=0.4
-    )
-    assert off.context.op_resource_reservation_enabled is False
-    assert {r["key"] for r in off.take_all()} == val  # same rows, only scheduling differs
-    assert labelled_dataset(cfg, "train", val_fraction=0.4).context.op_resource_reservation_enabled
+    from beit_ray.data.pipeline import with_reservation
+
+    auto = labelled_dataset(cfg, "val", val_fraction=0.4)
+    assert auto.context.op_resource_reservation_enabled is False
+    assert {r["key"] for r in auto.take_all()} == val  # same rows, only scheduling differs
+    on = dataclasses.replace(cfg, reserve_per_operator=True)
+    assert labelled_dataset(on, "train", val_fraction=0.4).context.op_resource_reservation_enabled
+    assert with_reservation(
+        ray.data.range(2), cfg, actor_stage=True
+    ).context.op_resource_reservation_enabled
+    off = dataclasses.replace(cfg, reserve_per_operator=False)
+    assert not with_reservation(
+        ray.data.range(2), off, actor_stage=True
+    ).context.op_resource_reservation_enabled
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled
 
 

@@ -68,11 +68,12 @@ class DataConfig:
     block for folders."""
     batch_size: int = 64
     """Rows per batch in the decode/augment and tokenizer stages."""
-    reserve_per_operator: bool = True
-    """Ray Data's per-operator resource reservation (its default): each stage is held to its
-    reserved share, so read tasks never starve the tokenizer actors. Off, the decode stage takes
-    every free CPU: on 2 CPUs it then scales 1.74x from 1 to 2 CPUs instead of 1.05x
-    (bench/data_pipeline.py); worth trying on small machines."""
+    reserve_per_operator: bool | None = None
+    """Ray Data's per-operator resource reservation. Unset (auto): on only when the graph has
+    an actor stage (the tokenizer), whose actors it protects (~4% faster there), and off for
+    task-only graphs, which it holds to part of the CPUs: measured on a lone map stage, 1.4 of
+    2 and 5.6 of 8 tasks ran at once with it, 1.9 and 7.5 without; the decode stage scaled
+    1.04x from 1 to 2 CPUs with it and 1.75x without (bench/data_pipeline.py)."""
     tokenizer: Literal["dalle", "codebook", "none"] = "dalle"
     """Visual tokenizer; none: rows carry the tokenizer view (tokenizer_pixels) instead of tokens."""
     tokenizer_weights: str | None = None

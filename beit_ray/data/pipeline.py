@@ -257,12 +257,14 @@ def masked_rows(
         fn_kwargs={"cfg": cfg, "errors_uri": errors_uri or cfg.errors_uri, "st": st},
         batch_size=cfg.batch_size,
     )
-    return with_reservation(add_tokenizer(ds, cfg, st), cfg)
+    return with_reservation(add_tokenizer(ds, cfg, st), cfg, actor_stage=cfg.tokenizer != "none")
 
 
-def with_reservation(ds, cfg: DataConfig):  # noqa: ANN001, ANN201
-    """``ds`` executing with ``cfg.reserve_per_operator`` (the dataset's own DataContext copy)."""
-    ds.context.op_resource_reservation_enabled = cfg.reserve_per_operator
+def with_reservation(ds, cfg: DataConfig, actor_stage: bool = False):  # noqa: ANN001, ANN201
+    """``ds`` executing with ``cfg.reserve_per_operator`` (the dataset's own DataContext copy);
+    unset, reservation is on only for graphs with an ``actor_stage``."""
+    on = cfg.reserve_per_operator
+    ds.context.op_resource_reservation_enabled = actor_stage if on is None else on
     return ds
 
 
