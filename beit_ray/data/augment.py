@@ -139,7 +139,7 @@ def color_jitter(views: list, strength: float, rng: np.random.Generator) -> list
     same factors and order for every view; returns new uint8 views.
 
     brightness: x·f; contrast: x·f + mean(gray(x))·(1 - f); saturation: x·f + gray(x)·(1 - f).
-    In place on one float copy per view (≈ 0.15 ms for 224² + 112² on one core)."""
+    In place on one float copy per view (≈ 0.36 ms for 224² + 112² on one core; 0.93 ms in numpy)."""
     import torch
 
     factors = rng.uniform(1 - strength, 1 + strength, size=3).tolist()
