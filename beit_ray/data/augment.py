@@ -30,11 +30,13 @@ from beit_ray.data.decode import (
     load_rgb,
     open_image,
     oriented_size,
+    upright,
 )
+from beit_ray.data.jpeg import decode_jpeg_region, scaled_size
 from beit_ray.data.masking import BlockMaskGenerator
 from beit_ray.data.randaugment import parse_rand_augment
 from beit_ray.data.randaugment import rand_augment as apply_rand_augment
-from beit_ray.data.resize import resize_box, resize_lanczos
+from beit_ray.data.resize import pixel_box, resize_box, resize_lanczos
 
 MEANS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.485, 0.456, 0.406)}
 STDS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.229, 0.224, 0.225)}
@@ -101,8 +103,13 @@ def decode_region(
     out_side: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = True,
-) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """Decode just enough of ``data`` for a box chosen on the oriented size; box rescaled."""
+    region: bool = True,
+) -> tuple[Image.Image | np.ndarray, tuple[float, float, float, float]]:
+    """Decode just enough of ``data`` for a box chosen on the oriented size.
+
+    Returns (pixels, box): the decoded RGB image and the box rescaled to it, or, when the crop
+    alone was decoded (``region``: upright RGB/gray JPEGs, :mod:`beit_ray.data.jpeg`), a uint8
+    [h, w, 3] array holding exactly the box's pixels and the box (0, 0, w, h)."""
     img = open_image(data, max_pixels)
     ow, oh = oriented_size(img)
     left, top, right, bottom = box_fn(ow, oh)
@@ -112,6 +119,13 @@ def decode_region(
         for s in (2, 4, 8):
             if bw / s >= out_side and bh / s >= out_side:
                 scale = s
+    if region and img.format == "JPEG" and img.mode in ("RGB", "L") and upright(img):
+        w, h = scaled_size(ow, oh, scale)
+        fx, fy = w / ow, h / oh
+        px = pixel_box((left * fx, top * fy, right * fx, bottom * fy), w, h)
+        arr = decode_jpeg_region(data, scale, px)  # None: libjpeg said something → Pillow
+        if arr is not None:
+            return arr, (0, 0, arr.shape[1], arr.shape[0])
     rgb = load_rgb(img, scale)
     fx, fy = rgb.width / ow, rgb.height / oh
     return rgb, (left * fx, top * fy, right * fx, bottom * fy)
@@ -180,6 +194,7 @@ class PretrainTransform:
     draft: bool = True
     seed: int = 0
     tokenizer_view: str = "patch"
+    region_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.tokenizer_view not in ("patch", "crop"):
@@ -200,7 +215,7 @@ class PretrainTransform:
             cfg.image_size, cfg.tokenizer_image_size, cfg.grid, cfg.masking_patches, cfg.min_patches,
             cfg.max_num_patches, cfg.min_aspect, tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
             cfg.color_jitter, cfg.max_pixels, cfg.draft, cfg.seed,
-            getattr(cfg, "tokenizer_view", "patch"),
+            getattr(cfg, "tokenizer_view", "patch"), cfg.region_decode,
         )  # fmt: skip
 
     def __call__(
@@ -221,7 +236,9 @@ class PretrainTransform:
             return j, i, j + cw, i + ch
 
         s, t = self.image_size, self.tokenizer_size
-        img, b = decode_region(data, box, max(s, t), self.max_pixels, self.draft)
+        img, b = decode_region(
+            data, box, max(s, t), self.max_pixels, self.draft, self.region_decode
+        )
         patch = resize_box(img, b, s, "bicubic")  # [3, S, S] uint8 (see data/resize.py)
         if self.tokenizer_view == "patch" and t <= s:
             tok = patch if t == s else resize_lanczos(patch, t)  # [3, T, T]
@@ -256,6 +273,7 @@ class ClassifyTransform:
     rand_augment: str | None = None
     fill: tuple[int, int, int] = (124, 116, 104)
     """RandAugment's fill for pixels moved in from outside (the normalization mean, as timm)."""
+    region_decode: bool = True
 
     def __post_init__(self) -> None:
         self.ra_spec = parse_rand_augment(self.rand_augment)  # ValueError on a bad spec
@@ -271,7 +289,7 @@ class ClassifyTransform:
                 j = w - j - cw if flip else j
                 return j, i, j + cw, i + ch
 
-            img, b = decode_region(data, box, s, self.max_pixels, self.draft)
+            img, b = decode_region(data, box, s, self.max_pixels, self.draft, self.region_decode)
             x = resize_box(img, b, s)  # [3, S, S] uint8
             if self.ra_spec is None:
                 return to_chw(x, flip)
@@ -285,5 +303,5 @@ class ClassifyTransform:
             side = min(w, h) * s / resize
             return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
 
-        img, b = decode_region(data, center, s, self.max_pixels, self.draft)
+        img, b = decode_region(data, center, s, self.max_pixels, self.draft, self.region_decode)
         return to_chw(resize_box(img, b, s))

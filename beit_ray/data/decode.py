@@ -65,6 +65,11 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if _orientation(img) in _TRANSPOSED else (w, h)
 
 
+def upright(img: Image.Image) -> bool:
+    """True when no EXIF orientation applies (stored pixels are the displayed ones)."""
+    return _orientation(img) == 1
+
+
 def _orientation(img: Image.Image) -> int:
     try:
         return int(img.getexif().get(0x0112, 1) or 1)

@@ -45,18 +45,24 @@ def pixel_box(box: tuple[float, float, float, float], width: int, height: int) -
 
 
 def resize_box(
-    img: Image.Image,
+    img: Image.Image | np.ndarray,
     box: tuple[float, float, float, float],
     size: int,
     resample: str = "bicubic",
 ) -> torch.Tensor:
-    """The ``box`` of RGB ``img`` → ``size`` x ``size`` (``bicubic`` or ``lanczos``): uint8 [3, S, S]."""
-    left, top, right, bottom = pixel_box(box, img.width, img.height)
+    """The ``box`` of RGB ``img`` (a Pillow image or uint8 [H, W, 3]) → ``size`` x ``size``
+    (``bicubic`` or ``lanczos``): uint8 [3, S, S]."""
+    width, height = (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
+    left, top, right, bottom = pixel_box(box, width, height)
     if max(right - left, bottom - top) >= REDUCING_GAP * size:
-        pil = Image.Resampling.BICUBIC if resample == "bicubic" else Image.Resampling.LANCZOS
-        out = img.resize((size, size), pil, box=box, reducing_gap=REDUCING_GAP)
+        pil = Image.fromarray(img) if isinstance(img, np.ndarray) else img
+        f = Image.Resampling.BICUBIC if resample == "bicubic" else Image.Resampling.LANCZOS
+        out = pil.resize((size, size), f, box=box, reducing_gap=REDUCING_GAP)
         return torch.from_numpy(np.array(out)).permute(2, 0, 1)
-    crop = np.array(img.crop((left, top, right, bottom)))  # [h, w, 3], writable
+    if isinstance(img, np.ndarray):
+        crop = np.ascontiguousarray(img[top:bottom, left:right])  # no copy for a whole array
+    else:
+        crop = np.array(img.crop((left, top, right, bottom)))  # [h, w, 3], writable
     x = torch.from_numpy(crop).permute(2, 0, 1)  # [3, h, w], channels-last memory
     if resample == "lanczos":
         return resize_lanczos(x, size)
@@ -89,12 +95,46 @@ def lanczos_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return torch.from_numpy(m.astype(np.float32))
 
 
+@functools.lru_cache(maxsize=256)
+def lanczos_blocks(
+    in_size: int, out_size: int, group: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lanczos_matrix` cut into its non-zero band: outputs in groups of ``group``, each
+    reading K consecutive inputs. Returns (rows int64 [G·K], weights float32 [G, group, K]) with
+    G = ceil(out / group); output o = group·g + i is Σ_k weights[g, i, k] · input[rows[g·K + k]]."""
+    m = lanczos_matrix(in_size, out_size)  # [in, out]
+    n = -(-out_size // group)
+    spans = []
+    for g in range(n):
+        nz = torch.nonzero(m[:, g * group : (g + 1) * group].any(dim=1)).flatten()
+        spans.append((int(nz.min()), int(nz.max()) + 1))
+    k = min(max(hi - lo for lo, hi in spans), in_size)
+    starts = [min(lo, in_size - k) for lo, _ in spans]  # every window inside the input
+    rows = torch.tensor([s + i for s in starts for i in range(k)], dtype=torch.int64)
+    weights = torch.zeros(n, group, k)
+    for g, s in enumerate(starts):
+        cols = m[s : s + k, g * group : (g + 1) * group]  # [K, ≤ group]
+        weights[g, : cols.shape[1]] = cols.T
+    return rows, weights
+
+
+def _lanczos_rows(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Pillow's Lanczos along dim 0 of uint8 [in, R] → float [out, R] holding whole uint8
+    levels (rounded, clipped): only the filter's band is multiplied (12 taps at 2x, not ``in``)."""
+    rows, weights = lanczos_blocks(x.shape[0], out_size)
+    n, group, k = weights.shape
+    windows = x.index_select(0, rows).float().view(n, k, -1)  # [G, K, R]
+    y = torch.bmm(weights, windows).view(n * group, -1)[:out_size]  # [out, R]
+    return y.round_().clamp_(0, 255)
+
+
 def resize_lanczos(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [3, H, W] → Lanczos [3, S, S] uint8, as ``Image.resize(..., LANCZOS)``."""
     _, h, w = x.shape
-    y = x.float()
+    y = x.permute(2, 1, 0).contiguous()  # [W, H, 3] uint8
     if w != size:  # Pillow: horizontal pass first, rounded to uint8 in between
-        y = (y @ lanczos_matrix(w, size)).round_().clamp_(0, 255)  # [3, H, S]
+        y = _lanczos_rows(y.view(w, h * 3), size).view(size, h, 3)  # [S, H, 3]
+    y = y.transpose(0, 1).to(torch.uint8, memory_format=torch.contiguous_format)  # [H, S, 3]
     if h != size:
-        y = (lanczos_matrix(h, size).T @ y).round_().clamp_(0, 255)  # [3, S, S]
-    return y.to(torch.uint8)
+        y = _lanczos_rows(y.view(h, -1), size).view(size, -1, 3).to(torch.uint8)  # [S, S, 3]
+    return y.permute(2, 0, 1)  # [3, S, S]
