@@ -135,6 +135,9 @@ def test_classify_s3_matches_transformers(ray_session, bucket, checkpoints, phot
     assert set(df.index) == inputs and len(df) == len(inputs)  # one row per file, nothing else
     assert summary["files"] == len(inputs) and summary["errors"] == len(BAD_REASONS)
     assert st.exists(f"{out}/_SUMMARY.json") and summary["images_per_s"] > 0
+    # start-up (workers, actor, model load) until the first result, then the steady rate
+    assert 0 < summary["seconds_to_first_result"] <= summary["seconds"]
+    assert summary["images_per_s_after_first"] > 0
     for rel, reasons in BAD_REASONS.items():
         row = df.loc[f"s3://{bucket}/in/{rel}"]
         assert row["error"] and row["error"].split(":")[0] in reasons, (rel, row["error"])

@@ -351,7 +351,7 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
         f"{len(plan) - len(pending)} already written"
     )
 
-    processed, run_seconds = 0, 0.0
+    processed, run_seconds, timing = 0, 0.0, {}
     if pending:
         init_ray(cfg.ray, cfg.storage)
         run_start = time.perf_counter()  # images/s counts the pipeline, not Ray's start-up
@@ -389,9 +389,12 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
             num_gpus=a.num_gpus,
             batch_format="numpy",
         )
-        processed = _collect(ds, cfg, {c: len(plan[c]) for c in pending}, stop_after_chunks)
+        processed, timing = _collect(
+            ds, cfg, {c: len(plan[c]) for c in pending}, stop_after_chunks, run_start
+        )
         run_seconds = time.perf_counter() - run_start
     summary = _summarize(cfg, inputs, processed, run_seconds, resumed=len(plan) - len(pending))
+    summary.update(timing)
     summary["seconds_total"] = round(time.perf_counter() - start, 3)
     st.write_text(st.join(cfg.output, SUMMARY_NAME), json.dumps(summary, indent=1), cfg.storage)
     print0(
@@ -401,12 +404,25 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     return summary
 
 
-def _collect(ds: Any, cfg: LabelConfig, expected: dict[int, int], stop_after: int | None) -> int:
-    """Stream results; write each chunk as soon as all its rows have arrived."""
+def _collect(
+    ds: Any,
+    cfg: LabelConfig,
+    expected: dict[int, int],
+    stop_after: int | None,
+    start: float,
+) -> tuple[int, dict[str, float]]:
+    """Stream results; write each chunk as soon as all its rows have arrived. Returns the rows
+    written and the timing: seconds to the first result (actor start-up: model load) and the
+    steady images/s after it (what a long run converges to)."""
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
     counts: Counter[int] = Counter()
-    written = processed = 0
+    written = processed = arrived = first_rows = 0
+    first = last = 0.0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        last = time.perf_counter()
+        if not arrived:
+            first, first_rows = last, batch.num_rows
+        arrived += batch.num_rows
         chunk_col = batch.column("chunk").to_numpy()
         for c in np.unique(chunk_col):
             c = int(c)
@@ -421,7 +437,11 @@ def _collect(ds: Any, cfg: LabelConfig, expected: dict[int, int], stop_after: in
                     raise LabelInterrupted(f"stopped after {written} chunks (stop_after_chunks)")
     if buffers:  # a row went missing: never write a partial chunk
         raise RuntimeError(f"chunks {sorted(buffers)} are incomplete; rerun to finish them")
-    return processed
+    steady = (arrived - first_rows) / (last - first) if last > first else 0.0
+    return processed, {
+        "seconds_to_first_result": round(first - start, 3) if arrived else 0.0,
+        "images_per_s_after_first": round(steady, 3),
+    }
 
 
 def _summarize(
