@@ -147,6 +147,32 @@ def test_mim_to_classification_fine_tuning_load(tmp_path):
     assert torch.equal(again.classifier.weight, w)  # explicit seed → same head
 
 
+def test_a_complete_checkpoint_skips_the_random_init(tmp_path, monkeypatch):
+    """Weights the file provides are not randomly initialised first (0.7 s of a base load)."""
+    model = _randomise(build_model("debug", "classification", num_labels=5))
+    export_hf(model, str(tmp_path))
+    calls = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor, *args, **kwargs):  # nn.Linear's reset_parameters
+        if not tensor.is_meta:  # (shape-only shells on the meta device cost nothing)
+            calls.append(tensor.shape)
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+    again = load_model(str(tmp_path))
+    assert not calls
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(pixel_values=x).logits, again(pixel_values=x).logits)
+    # another number of labels: the new head is drawn as usual, never left uninitialised
+    seven = load_model(str(tmp_path), "classification", num_labels=7, seed=1)
+    w = seven.classifier.weight
+    assert w.shape[0] == 7 and torch.isfinite(w).all() and 1e-5 < w.std() < 3e-5
+    assert torch.equal(seven.classifier.bias, torch.zeros(7))
+
+
 def test_resolution_change_on_load(tmp_path):
     clf = _randomise(build_model("debug", "classification", num_labels=3))
     export_hf(clf, str(tmp_path))

@@ -272,7 +272,16 @@ def load_model(
     del source
 
     zero3 = zero3_config is not None and zero3_config.get("zero_optimization", {}).get("stage") == 3
-    model = build_from_config(cfg, task, zero3_config=zero3_config)
+    # Every weight comes from ``state``: skip the random initialisation it would overwrite
+    # (0.7 s of BEiT-base's 1 s load; non-persistent buffers are still computed).
+    complete = all(k in state for k in report["missing"] + report["newly_initialised"])
+    if complete and not zero3:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = build_from_config(cfg, task)
+    else:
+        model = build_from_config(cfg, task, zero3_config=zero3_config)
     keep_alive = None
     if zero3:  # transformers sees ZeRO-3 through a weakref to the newest HfDeepSpeedConfig
         from transformers.integrations import HfDeepSpeedConfig
