@@ -8,7 +8,13 @@ import torch
 from PIL import Image
 
 from beit_ray.data.augment import color_jitter
-from beit_ray.data.resize import REDUCING_GAP, lanczos_matrix, resize_box, resize_lanczos
+from beit_ray.data.resize import (
+    REDUCING_GAP,
+    lanczos_blocks,
+    lanczos_matrix,
+    resize_box,
+    resize_lanczos,
+)
 
 BICUBIC, LANCZOS = Image.Resampling.BICUBIC, Image.Resampling.LANCZOS
 
@@ -65,6 +71,21 @@ def test_lanczos_from_the_patch_view_is_pillows(photo):
     m = lanczos_matrix(224, 112)
     assert torch.allclose(m.sum(0), torch.ones(112), atol=1e-5)  # renormalized columns
     assert (m != 0).sum(0).max() == 12  # Lanczos-3 at 2x: 12 taps
+
+
+@pytest.mark.parametrize(
+    "in_size,out_size", [(224, 112), (297, 112), (60, 112), (7, 3), (112, 112)]
+)
+def test_lanczos_blocks_hold_every_weight_of_the_matrix(in_size, out_size):
+    m = lanczos_matrix(in_size, out_size)  # [in, out]
+    rows, weights = lanczos_blocks(in_size, out_size)
+    n, group, k = weights.shape
+    rebuilt = torch.zeros(in_size, n * group)
+    for g in range(n):
+        for i in range(group):
+            rebuilt[rows[g * k : (g + 1) * k], g * group + i] += weights[g, i]
+    assert torch.equal(rebuilt[:, :out_size], m) and not rebuilt[:, out_size:].any()
+    assert k <= in_size and (k < in_size or in_size <= 2 * group)  # a band, not the matrix
 
 
 def _reference_jitter(views, strength, rng):  # the float arithmetic, one op at a time
