@@ -79,6 +79,13 @@ def test_dct_scaled_regions_equal_pillows_draft(photos, scale):
     assert np.array_equal(got, drafted[box[1] : box[3], box[0] : box[2]])
 
 
+def test_any_bytes_like_input(photos):
+    data = jpeg_bytes(photos["coffee"])
+    want = decode_jpeg_region(data, 1, (5, 6, 70, 80))
+    for kind in (bytearray, memoryview, np.bytes_):
+        assert np.array_equal(decode_jpeg_region(kind(data), 1, (5, 6, 70, 80)), want)
+
+
 def test_grayscale_jpeg_comes_out_rgb(photos):
     gray = np.asarray(Image.fromarray(photos["coffee"]).convert("L"))
     data = _encode(gray, quality=90)

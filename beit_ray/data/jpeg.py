@@ -117,7 +117,11 @@ def decode_jpeg_region(
     1/``scale``, scale in 1, 2, 4, 8) of JPEG ``data`` → RGB uint8 [bottom - top, right - left, 3];
     None when the native decoder is unavailable or libjpeg reports anything (use Pillow)."""
     lib = native_library()
-    if lib is None or not data.endswith(EOI):
+    if lib is None:
+        return None
+    if not isinstance(data, bytes):  # memoryview / bytearray from a reader
+        data = bytes(data)
+    if not data.endswith(EOI):
         return None
     left, top, right, bottom = box
     out = np.empty((bottom - top, right - left, 3), np.uint8)  # [h, w, 3]
