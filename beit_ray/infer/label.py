@@ -413,7 +413,7 @@ def _collect(
 ) -> tuple[int, dict[str, float]]:
     """Stream results; write each chunk as soon as all its rows have arrived. Returns the rows
     written and the timing: seconds to the first result (actor start-up: model load) and the
-    steady images/s after it (what a long run converges to)."""
+    steady images/s after it (what a long run converges to; None when all rows came at once)."""
     buffers: dict[int, list[pa.Table]] = defaultdict(list)
     counts: Counter[int] = Counter()
     written = processed = arrived = first_rows = 0
@@ -437,10 +437,13 @@ def _collect(
                     raise LabelInterrupted(f"stopped after {written} chunks (stop_after_chunks)")
     if buffers:  # a row went missing: never write a partial chunk
         raise RuntimeError(f"chunks {sorted(buffers)} are incomplete; rerun to finish them")
-    steady = (arrived - first_rows) / (last - first) if last > first else 0.0
+    # undefined (None) when every row came in the first batch
+    steady = (
+        (arrived - first_rows) / (last - first) if last > first and arrived > first_rows else None
+    )
     return processed, {
         "seconds_to_first_result": round(first - start, 3) if arrived else 0.0,
-        "images_per_s_after_first": round(steady, 3),
+        "images_per_s_after_first": None if steady is None else round(steady, 3),
     }
 
 
