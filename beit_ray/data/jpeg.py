@@ -12,8 +12,8 @@ for the crop only:
 - an optional DCT scale 1/2, 1/4 or 1/8, as Pillow's ``draft``.
 
 The pixels are the ones a full Pillow decode gives for the same box (tested). On ImageNet-sized
-JPEGs a random crop decodes in ~0.3 ms against ~1.0 ms for Pillow's full decode
-(bench/data_pipeline.py).
+JPEGs a random-resized crop decodes in ~0.55 ms (a random box in ~0.3 ms) against ~1.0 ms for
+Pillow's full decode (bench/RESULTS.md).
 
 The C file is compiled on first use (``cc -O2 -shared ... -ljpeg``, under a second) into
 ``$BEIT_RAY_CACHE`` (default ``~/.cache/beit_ray``) under a name carrying the source's hash, and
@@ -129,4 +129,7 @@ def decode_jpeg_region(
     rc = lib.br_jpeg_region(
         data, len(data), 8 // scale, left, top, right, bottom, out.ctypes.data, err, _ERR_LEN
     )
-    return out if rc == 0 else None
+    if rc != 0:
+        log.debug("libjpeg declined %d bytes (%s): Pillow decodes them", len(data), err.value)
+        return None
+    return out
