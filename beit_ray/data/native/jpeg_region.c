@@ -45,7 +45,7 @@ int br_jpeg_region(const unsigned char *buf, unsigned long size, int scale_num, 
                    int x1, int y1, unsigned char *out, char *err, int err_len) {
   struct jpeg_decompress_struct cinfo;
   struct br_error jerr;
-  unsigned char *row = NULL;
+  unsigned char *volatile row = NULL; /* set after setjmp, freed after a longjmp */
   cinfo.err = jpeg_std_error(&jerr.pub);
   jerr.pub.error_exit = br_error_exit;
   jerr.pub.emit_message = br_emit_message;
