@@ -410,7 +410,7 @@ def _collect(
     expected: dict[int, int],
     stop_after: int | None,
     start: float,
-) -> tuple[int, dict[str, float]]:
+) -> tuple[int, dict[str, float | None]]:
     """Stream results; write each chunk as soon as all its rows have arrived. Returns the rows
     written and the timing: seconds to the first result (actor start-up: model load) and the
     steady images/s after it (what a long run converges to; None when all rows came at once)."""

@@ -12,6 +12,7 @@ What was not taken from the checkpoint is logged and left on ``model.beit_ray_lo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -275,12 +276,9 @@ def load_model(
     # Every weight comes from ``state``: skip the random initialisation it would overwrite
     # (0.7 s of BEiT-base's 1 s load; non-persistent buffers are still computed).
     complete = all(k in state for k in report["missing"] + report["newly_initialised"])
-    if complete and not zero3:
-        from transformers.initialization import no_init_weights
+    from transformers.initialization import no_init_weights
 
-        with no_init_weights():
-            model = build_from_config(cfg, task)
-    else:
+    with no_init_weights() if complete and not zero3 else contextlib.nullcontext():
         model = build_from_config(cfg, task, zero3_config=zero3_config)
     keep_alive = None
     if zero3:  # transformers sees ZeRO-3 through a weakref to the newest HfDeepSpeedConfig
