@@ -389,6 +389,9 @@ class StorageConfig:
     """Secret key; default AWS_SECRET_ACCESS_KEY. Never printed."""
     anonymous: bool = False
     """Read public buckets without credentials."""
+    shared_paths: list[str] = field(default_factory=list)
+    """Local paths mounted at the same place on every node (NFS, EFS, a Kubernetes volume): on a
+    multi-node cluster outputs may go under them; other local paths are refused there."""
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:

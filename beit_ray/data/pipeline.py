@@ -220,9 +220,10 @@ def add_tokenizer(ds, cfg: DataConfig, st: StorageConfig | None = None):  # noqa
             "data.tokenizer_weights: the DALL-E tokenizer needs converted weights "
             "(python -m beit_ray.data.tokenizers.dalle convert ...), or use data.tokenizer=codebook"
         )
-    gpus = cfg.tokenizer_num_gpus
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    from beit_ray.train.resources import tokenizer_gpus
+
+    # Unset: GPU actors when the cluster has GPU nodes, also ones the autoscaler has not started.
+    gpus = tokenizer_gpus(cfg.tokenizer_num_gpus)
     lo, hi = cfg.tokenizer_actors
     return ds.map_batches(
         TokenizerActor,

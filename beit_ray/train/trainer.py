@@ -20,6 +20,7 @@ from beit_ray.config import save_config
 from beit_ray.runtime import init_ray
 from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
 from beit_ray.train.data import TrainData, finetuning_data, pretraining_data
+from beit_ray.train.resources import check_training, process_group_backend
 
 
 @dataclass
@@ -68,11 +69,12 @@ def run_finetuning(cfg: FinetuneConfig, data: TrainData | None = None) -> RunRes
 def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
     """Train with Ray Train + DeepSpeed, resuming the run's latest checkpoint if there is one."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from beit_ray.train.loop import train_loop
     from beit_ray.train.tasks import make_task
 
+    check_training(cfg, data.ray_data_cpus)  # CPUs, GPUs, shared storage: fail before waiting
     uri = run_uri(cfg)
     save_config(cfg, storage.join(uri, "config.yaml"))
     extra = (
@@ -85,7 +87,6 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
     total = cfg.run.max_steps or data.passes * steps_per_pass(
         cfg, datasets["train"], data.rows_per_pass
     )
-    check_cpus(cfg, data.ray_data_cpus)
     ray_fs, ray_path = storage.pyarrow_fs(cfg.checkpoint.storage_path, cfg.storage)
     trainer = TorchTrainer(
         train_loop,
@@ -96,6 +97,7 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
             "passes": passes,
             "run_uri": uri,
         },
+        torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -167,21 +169,6 @@ def steps_per_pass(cfg: TrainConfig, train_ds: Any, rows: int | None = None) -> 
             f"{rows} training rows give no full step of {cfg.global_batch} (micro batch × accumulation × workers)"
         )
     return steps
-
-
-def check_cpus(cfg: TrainConfig, ray_data_cpus: float) -> None:
-    """Fail clearly instead of hanging: Ray Data waits forever when workers hold every CPU."""
-    import ray
-
-    have = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + ray_data_cpus
-    if have < need:
-        raise ValueError(
-            f"scaling: {cfg.scaling.num_workers} workers × {cfg.scaling.cpus_per_worker} CPU leave "
-            f"{have - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker:g} of {have:g} CPUs for Ray Data, which needs "
-            f"{ray_data_cpus:g} (read tasks + actor pools) or the run hangs: lower scaling.cpus_per_worker "
-            "or give Ray more logical CPUs (ray.num_cpus for a local Ray)"
-        )
 
 
 def _final_checkpoint(result: Any, score: str | None) -> tuple[Any, dict[str, Any]]:
