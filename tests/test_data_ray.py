@@ -278,8 +278,9 @@ def test_segmentation_rows(ray_session, tmp_path, photos):
     for r in train:
         assert r["pixel_values"].shape == (3, 64, 64) and r["labels"].shape == (64, 64)
         assert set(np.unique(r["labels"])) <= {0, 2, 3, 255}  # reduce_zero_label: 0 → 255, k → k-1
-    val = segmentation_dataset(str(root), "validation").take_all()
-    assert {r["pixel_values"].shape for r in val} == {(3, 120, 160)}
+    val = segmentation_dataset(str(root), "validation", crop_size=64).take_all()
+    # images at the test scale (256, 64), ratio kept; labels at the original size
+    assert {r["pixel_values"].shape for r in val} == {(3, 64, 85)}
     assert all(
         r["labels"].shape == (120, 160) and r["labels"][0, 0] == 0 and r["labels"][-1, 0] == 255
         for r in val

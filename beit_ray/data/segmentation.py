@@ -3,20 +3,27 @@
 Layout: ``root/images/{training,validation}/<name>.jpg`` and
 ``root/annotations/{training,validation}/<name>.png`` (class ids, 0 = "other").
 
-Rows: ``pixel_values`` uint8 [3, H, W], ``labels`` uint8 [H, W], ``key`` str (the image name).
-With ``reduce_zero_label`` (ADE20k's convention) 0 becomes 255 (ignored) and k becomes k-1.
-Training (mmseg's ADE20k recipe): random rescale with ratio 0.5–2.0 of the (2048, 512) scale,
-random crop ``crop_size`` (up to 10 tries so one class covers < 75 %), horizontal flip 0.5,
-pad to ``crop_size`` (pixels 0, labels 255). Validation: full images (variable H, W); the
-trainer runs sliding-window inference.
+Rows: ``pixel_values`` uint8 [3, h, w], ``labels`` uint8, ``valid_hw`` int32 [2] (the real
+pixels' extent), ``key`` str. With ``reduce_zero_label`` (ADE20k's convention) 0 becomes 255
+(ignored) and k becomes k-1. The scale (long, short) is a field, by default mmseg's
+(4 × crop, crop): ADE20k's (2048, 512) for crop 512, (256, 64) for crop 64.
+Training (mmseg's UperNet pipeline): rescale by a ratio in 0.5–2.0 of the scale (aspect
+kept), random crop (up to 10 redraws while one class covers ≥ 75 %), flip 0.5,
+PhotoMetricDistortion; rows are [3, c, c] with filler past ``valid_hw`` that the worker zeroes
+after normalizing (mmseg pads after Normalize). Validation: images rescaled to the scale
+(aspect kept), labels at the original size; the trainer slides windows and resizes the logits
+back to the labels (mmseg's slide test).
 """
 
 from __future__ import annotations
 
+import math
 import posixpath
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from beit_ray import storage
@@ -26,6 +33,128 @@ from beit_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, 
 from beit_ray.data.pipeline import write_errors
 
 IGNORE = 255
+SCALE_PER_CROP = 4
+"""mmseg's training scale is (4 × crop, crop): ADE20k's (2048, 512) for a 512 crop."""
+
+
+def train_scale(crop_size: int, scale: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(long, short) edge limits of the rescale: ``scale`` or mmseg's (4 × crop, crop)."""
+    if scale is not None:
+        return max(scale), min(scale)
+    return SCALE_PER_CROP * crop_size, crop_size
+
+
+def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) rescaled, ratio kept, as large as fits ``scale`` (long, short): mmcv.rescale_size."""
+    sf = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(1, int(h * sf + 0.5)), max(1, int(w * sf + 0.5))
+
+
+def resize_pair(
+    image: np.ndarray, labels: np.ndarray | None, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image bilinear, labels nearest (mmseg's interpolations) to ``size`` (h, w)."""
+    h, w = size
+    if image.shape[:2] != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    if labels is not None and labels.shape != (h, w):
+        labels = np.asarray(Image.fromarray(labels).resize((w, h), Image.Resampling.NEAREST))
+    return image, labels
+
+
+def random_crop(
+    image: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    crop_size: int,
+    cat_max_ratio: float = 0.75,
+) -> tuple[np.ndarray, np.ndarray]:
+    """mmseg RandomCrop: up to 10 redraws while one class covers ≥ ``cat_max_ratio`` of the crop."""
+    h, w = labels.shape
+    ch, cw = min(crop_size, h), min(crop_size, w)
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+
+    top, left = draw()
+    if cat_max_ratio < 1:
+        for _ in range(10):
+            crop = labels[top : top + ch, left : left + cw]
+            _, counts = np.unique(crop[crop != IGNORE], return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            top, left = draw()  # as mmseg: the 11th draw stands even if it fails too
+    return image[top : top + ch, left : left + cw], labels[top : top + ch, left : left + cw]
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's convert: float multiply-add, clip to [0, 255], truncate to uint8."""
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] → float32 HSV, H in degrees [0, 360), S and V in [0, 1]."""
+    x = rgb.astype(np.float32) / 255
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v, mn = x.max(-1), x.min(-1)
+    c = v - mn
+    safe = np.where(c > 0, c, 1)
+    h = np.where(
+        v == r, (g - b) / safe % 6, np.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
+    h = np.where(c > 0, h * 60, 0)
+    s = np.where(v > 0, c / np.where(v > 0, v, 1), 0)
+    return np.stack([h, s, v], -1)
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """float32 HSV (as :func:`_rgb_to_hsv`) → uint8 [..., 3], rounded."""
+    h, s, v = hsv[..., 0] / 60, hsv[..., 1], hsv[..., 2]
+    c = v * s
+    x = c * (1 - np.abs(h % 2 - 1))
+    z = np.zeros_like(c)
+    sector = np.floor(h).astype(np.int64) % 6
+    r = np.choose(sector, [c, x, z, z, x, c])
+    g = np.choose(sector, [x, c, c, x, z, z])
+    b = np.choose(sector, [z, z, x, c, c, x])
+    rgb = np.stack([r, g, b], -1) + (v - c)[..., None]
+    return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def photo_metric_distortion(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    brightness_delta: float = 32,
+    contrast_range: tuple[float, float] = (0.5, 1.5),
+    saturation_range: tuple[float, float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> np.ndarray:
+    """mmseg PhotoMetricDistortion on uint8 RGB [H, W, 3], drawn from ``rng``.
+
+    Each step with probability 0.5, in mmseg's order: brightness (+U(-32, 32)), contrast
+    (×U(0.5, 1.5), right after brightness or last, by a coin), saturation (×U(0.5, 1.5)),
+    hue (+randint(-18, 18) in OpenCV's 0–180 hue units, i.e. 2° each). mmseg goes through
+    OpenCV's uint8 HSV; this stays in float HSV between the two conversions (no cv2 here),
+    so a pixel can differ from mmseg's by a rounding step.
+    """
+    img = image
+    if rng.integers(2):
+        img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+    contrast_first = bool(rng.integers(2))
+    if contrast_first and rng.integers(2):
+        img = _convert(img, alpha=rng.uniform(*contrast_range))
+    do_sat = bool(rng.integers(2))
+    sat = rng.uniform(*saturation_range) if do_sat else 1.0
+    do_hue = bool(rng.integers(2))
+    hue = int(rng.integers(-hue_delta, hue_delta + 1)) if do_hue else 0
+    if do_sat or do_hue:
+        hsv = _rgb_to_hsv(img)
+        hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 1)
+        hsv[..., 0] = (hsv[..., 0] + 2 * hue) % 360
+        img = _hsv_to_rgb(hsv)
+    if not contrast_first and rng.integers(2):
+        img = _convert(img, alpha=rng.uniform(*contrast_range))
+    return img
 
 
 def seg_transform(
@@ -33,35 +162,90 @@ def seg_transform(
     labels: np.ndarray,
     rng: np.random.Generator,
     crop_size: int,
+    scale: tuple[int, int] | None = None,
     ratio_range: tuple[float, float] = (0.5, 2.0),
-) -> tuple[np.ndarray, np.ndarray]:
-    """[H, W, 3] + [H, W] → rescaled, cropped, flipped, padded [3, c, c] + [c, c]."""
-    h, w = labels.shape
+    photometric: bool = True,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """[H, W, 3] + [H, W] → [3, c, c] + [c, c] + the (h, w) of real pixels (top left).
+
+    mmseg's order: Resize (ratio_range × scale, ratio kept), RandomCrop (cat_max_ratio 0.75),
+    RandomFlip 0.5, PhotoMetricDistortion. Rows past (h, w) are filler (image 0, labels 255):
+    mmseg pads after Normalize, so the worker sets those pixels to 0 once normalized
+    (:func:`pad_normalized`); labels are already final.
+    """
+    long, short = train_scale(crop_size, scale)
     r = rng.uniform(*ratio_range)
-    sf = min(2048 * r / max(h, w), 512 * r / min(h, w))
-    nw, nh = max(1, int(w * sf + 0.5)), max(1, int(h * sf + 0.5))
-    img = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
-    lab = np.asarray(Image.fromarray(labels).resize((nw, nh), Image.Resampling.NEAREST))
-    ch, cw = min(crop_size, nh), min(crop_size, nw)
-    for _ in range(10):
-        top, left = int(rng.integers(0, nh - ch + 1)), int(rng.integers(0, nw - cw + 1))
-        crop = lab[top : top + ch, left : left + cw]
-        _, counts = np.unique(crop[crop != IGNORE], return_counts=True)
-        if len(counts) > 1 and counts.max() / counts.sum() < 0.75:
-            break
-    img, lab = img[top : top + ch, left : left + cw], lab[top : top + ch, left : left + cw]
+    size = rescale_size(*labels.shape, (int(long * r), int(short * r)))
+    img, lab = resize_pair(image, labels, size)
+    img, lab = random_crop(img, lab, rng, crop_size)
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
-    out_img = np.zeros((crop_size, crop_size, 3), np.uint8)
+    if photometric:
+        img = photo_metric_distortion(np.ascontiguousarray(img), rng)
+    ch, cw = lab.shape
+    out_img = np.zeros((3, crop_size, crop_size), np.uint8)
     out_lab = np.full((crop_size, crop_size), IGNORE, np.uint8)
-    out_img[:ch, :cw], out_lab[:ch, :cw] = img, lab
-    return np.ascontiguousarray(out_img.transpose(2, 0, 1)), out_lab
+    out_img[:, :ch, :cw], out_lab[:ch, :cw] = img.transpose(2, 0, 1), lab
+    return out_img, out_lab, (ch, cw)
+
+
+def pad_normalized(x: torch.Tensor, valid_hw: torch.Tensor) -> torch.Tensor:
+    """Normalized [B, 3, H, W] with each row zeroed past its real (h, w) [B, 2]: mmseg's Pad
+    after Normalize (pad_val 0)."""
+    hh = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
+    ww = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
+    hw = valid_hw.to(x.device).long()
+    keep = (hh < hw[:, :1, None]) & (ww < hw[:, 1:, None])  # [B, H, W]
+    return x * keep[:, None].to(x.dtype)
+
+
+def slide_logits(forward: Any, x: torch.Tensor, crop: int, num_classes: int) -> torch.Tensor:
+    """Logits [B, C, H, W] of normalized [B, 3, H, W] from ``crop`` windows at stride 2/3 crop.
+
+    mmseg's slide mode (BEiT: stride 341 for 512), windows averaged. Inputs smaller than a
+    window are padded with 0 (normalized) and cut back after. One forward call per batch (all
+    windows stacked), so every rank makes the same number of calls, which ZeRO-3 needs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    stride = max(1, crop * 2 // 3)
+    if h < crop or w < crop:
+        x = F.pad(x, (0, max(0, crop - w), 0, max(0, crop - h)))
+    hp, wp = x.shape[-2:]
+    ys = sorted(
+        {min(i * stride, hp - crop) for i in range(math.ceil(max(hp - crop, 0) / stride) + 1)}
+    )
+    xs = sorted(
+        {min(j * stride, wp - crop) for j in range(math.ceil(max(wp - crop, 0) / stride) + 1)}
+    )
+    wins = torch.cat([x[:, :, i : i + crop, j : j + crop] for i in ys for j in xs])
+    out = F.interpolate(forward(wins).float(), size=(crop, crop), mode="bilinear")
+    total = torch.zeros(b, num_classes, hp, wp, device=out.device)  # [B, C, hp, wp]
+    count = torch.zeros(1, 1, hp, wp, device=out.device)
+    for k, (i, j) in enumerate((i, j) for i in ys for j in xs):
+        total[:, :, i : i + crop, j : j + crop] += out[k * b : (k + 1) * b]
+        count[:, :, i : i + crop, j : j + crop] += 1
+    return (total / count)[:, :, :h, :w]
+
+
+def segment_logits(
+    forward: Any, x: torch.Tensor, crop: int, num_classes: int, out_size: tuple[int, int]
+) -> torch.Tensor:
+    """mmseg's slide test: normalized test-scale [B, 3, h, w] → logits [B, C, H, W] at the
+    original ``out_size`` (bilinear, align_corners False), ready for argmax against labels."""
+    logits = slide_logits(forward, x, crop, num_classes)
+    if tuple(logits.shape[-2:]) == tuple(out_size):
+        return logits
+    return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
 
 
 def _read_pair(
     batch: dict[str, np.ndarray],
     train: bool,
     crop_size: int,
+    scale: tuple[int, int] | None,
     reduce_zero_label: bool,
     seed: int,
     epoch: int,
@@ -69,7 +253,7 @@ def _read_pair(
     errors_uri: str | None,
     st: StorageConfig | None,
 ) -> dict[str, Any]:
-    pix, labs, keys, errors = [], [], [], []
+    pix, labs, valid, keys, errors = [], [], [], [], []
     for key, img_uri, ann_uri in zip(
         batch["key"], batch["image"], batch["annotation"], strict=True
     ):
@@ -89,23 +273,28 @@ def _read_pair(
         if reduce_zero_label:
             labels = ((labels.astype(np.int16) - 1) % 256).astype(np.uint8)  # 0 → 255
         if train:
-            p, lab = seg_transform(image, labels, image_rng(seed, epoch, str(key)), crop_size)
-        else:
-            p, lab = np.ascontiguousarray(image.transpose(2, 0, 1)), labels
+            rng = image_rng(seed, epoch, str(key))
+            p, lab, hw = seg_transform(image, labels, rng, crop_size, scale)
+        else:  # mmseg's test: rescale to the training scale; labels stay at the original size
+            size = rescale_size(*labels.shape, train_scale(crop_size, scale))
+            img, _ = resize_pair(image, None, size)
+            p, lab, hw = np.ascontiguousarray(img.transpose(2, 0, 1)), labels, size
         pix.append(p)
         labs.append(lab)
+        valid.append(hw)
         keys.append(str(key))
     write_errors(errors, errors_uri, st)
+    valid_hw = np.array(valid, np.int32).reshape(-1, 2)
     if train:
+        c = crop_size
         return {
-            "pixel_values": np.stack(pix)
-            if pix
-            else np.zeros((0, 3, crop_size, crop_size), np.uint8),
-            "labels": np.stack(labs) if labs else np.zeros((0, crop_size, crop_size), np.uint8),
+            "pixel_values": np.stack(pix) if pix else np.zeros((0, 3, c, c), np.uint8),
+            "labels": np.stack(labs) if labs else np.zeros((0, c, c), np.uint8),
+            "valid_hw": valid_hw,
             "key": np.array(keys, dtype=object),
         }
-    # Full-size validation images differ in shape: hand Ray a list (variable-shaped tensors).
-    return {"pixel_values": pix, "labels": labs, "key": keys}
+    # Validation images differ in shape: hand Ray a list (variable-shaped tensors).
+    return {"pixel_values": pix, "labels": labs, "valid_hw": valid_hw, "key": keys}
 
 
 def segmentation_dataset(
@@ -113,6 +302,7 @@ def segmentation_dataset(
     split: str = "training",
     *,
     crop_size: int = 512,
+    scale: tuple[int, int] | None = None,
     reduce_zero_label: bool = True,
     seed: int = 0,
     epoch: int = 0,
@@ -148,7 +338,7 @@ def segmentation_dataset(
     return ds.map_batches(
         _read_pair,
         fn_kwargs=dict(
-            train=train, crop_size=crop_size, reduce_zero_label=reduce_zero_label, seed=seed,
+            train=train, crop_size=crop_size, scale=scale, reduce_zero_label=reduce_zero_label, seed=seed,
             epoch=epoch, max_pixels=max_pixels, errors_uri=errors_uri, st=st,
         ),
         batch_size=16,

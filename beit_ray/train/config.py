@@ -340,6 +340,9 @@ class FinetuneConfig(TrainConfig):
     """Segmentation: annotation 0 is background → ignored (255), other labels shift down by one."""
     num_labels: int | None = None
     """Segmentation: number of classes (after reduce_labels); classification reads its classes."""
+    seg_scale: tuple[int, int] | None = None
+    """Segmentation: (long, short) edge limits of the training rescale (× 0.5–2.0) and of the
+    test rescale; unset: mmseg's (4 × data.image_size, data.image_size), ADE20k's (2048, 512)."""
     eval_every_epochs: int = 1
     """Validation (top-1/top-5 or mIoU and pixel accuracy) every N epochs and at the end."""
     checkpoint: CheckpointSection = field(
@@ -352,6 +355,11 @@ class FinetuneConfig(TrainConfig):
         check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
         check(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
         check(self.num_labels is None or self.num_labels > 1, "num_labels", "must be > 1")
+        check(
+            self.seg_scale is None or len(self.seg_scale) == 2 and min(self.seg_scale) > 0,
+            "seg_scale",
+            "must be two positive edge lengths (long, short)",
+        )
         if self.task == "segmentation":
             get = get_flavour(self.model.flavour)
             check(

@@ -80,6 +80,7 @@ def segmentation_data(cfg: FinetuneConfig) -> TrainData:
 
     common: dict[str, Any] = {
         "crop_size": cfg.data.image_size,
+        "scale": cfg.seg_scale,
         "reduce_zero_label": cfg.reduce_labels,
         "seed": cfg.data.seed,
         "storage_cfg": cfg.storage,

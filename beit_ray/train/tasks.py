@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit_ray.data.augment import MEANS, STDS
+from beit_ray.data.segmentation import (  # slide_logits lived here: still importable
+    pad_normalized,
+    segment_logits,
+    slide_logits,  # noqa: F401
+)
 from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
 
 HEAD_INIT_SCALE = 1e-3
@@ -155,7 +160,7 @@ class ClassificationTask(Task):
             sums += torch.tensor(
                 [(top[:, :1] == y).sum(), (top == y).any(-1).sum(), len(y)], dtype=torch.float64
             )
-        dist.all_reduce(sums)
+        sums = all_reduce_on(sums, dev)
         return {
             "top1": (sums[0] / sums[2].clamp(min=1)).item(),
             "top5": (sums[1] / sums[2].clamp(min=1)).item(),
@@ -163,10 +168,10 @@ class ClassificationTask(Task):
 
 
 class SegmentationTask(Task):
-    """UperNet (+ auxiliary FCN) on BEiT; mIoU and pixel accuracy by sliding windows."""
+    """UperNet (+ auxiliary FCN) on BEiT; mIoU and pixel accuracy by mmseg's slide test."""
 
     name = "segmentation"
-    dtypes = {"pixel_values": torch.uint8, "labels": torch.uint8}
+    dtypes = {"pixel_values": torch.uint8, "labels": torch.uint8, "valid_hw": torch.int32}
     score = "miou"
 
     def layer_decay(self) -> float:
@@ -177,7 +182,8 @@ class SegmentationTask(Task):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         dev = engine.device
         labels = batch["labels"].to(dev).long()  # [B, H, W], 255 = ignored
-        out = engine(pixel_values=self.pixels(batch["pixel_values"], dev), labels=labels)
+        x = pad_normalized(self.pixels(batch["pixel_values"], dev), batch["valid_hw"])
+        out = engine(pixel_values=x, labels=labels)
         with torch.no_grad():
             pred = F.interpolate(
                 out.logits.float(), size=labels.shape[-2:], mode="bilinear"
@@ -191,23 +197,31 @@ class SegmentationTask(Task):
         n = len(self.extra["id2label"])
         crop = int(engine.module.config.image_size)
         conf = torch.zeros(n, n, dtype=torch.float64)  # [true, pred]
-        # Full-size validation images differ in shape: one image per batch.
+        # Test-scale images differ in shape: one image per batch.
         for b in shard.iter_batches(batch_size=1, batch_format="numpy"):
             x = torch.from_numpy(
                 np.ascontiguousarray(np.asarray(b["pixel_values"][0], dtype=np.uint8))
-            )[None]  # [1, 3, H, W]
-            y = torch.from_numpy(np.asarray(b["labels"][0], dtype=np.int64))  # [H, W]
-            logits = slide_logits(
+            )[None]  # [1, 3, h, w] at the test scale
+            y = torch.from_numpy(np.asarray(b["labels"][0], dtype=np.int64))  # [H, W] original
+            logits = segment_logits(
                 lambda v: engine(pixel_values=v).logits.float(),
                 self.pixels(x, engine.device),
                 crop,
                 n,
-            )
+                tuple(y.shape),
+            )  # [1, C, H, W]
             pred, y = logits.argmax(1).cpu().flatten(), y.flatten()
             ok = y != 255
             conf += torch.bincount(y[ok] * n + pred[ok], minlength=n * n).view(n, n).double()
-        dist.all_reduce(conf)
+        conf = all_reduce_on(conf, engine.device)
         return segmentation_metrics(conf)
+
+
+def all_reduce_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum ``t`` over ranks on ``device`` (the engine's: an NCCL group has no CPU backend)."""
+    out = t.to(device)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
@@ -217,35 +231,6 @@ def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
     present = union > 0
     miou = (inter[present] / union[present]).mean().item() if present.any() else 0.0
     return {"miou": miou, "pixel_acc": (inter.sum() / conf.sum().clamp(min=1)).item()}
-
-
-def slide_logits(forward: Any, x: torch.Tensor, crop: int, num_classes: int) -> torch.Tensor:
-    """Logits [B, C, H, W] from windows of ``crop`` pixels at stride 2/3 crop, averaged.
-
-    One forward call per batch (all windows stacked), so every rank makes the same number of
-    calls, which ZeRO-3's parameter gathering needs.
-    """
-    b, _, h, w = x.shape
-    stride = max(1, crop * 2 // 3)
-    if h < crop or w < crop:  # pad up to one window; padded pixels are cut off after
-        x = F.pad(x, (0, max(0, crop - w), 0, max(0, crop - h)))
-    hp, wp = x.shape[-2:]
-    ys = sorted(
-        {min(i * stride, hp - crop) for i in range(math.ceil(max(hp - crop, 0) / stride) + 1)}
-    )
-    xs = sorted(
-        {min(j * stride, wp - crop) for j in range(math.ceil(max(wp - crop, 0) / stride) + 1)}
-    )
-    wins = torch.cat(
-        [x[:, :, i : i + crop, j : j + crop] for i in ys for j in xs]
-    )  # [W*B, 3, crop, crop]
-    out = F.interpolate(forward(wins), size=(crop, crop), mode="bilinear")  # [W*B, C, crop, crop]
-    total = torch.zeros(b, num_classes, hp, wp, device=out.device)
-    count = torch.zeros(1, 1, hp, wp, device=out.device)
-    for k, (i, j) in enumerate((i, j) for i in ys for j in xs):
-        total[:, :, i : i + crop, j : j + crop] += out[k * b : (k + 1) * b]
-        count[:, :, i : i + crop, j : j + crop] += 1
-    return (total / count)[:, :, :h, :w]
 
 
 def mix(
