@@ -41,13 +41,54 @@ def check(ok: bool, name: str, message: str) -> None:
 def run_job(main: typing.Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """A job's exit code: ``main(argv)``'s int (0 otherwise), or 2 after printing ``config
     error: <field>: <why>`` when a value is bad or missing. Every ``jobs/*.py`` ends with
-    ``sys.exit(run_job(main))``: one way to report a bad config, before any cluster work."""
+    ``sys.exit(run_job(main))``: one way to report a bad config, before any cluster work.
+    Any other failure exits 1 with the original exception under Ray's wrappers and one line
+    of context (``beit_ray.console.report_error``); the full traceback goes to the job's log."""
     try:
         code = main(argv)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from beit_ray.console import report_error
+
+        return report_error(e)
     return code if isinstance(code, int) else 0
+
+
+@dataclass
+class JobFlags:
+    """Switches every job takes besides its config fields (``--dry-run``, ``--verbose``)."""
+
+    dry_run: bool = False
+    """Print the resolved plan and exit 0 (2 on a config error) without starting Ray."""
+    verbose: bool = False
+    """Also show Ray's, DeepSpeed's, Serve's and the workers' own output on the console (it
+    always goes to the job's log file)."""
+
+
+JOB_FLAGS = {"--dry-run": "dry_run", "--verbose": "verbose"}
+
+
+def job_flags(argv: list[str] | None = None) -> tuple[JobFlags, list[str]]:
+    """Split ``--dry-run`` / ``--verbose`` (value-less) from a job's arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = JobFlags()
+    rest = []
+    for arg in argv:
+        if arg in JOB_FLAGS:
+            setattr(flags, JOB_FLAGS[arg], True)
+        else:
+            rest.append(arg)
+    return flags, rest
+
+
+def on_demo_data(argv: list[str], real_data: tuple[str, ...]) -> bool:
+    """Whether a job runs on its embedded demo data, so its demo settings apply: no
+    ``--config`` and none of ``real_data`` (e.g. ``--data.source``) given, as ``--opt value``
+    or ``--opt=value``."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return not ({"--config", *real_data} & given)
 
 
 # --------------------------------------------------------------------------- field docs
@@ -261,7 +302,11 @@ def load_yaml(path: str) -> dict[str, Any]:
 def help_text(cls: type, prog: str | None = None) -> str:
     """Every field with its type, default and docstring, grouped by section."""
     lines = [
-        f"usage: {prog or os.path.basename(sys.argv[0])} [--config FILE.yaml] [--section.field VALUE ...]",
+        f"usage: {prog or os.path.basename(sys.argv[0])} [--config FILE.yaml] [--section.field VALUE ...]"
+        " [--dry-run] [--verbose]",
+        "",
+        "  --dry-run   print the resolved plan (input, model, resources, outputs) and exit",
+        "  --verbose   also show Ray's, DeepSpeed's and the workers' output (always in the job log)",
         "",
     ]
     if cls.__doc__:
@@ -310,7 +355,7 @@ def help_text(cls: type, prog: str | None = None) -> str:
 
 def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
     """``--config file.yaml`` then ``--a.b value`` / ``--a.b=value`` overrides; ``--help``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in JOB_FLAGS]
     if "-h" in argv or "--help" in argv:
         print(help_text(cls))
         raise SystemExit(0)

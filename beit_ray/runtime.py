@@ -45,6 +45,7 @@ def init_ray(
             k: v for k, v in runtime_env["env_vars"].items() if k not in taken
         }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        _console_after_init()
         return
     # A single-machine Ray stays on loopback instead of this machine's network address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -57,6 +58,16 @@ def init_ray(
         configure_logging=False,
         _system_config={"worker_niceness": cfg.worker_niceness},
     )
+    _console_after_init()
+
+
+def _console_after_init() -> None:
+    """With a job log open (``console.start``), worker output and Ray's loggers go there."""
+    from beit_ray import console
+
+    if console.log_file():
+        console.route_worker_output()
+        console.adopt_loggers()
 
 
 def worker_threads(requested: int | None, local_workers: int) -> int:

@@ -13,12 +13,14 @@ Segmentation (ADE20k layout: images/ + annotations/ with training/ and validatio
         --data.source s3://bucket/ADEChallengeData2016 --num_labels 150
 
 Locally (the embedded default: the debug flavour from scratch on the demo images of
-./runs/demo-data, made from scikit-image photos if absent; a few minutes on 2 CPU cores):
+./runs/demo-data, made from scikit-image photos if absent, with demo settings that apply only
+when no --data.source or --config is given; a few minutes on 2 CPU cores):
     python jobs/finetune.py
 
 --model.init_from takes a beit-ray run (local or s3://), a Hugging Face folder (e.g. a copy of
 microsoft/beit-base-patch16-224-pt22k) or nothing (scratch). The best checkpoint by top-1 / mIoU
-is exported to <storage_path>/<name>/model with id2label.
+is exported to <storage_path>/<name>/model with id2label. --dry-run prints the plan and exits;
+--verbose also shows Ray's and DeepSpeed's output, which otherwise goes to <run>/job.log.
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ from __future__ import annotations
 import os
 import sys
 
-from beit_ray.config import parse_args, run_job
+from beit_ray import console, plan
+from beit_ray.config import job_flags, on_demo_data, parse_args, run_job
 from beit_ray.runtime import init_ray
 from beit_ray.train.config import FinetuneConfig
 from beit_ray.train.demo_data import make_demo_images
-from beit_ray.train.trainer import run_finetuning
+from beit_ray.train.trainer import run_finetuning, run_uri
 
 DEMO_DATA = os.path.join("runs", "demo-data")
-# Without a --config file: the demo images (8 photo classes), a debug-sized lr, no RandAugment
-# or random erasing (ImageNet-strength augmentation needs more than 4 epochs of 256 images) and
-# 4 logical CPUs for a local Ray so 2 workers and the read tasks fit on 2 cores.
+# On the embedded demo data only (no --config or --data.source): the demo images (8 photo
+# classes), a debug-sized lr, no RandAugment or random erasing (ImageNet-strength augmentation
+# needs more than 4 epochs of 256 images) and 4 logical CPUs for a local Ray so 2 workers and
+# the read tasks fit on 2 cores.
 DEMO_ARGS = [
     "--ray.num_cpus", "4", "--data.source", os.path.join(DEMO_DATA, "images"), "--optim.lr", "1e-3",
     "--run.epochs", "4", "--run.log_every", "8", "--val_fraction", "0.2",
@@ -43,20 +47,27 @@ DEMO_ARGS = [
 ]  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_args(FinetuneConfig, argv if "--config" in argv else DEMO_ARGS + argv)
+def main(argv: list[str] | None = None) -> int:
+    flags, argv = job_flags(argv)
+    demo = on_demo_data(argv, ("--data.source",))
+    cfg = parse_args(FinetuneConfig, DEMO_ARGS + argv if demo else argv)
+    lines = plan.finetune(cfg, demo=demo)
+    if flags.dry_run:
+        print("\n".join(lines))
+        return 0
+    console.start(console.log_path_for(run_uri(cfg), "finetune"), flags.verbose)
+    for line in lines:
+        console.show(line)
     init_ray(cfg.ray, cfg.storage)
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints progress
     if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not os.path.isdir(
         cfg.data.source
     ):
         make_demo_images(DEMO_DATA)
+    console.stage(f"{cfg.task} fine-tuning")
     result = run_finetuning(cfg)
-    print(f"{cfg.task} fine-tuning done at step {result.step}; best {result.metrics}")
-    print(result.describe())
+    console.show(f"{cfg.task} fine-tuning done at step {result.step}; best {result.metrics}")
+    console.show(result.describe())
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Locally (the embedded default: debug flavour, demo images made from scikit-image
 ./runs/demo-data, a fitted codebook tokenizer, 2 workers, a few minutes on 2 CPU cores):
     python jobs/pretrain.py
 
-Running the same --checkpoint.name again resumes from its latest checkpoint.
+Running the same --checkpoint.name again resumes from its latest checkpoint. --dry-run prints the
+plan (input, model, resources, batch, lr, steps, outputs) and exits; --verbose also shows Ray's
+and DeepSpeed's output, which otherwise goes to <run>/job.log.
 """
 
 from __future__ import annotations
@@ -19,46 +21,47 @@ from __future__ import annotations
 import os
 import sys
 
-from beit_ray.config import parse_args, run_job
+from beit_ray import console, plan
+from beit_ray.config import job_flags, on_demo_data, parse_args, run_job
 from beit_ray.runtime import init_ray
 from beit_ray.train.config import PretrainConfig
 from beit_ray.train.demo_data import ensure_demo_data
-from beit_ray.train.trainer import run_pretraining
+from beit_ray.train.trainer import run_pretraining, run_uri
 
 DEMO_DATA = os.path.join("runs", "demo-data")
-# Without a --config file: a debug-sized recipe (the BEiT lr scaled to a 16-image batch would be
-# 1.2e-5, too small to see the loss move in a demo), and 4 logical CPUs for a local Ray so the
-# 2 workers, the tokenizer actor and the read tasks all fit on 2 cores.
+# On the embedded demo data only (no --config, --data.source or --shards): a debug-sized recipe
+# (the BEiT lr scaled to a 16-image batch would be 1.2e-5, too small to see the loss move in a
+# demo), and 4 logical CPUs for a local Ray so the 2 workers, the tokenizer actor and the read
+# tasks all fit on 2 cores.
 DEMO_ARGS = [
-    "--ray.num_cpus",
-    "4",
-    "--optim.lr",
-    "1e-3",
-    "--run.epochs",
-    "6",
-    "--run.log_every",
-    "8",
-    "--checkpoint.every_n_steps",
-    "32",
-]
+    "--ray.num_cpus", "4", "--optim.lr", "1e-3", "--run.epochs", "6", "--run.log_every", "8",
+    "--checkpoint.every_n_steps", "32",
+]  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_args(PretrainConfig, argv if "--config" in argv else DEMO_ARGS + argv)
+def main(argv: list[str] | None = None) -> int:
+    flags, argv = job_flags(argv)
+    demo = on_demo_data(argv, ("--data.source", "--shards"))
+    cfg = parse_args(PretrainConfig, DEMO_ARGS + argv if demo else argv)
+    lines = plan.pretrain(cfg, demo=demo)
+    if flags.dry_run:
+        print("\n".join(lines))
+        return 0
+    console.start(console.log_path_for(run_uri(cfg), "pretrain"), flags.verbose)
+    for line in lines:
+        console.show(line)
     init_ray(cfg.ray, cfg.storage)
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints progress
     if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not cfg.shards:
         from beit_ray.models.flavours import get_flavour
 
         ensure_demo_data(
             cfg.data, cfg.model.vocab_size or get_flavour(cfg.model.flavour).vocab_size, cfg.storage
         )
+    console.stage("pretraining")
     result = run_pretraining(cfg)
-    print(f"pretraining done at step {result.step}")
-    print(result.describe())
+    console.show(f"pretraining done at step {result.step}")
+    console.show(result.describe())
+    return 0
 
 
 if __name__ == "__main__":

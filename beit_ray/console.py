@@ -1,0 +1,368 @@
+"""What a job prints: its plan, one progress line per stage, evaluations, warnings, errors and
+the summary. Everything else (Ray's, Ray Data's, Train's, Serve's and DeepSpeed's own INFO
+output, and every line Ray workers print) goes to the job's log file, whose path is printed
+first; ``--verbose`` brings it all back to the console as well.
+
+    log = console.start(console.log_path_for(run_dir, "pretrain"), verbose=flags.verbose)
+    init_ray(cfg.ray)                       # routes worker output through console.route_worker_output
+
+Progress lines come from training workers (``observe.Observer``) as text; the driver shows them
+as a live tqdm bar on a terminal, and otherwise (``ray job logs``, a file) one line every
+``PROGRESS_EVERY_S`` seconds, the last step always.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from typing import Any, TextIO
+
+PROGRESS_EVERY_S = float(os.environ.get("BEIT_PROGRESS_EVERY_S", "30"))
+"""Seconds between progress lines when the console is not a terminal."""
+
+# Loggers whose INFO output is library chatter: it goes to the log file only.
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "DeepSpeed")
+PROGRESS_RE = re.compile(r"^step (\d+)/(\d+)\b")
+# Lines a worker prints that a person reads: the loop's progress and eval lines, fault injection.
+OURS_RE = re.compile(r"^(step \d+/\d+\b|eval\b|\[debug\])")
+# A worker line that is a warning or an error (DeepSpeed's "[WARNING]", Ray's "WARNING x.py:1",
+# Python's "x.py:1: UserWarning:", a traceback's last line "ValueError: ...").
+ALERT_RE = re.compile(
+    r"\[(WARNING|ERROR|CRITICAL)\]|\b(WARNING|ERROR|CRITICAL) \S+:\d+|\w+Warning: "
+)
+STAMP_RE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T][\d:,.]+\]?\s*")
+
+
+class _State:
+    log: TextIO | None = None
+    path: str | None = None
+    verbose: bool = False
+    bar: Any = None
+    last_progress: float = 0.0
+    data_t0: float | None = None
+    data_n0: int = 0
+    alerts: set[str] = set()
+
+
+_s = _State()
+
+
+def log_path_for(run_dir: str, job: str) -> str:
+    """``<run_dir>/job.log`` for a local run; ``./runs/logs/<job>-<time>.log`` for one on an object store."""
+    from beit_ray import storage
+
+    if run_dir and not storage.is_remote(run_dir):
+        return os.path.join(storage.strip_scheme(run_dir), "job.log")
+    return os.path.join("runs", "logs", f"{job}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+
+
+def start(path: str, verbose: bool = False) -> str:
+    """Open the job's log file (appending: a resumed run keeps its history) and send library
+    logging there; warnings and errors stay on the console. Prints the path; returns it."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if _s.log is not None and _s.path != path:
+        _s.log.close()
+    if _s.path != path:
+        _s.log = open(path, "a", buffering=1)  # noqa: SIM115 (open for the job's lifetime)
+        _s.path = path
+    _s.verbose = verbose
+    _s.log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+    show(
+        f"log: {path}"
+        + ("" if verbose else "  (Ray, DeepSpeed and worker output; --verbose shows it here)")
+    )
+    _quiet_deepspeed()
+    adopt_loggers()
+    return path
+
+
+def log_file() -> str | None:
+    """The open log file's path (None before :func:`start`)."""
+    return _s.path
+
+
+def show(line: str) -> None:
+    """One line a person reads: on the console (above a live progress bar) and in the log."""
+    if _s.bar is not None:
+        _s.bar.write(line)
+    else:
+        print(line, flush=True)
+    write_log(line)
+
+
+def write_log(line: str) -> None:
+    if _s.log is not None:
+        _s.log.write(line.rstrip("\n") + "\n")
+
+
+# --------------------------------------------------------------------------- Python logging
+
+
+class _FileHandler(logging.Handler):
+    """Writes records to the job's log file, whichever file is open when they arrive."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _s.log is not None:
+            try:
+                _s.log.write(self.format(record) + "\n")
+            except Exception:  # a log line must never fail the job
+                self.handleError(record)
+
+
+DATA_PROGRESS_RE = re.compile(r"^Total Progress: (\d+)/(\d+|\?)")
+
+
+class _ConsoleGate(logging.Filter):
+    """Lets only warnings and errors through a console handler (everything with --verbose).
+    Ray Data's periodic progress block (a dozen lines when stdout is not a terminal) becomes
+    one ``data: rows, rate, ETA`` line every PROGRESS_EVERY_S."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _s.verbose or record.levelno >= logging.WARNING:
+            return True
+        m = DATA_PROGRESS_RE.match(str(record.msg))
+        if m and record.name.endswith("logging_progress"):
+            data_progress(int(m.group(1)), None if m.group(2) == "?" else int(m.group(2)))
+        return False
+
+
+def data_progress(done: int, total: int | None) -> None:
+    """A Ray Data execution's rows so far, with rate and ETA, at most every PROGRESS_EVERY_S."""
+    now = time.monotonic()
+    if _s.data_t0 is None or done < _s.data_n0:
+        _s.data_t0, _s.data_n0 = now, done
+    if _s.last_progress and now - _s.last_progress < PROGRESS_EVERY_S:
+        return
+    rate = (done - _s.data_n0) / max(now - _s.data_t0, 1e-9)
+    eta = f", eta {_duration((total - done) / rate)}" if total and rate > 0 else ""
+    print(f"data: {done}/{total or '?'} rows, {rate:.1f} rows/s{eta}", flush=True)
+    _s.last_progress = now
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+_FILE = _FileHandler()
+_GATE = _ConsoleGate()
+
+
+def adopt_loggers() -> None:
+    """Send the library loggers' records to the log file and gate their console handlers.
+
+    Idempotent; called again after Ray starts and before stages, since Ray Data, Train and
+    Serve install their handlers when first imported or started.
+    """
+    root = logging.getLogger()
+    if _FILE not in root.handlers:
+        root.addHandler(_FILE)
+        if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
+            console = logging.StreamHandler(sys.stderr)
+            console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            console.addFilter(_GATE)
+            root.addHandler(console)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+    # DeepSpeed's logger is diverted by a filter on the logger itself (_quiet_deepspeed).
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "ray"]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            continue  # propagates to a parent that is handled here
+        if logger.propagate is False and _FILE not in logger.handlers:
+            logger.addHandler(_FILE)
+        for h in logger.handlers:
+            if h is not _FILE and _GATE not in h.filters and _is_console(h):
+                h.addFilter(_GATE)
+
+
+def _is_console(h: logging.Handler) -> bool:
+    stream = getattr(h, "stream", None)
+    return type(h).__name__ in ("PlainRayHandler", "_StderrHandler") or stream in (
+        sys.stdout,
+        sys.stderr,
+        sys.__stdout__,
+        sys.__stderr__,
+    )
+
+
+class _DeepSpeedDivert(logging.Filter):
+    """On DeepSpeed's logger itself: its handler (stdout) is made when deepspeed is imported,
+    and logs at import time, so the filter sits on the logger before that happens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _FILE.handle(record)
+        return _s.verbose or record.levelno >= logging.WARNING
+
+
+def _quiet_deepspeed() -> None:
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedDivert) for f in ds.filters):
+        ds.addFilter(_DeepSpeedDivert())
+
+
+# --------------------------------------------------------------------------- worker output
+
+
+def route_worker_output() -> None:
+    """Replace Ray's printer of worker stdout/stderr on this driver: every line goes to the log
+    file (prefixed as Ray prefixes it); the console gets the training progress and eval lines,
+    and each distinct warning or error once. Ray's own printer stays on with --verbose."""
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        original = (
+            dispatcher.handlers.get("ray_print_logs") if hasattr(dispatcher, "handlers") else None
+        )
+        dispatcher.remove_handler("ray_print_logs")
+    except Exception as e:  # a Ray without this internal: keep its printer
+        write_log(f"console: worker output stays on Ray's printer ({e!r})")
+        return
+
+    def route(data: dict[str, Any]) -> None:
+        try:
+            _route(data, original if _s.verbose else None)
+        except Exception as e:  # never lose the log thread to a formatting bug
+            write_log(f"console: could not route worker output: {e!r}")
+
+    dispatcher.add_handler("ray_print_logs", route)
+
+
+def _route(data: dict[str, Any], ray_printer: Any) -> None:
+    if ray_printer is not None:
+        ray_printer(data)
+    who = data.get("actor_name") or data.get("task_name") or ""
+    ip = data.get("ip")
+    where = f"({who} pid={data.get('pid')}{'' if ip == data.get('localhost') else f', ip={ip}'})"
+    for line in data.get("lines", []):
+        write_log(f"{where} {line}")
+        if ray_printer is not None:
+            continue
+        if OURS_RE.match(line):
+            progress(line) if PROGRESS_RE.match(line) else show(line)
+        elif ALERT_RE.search(line):
+            key = STAMP_RE.sub("", line).strip()
+            if key not in _s.alerts:
+                _s.alerts.add(key)
+                show(f"{where} {line}")
+
+
+def progress(line: str) -> None:
+    """A ``step N/T ...`` line: a live bar on a terminal, else one line every PROGRESS_EVERY_S."""
+    m = PROGRESS_RE.match(line)
+    step, total = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    write_log(line)
+    if sys.stdout.isatty() and m:
+        from tqdm import tqdm
+
+        if _s.bar is None or _s.bar.total != total or step < _s.bar.n:
+            close_bar()
+            _s.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+        _s.bar.set_postfix_str(line[m.end() :].strip()[:120], refresh=False)
+        _s.bar.update(step - _s.bar.n)
+        if step >= total:
+            close_bar()
+        return
+    now = time.monotonic()
+    if now - _s.last_progress >= PROGRESS_EVERY_S or (m and step >= total) or _s.last_progress == 0:
+        print(line, flush=True)
+        _s.last_progress = now
+
+
+def close_bar() -> None:
+    if _s.bar is not None:
+        _s.bar.close()
+        _s.bar = None
+
+
+def stage(title: str) -> None:
+    """A stage's heading; the next stage's progress starts fresh."""
+    close_bar()
+    _s.last_progress, _s.data_t0 = 0.0, None
+    adopt_loggers()
+    show(title)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def original_error(exc: BaseException) -> tuple[BaseException, str, str]:
+    """(the user's exception, where it ran, its innermost frame) under Ray's wrappers:
+    RayTaskError (``.cause``), Train's worker-group and controller errors, Ray Data's
+    UserCodeException, and ``raise ... from`` chains that those use."""
+    where: list[str] = []
+    frame = ""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            rank = min(failures)
+            where.append(f"training worker rank {rank}")
+            exc = failures[rank]
+            continue
+        if getattr(exc, "controller_failure", None) is not None:
+            where.append("the Ray Train controller")
+            exc = exc.controller_failure  # type: ignore[attr-defined]
+            continue
+        cause = getattr(exc, "cause", None)
+        if _is_ray_error(exc) and isinstance(cause, BaseException) and cause is not exc:
+            name = getattr(exc, "function_name", None) or getattr(exc, "proctitle", "")
+            where.append(f"Ray task {name} (pid {getattr(exc, 'pid', '?')})".replace("  ", " "))
+            frame = _last_frame(getattr(exc, "traceback_str", "") or "") or frame
+            exc = cause
+            continue
+        if _is_ray_error(exc) and exc.__cause__ is not None:
+            exc = exc.__cause__
+            continue
+        break
+    if not frame and exc.__traceback__ is not None:
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        frame = f"{last.filename}:{last.lineno} in {last.name}"
+    return exc, " in ".join(reversed(where)), frame
+
+
+def _is_ray_error(exc: BaseException) -> bool:
+    return any(
+        c.__module__.startswith("ray.") and c.__name__ in ("RayError", "RayTrainError")
+        for c in type(exc).__mro__
+    )
+
+
+def _last_frame(tb: str) -> str:
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', tb)
+    if not frames:
+        return ""
+    path, line, fn = frames[-1]
+    return f"{path}:{line} in {fn}"
+
+
+def report_error(exc: BaseException) -> int:
+    """Print an exception as a person acts on it: the original exception and one line of
+    context (where it ran, its innermost frame, where the full traceback is). Returns 1."""
+    close_bar()
+    orig, where, frame = original_error(exc)
+    full = "".join(traceback.format_exception(exc))
+    write_log(full)
+    message = str(orig).strip().splitlines()
+    head = f"error: {type(orig).__name__}: {message[0] if message else ''}"
+    print(head, file=sys.stderr)
+    for extra in message[1:6]:  # a multi-line message keeps its first lines
+        print(f"  {extra}", file=sys.stderr)
+    context = ", ".join(x for x in (where and f"in {where}", frame and f"at {frame}") if x)
+    tail = f"full traceback: {_s.path}" if _s.path else ""
+    if _s.verbose or not _s.path:
+        sys.stderr.write(full)
+    print(f"  ({'; '.join(x for x in (context, tail) if x)})", file=sys.stderr, flush=True)
+    return 1
