@@ -22,14 +22,11 @@ reason) under ``data.errors_uri`` (logged when unset) and dropped from the strea
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 from typing import Any
 
 import numpy as np
 
-from beit_ray import storage
 from beit_ray.config import StorageConfig
 from beit_ray.data.augment import (
     ClassifyTransform,
@@ -40,6 +37,7 @@ from beit_ray.data.augment import (
 )
 from beit_ray.data.config import DataConfig
 from beit_ray.data.decode import DecodeError
+from beit_ray.data.errors import read_errors, write_errors  # noqa: F401 - buffered per task
 from beit_ray.data.sources import Listing, class_index, list_source, read_raw, relative_key
 
 log = logging.getLogger(__name__)
@@ -49,32 +47,6 @@ LABELLED_COLUMNS = ("pixel_values", "label", "key")
 
 
 # --------------------------------------------------------------------------- errors
-
-
-def write_errors(
-    records: list[dict[str, Any]], errors_uri: str | None, st: StorageConfig | None
-) -> None:
-    """Append error records as one jsonl file under ``errors_uri`` (or log them when unset)."""
-    if not records:
-        return
-    if not errors_uri:
-        for r in records:
-            log.warning("skipped %s (%s): %s", r["key"], r["path"], r["reason"])
-        return
-    body = "".join(json.dumps(r) + "\n" for r in records)
-    storage.write_text(storage.join(errors_uri, f"errors-{uuid.uuid4().hex}.jsonl"), body, st)
-
-
-def read_errors(errors_uri: str, st: StorageConfig | None = None) -> list[dict[str, Any]]:
-    """Every error record written under ``errors_uri``."""
-    if not storage.exists(errors_uri, st):
-        return []
-    out = []
-    for uri in storage.list_files(errors_uri, st, suffixes=(".jsonl",)):
-        out += [
-            json.loads(line) for line in storage.read_text(uri, st).splitlines() if line.strip()
-        ]
-    return out
 
 
 def _error(row: dict[str, Any], reason: str) -> dict[str, Any]:
