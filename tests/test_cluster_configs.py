@@ -2,7 +2,7 @@
 
 - cluster/aws.yaml: Ray's own cluster-launcher schema (`prepare_config` + `validate_config`,
   what `ray up` runs before it contacts AWS; nothing here contacts AWS).
-- cluster/kuberay/*.yaml: the fields the KubeRay ray.io/v1 CRDs require (RayClusterSpec,
+- cluster/kuberay/*.yaml: every pod mounts an in-memory /dev/shm; the fields the KubeRay ray.io/v1 CRDs require (RayClusterSpec,
   HeadGroupSpec, WorkerGroupSpec, RayJobSpec, RayServiceSpec in ray-project/kuberay
   ray-operator/apis/ray/v1), plus unknown-field checks: the API server prunes unknown fields
   of a CRD silently, so a typo would otherwise vanish. serveConfigV2 is parsed with Ray's
@@ -197,8 +197,23 @@ def check_pod_template(template: dict[str, Any], where: str) -> dict[str, Any]:
     for i, c in enumerate(containers):
         assert c.get("name"), f"{where}.containers[{i}].name: required"
         assert c.get("image"), f"{where}.containers[{i}].image: required"
+    check_shm(template["spec"], where)
     # The Ray container is the first one.
     return check_resources(containers[0], f"{where}.containers[0]")
+
+
+def check_shm(pod: dict[str, Any], where: str) -> None:
+    """The Ray container mounts an in-memory emptyDir at /dev/shm (a pod's own is 64 MB:
+    NCCL's shared-memory transport fails and Ray's object store falls back to disk)."""
+    memory = {
+        v["name"]
+        for v in pod.get("volumes") or []
+        if (v.get("emptyDir") or {}).get("medium") == "Memory"
+    }
+    mounts = pod["containers"][0].get("volumeMounts") or []
+    assert any(m.get("mountPath") == "/dev/shm" and m.get("name") in memory for m in mounts), (
+        f"{where}: mount an emptyDir with medium Memory at /dev/shm in the Ray container"
+    )
 
 
 def check_start_params(params: Any, where: str) -> None:
@@ -263,8 +278,21 @@ def test_raycluster_has_head_cpu_and_gpu_groups():
         lambda s: s["workerGroupSpecs"][0].update(maxReplica=2),
         lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
         lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image"),
+        lambda s: s["workerGroupSpecs"][1]["template"]["spec"].pop("volumes"),
+        lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["volumes"][0].update(emptyDir={}),
+        lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].pop("volumeMounts"),
     ],
-    ids=["no-start-params", "no-group-name", "min-over-max", "typo", "int-param", "no-image"],
+    ids=[
+        "no-start-params",
+        "no-group-name",
+        "min-over-max",
+        "typo",
+        "int-param",
+        "no-image",
+        "gpu-no-shm-volume",
+        "shm-on-disk",
+        "head-no-shm-mount",
+    ],
 )
 def test_raycluster_checks_reject_broken_copies(mutate):
     spec = load(KUBERAY / "raycluster.yaml")["spec"]

@@ -53,7 +53,24 @@ def load_checkpoint(
     return model, preprocessor
 
 
+def ray_device(gpu_ids: list[Any]) -> str:
+    """A Ray actor's device: cuda only when Ray assigned it GPUs (``ray.get_gpu_ids()``).
+
+    A GPU that is merely visible belongs to whichever actor reserved it; computing there too
+    would compete with that actor (or fail for memory).
+    """
+    return "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+
+
 def default_device() -> torch.device:
+    """cuda when one is visible, except inside a Ray worker that reserved no GPU."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            return torch.device(ray_device(ray.get_gpu_ids()))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

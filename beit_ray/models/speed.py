@@ -12,12 +12,20 @@ see the usual names); drop path draws from the same global generator in the same
 ``BeitDropPath``, so a seeded run matches transformers' draws.
 
 :func:`fast_path_ok` says when it applies; otherwise callers use the transformers module.
+
+On CUDA the attention is SDPA with the bias as an additive mask (its memory-efficient kernel
+takes a bias with a gradient and never materialises the [B*H, T, T] probabilities in the
+backward); the bmm + softmax form above was tuned for CPU. :func:`speed_options` adds activation
+checkpointing and ``torch.compile`` of the block, applied from outside by the training layer.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers.models.beit.modeling_beit import (
     BeitLayer,
     BeitModel,
@@ -29,8 +37,8 @@ def fast_path_ok(beit: BeitModel, pixel_values: torch.Tensor) -> bool:
     """True when :func:`beit_encoder` computes exactly what ``beit(pixel_values, ...)`` does.
 
     Not for: ZeRO-3 partitioned parameters (they are gathered by hooks on each submodule's own
-    forward, which the fused path skips), gradient checkpointing, non-zero dropout, or images of
-    another size than the config's (position interpolation).
+    forward, which the fused path skips), non-zero dropout, or images of another size than the
+    config's (position interpolation). Gradient checkpointing is honoured (per block).
     """
     cfg = beit.config
     size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
@@ -38,7 +46,6 @@ def fast_path_ok(beit: BeitModel, pixel_values: torch.Tensor) -> bool:
         tuple(pixel_values.shape[-2:]) == tuple(size)
         and cfg.hidden_dropout_prob == 0.0
         and cfg.attention_probs_dropout_prob == 0.0
-        and not any(getattr(layer, "gradient_checkpointing", False) for layer in beit.layers)
         and not any(hasattr(p, "ds_id") for p in beit.parameters())
     )
 
@@ -80,7 +87,14 @@ def _residual(
     return torch.addcmul(residual, branch, scale)
 
 
-def _attention(layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def use_sdpa(x: torch.Tensor, sdpa: bool | None = None) -> bool:
+    """SDPA for the attention: on CUDA unless told otherwise (bmm + softmax measured faster on CPU)."""
+    return x.is_cuda if sdpa is None else sdpa
+
+
+def _attention(
+    layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None, sdpa: bool | None = None
+) -> torch.Tensor:
     """Self-attention of layer-normed tokens x [B, T, D] with additive bias [B*H, T, T].
 
     Returns the heads' outputs [B, T, D] before the output projection.
@@ -95,11 +109,15 @@ def _attention(layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None) -> 
     # One copy into head-major layout for all three: [3, B*H, T, hd].
     qkv = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).reshape(3, b * heads, t, hd)
     q, k, v = qkv.unbind(0)
-    if bias is None:
-        scores = torch.bmm(q, k.transpose(1, 2)) * attn.scaling
+    if use_sdpa(x, sdpa):
+        mask = None if bias is None else bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
     else:
-        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=attn.scaling)  # [B*H, T, T]
-    out = torch.bmm(scores.softmax(-1), v)  # [B*H, T, hd]
+        if bias is None:
+            scores = torch.bmm(q, k.transpose(1, 2)) * attn.scaling
+        else:
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=attn.scaling)  # [B*H, T, T]
+        out = torch.bmm(scores.softmax(-1), v)  # [B*H, T, hd]
     return out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)  # [B, T, D]
 
 
@@ -114,6 +132,7 @@ def beit_layer(
     x: torch.Tensor,
     bias: torch.Tensor | None,
     rows: torch.Tensor | None = None,
+    sdpa: bool | None = None,
 ) -> torch.Tensor:
     """One BEiT block on x [B, T, D]; ``bias`` is the shared bias [B*H, T, T] or None.
 
@@ -125,7 +144,7 @@ def beit_layer(
         own = _expand_bias(relative_position_bias(layer.relative_position_bias), x.shape[0])
         bias = own if bias is None else own + bias
     batch = x.shape[0]
-    heads_out = _attention(layer, layer.layernorm_before(x), bias)  # [B, T, D]
+    heads_out = _attention(layer, layer.layernorm_before(x), bias, sdpa)  # [B, T, D]
     sample = None
     if rows is not None:
         sample = rows.nonzero()[:, 0]  # [M], the image of each kept row
@@ -141,17 +160,51 @@ def beit_encoder(
     pixel_values: torch.Tensor,
     bool_masked_pos: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    sdpa: bool | None = None,
 ) -> torch.Tensor:
     """``beit(pixel_values, bool_masked_pos=...).last_hidden_state`` [B, 1+N, D], faster.
 
     With ``rows`` (bool [B, 1+N]) the last block computes only those tokens and the result is
-    ``last_hidden_state[rows]`` [M, D]. Call only when :func:`fast_path_ok` holds.
+    ``last_hidden_state[rows]`` [M, D]. ``sdpa``: attention kernel (None: SDPA on CUDA, bmm on
+    CPU). Call only when :func:`fast_path_ok` holds.
     """
     x = beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # [B, 1+N, D]
     bias = None
     if beit.shared_position_bias is not None:  # one [B*H, T, T] copy for all blocks
         bias = _expand_bias(relative_position_bias(beit.shared_position_bias), x.shape[0])
     last = len(beit.layers) - 1
+    block = _compiled_layer() if getattr(beit, "beit_ray_compile", False) else beit_layer
     for i, layer in enumerate(beit.layers):
-        x = beit_layer(layer, x, bias, rows if i == last else None)
+        keep = rows if i == last else None
+        if layer.training and getattr(layer, "gradient_checkpointing", False):
+            # Recomputed in backward; the RNG state is replayed, so drop path draws the same.
+            x = torch.utils.checkpoint.checkpoint(
+                block, layer, x, bias, keep, sdpa, use_reentrant=False
+            )
+        else:
+            x = block(layer, x, bias, keep, sdpa)
     return beit.layernorm(x)
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_layer() -> Any:
+    """``beit_layer`` under torch.compile, built once per process (recompiles per shape)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(beit_layer, dynamic=False))
+    return _COMPILED[0]
+
+
+def speed_options(model: torch.nn.Module, checkpointing: bool, compile: bool) -> None:
+    """Activation checkpointing and torch.compile of the BEiT blocks of ``model``, in place.
+
+    Checkpointing goes through transformers' switch, so both the fast path and transformers'
+    own forward (ZeRO-3, other sizes) recompute per block; compile applies to the fast path.
+    """
+    if checkpointing:
+        model.activation_checkpointing_enable()  # per block, non-reentrant
+    if compile:
+        for m in model.modules():
+            if isinstance(m, BeitModel):
+                m.beit_ray_compile = True

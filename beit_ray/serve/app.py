@@ -80,11 +80,22 @@ class ModelServer:
     ) -> None:
         import ray
 
-        from beit_ray.infer.predictor import Predictor, actor_threads
+        from beit_ray.infer.predictor import Predictor, actor_threads, ray_device
 
         if threads is None:  # the replica's CPUs, however the YAML set them
             threads = actor_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
-        self.predictor = Predictor(checkpoint, task, storage, threads=threads, dtype=dtype)  # type: ignore[arg-type]
+        # The GPU only when this replica reserved one (replicas.num_gpus > 0).
+        device = ray_device(ray.get_gpu_ids())
+        if dtype == "auto":  # resolved here: YAML ray_actor_options may have added the GPU
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.predictor = Predictor(
+            checkpoint,
+            task,
+            storage,
+            device=device,
+            threads=threads,
+            dtype=dtype,  # type: ignore[arg-type]
+        )
         self.run.set_max_batch_size(max_batch_size)
         self.run.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # for the benchmark: how full batches were

@@ -8,9 +8,11 @@ the YAML's ``deployments:`` list (autoscaling_config, ray_actor_options) overrid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from beit_ray.config import RayConfig, StorageConfig, check
-from beit_ray.infer.config import InferDtype
+
+ServeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -72,9 +74,10 @@ class ReplicaConfig:
     """GPUs per replica (0 on CPU-only machines; fractions share a GPU)."""
     threads: int | None = None
     """torch CPU threads per replica; unset: num_cpus rounded up."""
-    dtype: InferDtype = "float32"
+    dtype: ServeDtype = "auto"
     """Model weights and activations: float32 answers as transformers does (1e-4); bfloat16 is
-    ~5x faster on CPUs with AMX and on recent GPUs (scores within ~1e-2); float16 for GPUs."""
+    ~5x faster on CPUs with AMX and on recent GPUs (scores within ~1e-2); float16 for GPUs.
+    auto: bfloat16 when the replica holds a GPU (tensor cores), else float32."""
     upscale_delay_s: float = 2.0
     """Seconds of sustained load before adding a replica."""
     downscale_delay_s: float = 30.0

@@ -11,52 +11,98 @@ import torch
 from beit_ray import storage
 from beit_ray.train.config import TrainConfig
 
+# DeepSpeed 0.19's own defaults (runtime/zero/config.py), used on GPU unless bucket_size is set.
+GPU_BUCKET = 500_000_000
+GPU_STAGE3_LIMIT = 1_000_000_000
+CPU_BUCKET = 50_000_000
+
+
+def precision(cfg: TrainConfig) -> str:
+    """The resolved ``deepspeed.precision``: auto is bf16 on GPU workers, fp32 on CPU."""
+    p = cfg.deepspeed.precision
+    if p != "auto":
+        return p
+    return "bf16" if cfg.scaling.use_gpu else "fp32"
+
+
+def torch_dtype(cfg: TrainConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg), torch.float32)
+
+
+def mmap_threshold(cfg: TrainConfig) -> int:
+    """glibc threshold for this run: the CPU ZeRO-3 fix is for host-resident tensors, so GPU
+    workers (whose large tensors live on the device) keep glibc's default unless set."""
+    ds = cfg.deepspeed
+    if ds.malloc_mmap_threshold is None and cfg.scaling.use_gpu:
+        return 0
+    return ds.mmap_threshold()
+
+
+def enable_tf32() -> None:
+    """fp32 matmuls and convolutions on tensor cores (TF32) for whatever stays fp32 on a GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     """DeepSpeed JSON for ``cfg``: batch, accumulation, clipping, ZeRO + offload, precision.
 
     The optimizer and the lr schedule are not in it: the loop passes a torch optimizer built
     from layer-decay groups and sets each group's lr every step. ``deepspeed.override`` (a
-    mapping or a JSON file) is merged over the result, key by key.
+    mapping or a JSON file) is merged over the result, key by key. CPU and GPU differ: the CPU
+    values were tuned on gloo and host memory (bench/RESULTS.md); on GPU DeepSpeed's defaults
+    hold (overlapped communication, pinned offload, 5e8 buckets, 1e9 ZeRO-3 limits).
     """
-    ds = cfg.deepspeed
+    ds, gpu = cfg.deepspeed, cfg.scaling.use_gpu
+    bucket = ds.bucket_size or (GPU_BUCKET if gpu else CPU_BUCKET)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        b = ds.bucket_size
         zero.update(
             contiguous_gradients=True,
-            overlap_comm=False,
-            reduce_bucket_size=b,
-            allgather_bucket_size=b,
+            # On GPU the gradient reduction overlaps the backward on its own CUDA stream; gloo
+            # on CPU has no such stream and only pays the extra buffers.
+            overlap_comm=gpu,
+            reduce_bucket_size=bucket,
+            allgather_bucket_size=bucket,
             # gloo's reduce-scatter takes twice as long as its all-reduce of the same buffer
             # (92 M fp32 on 2 ranks: 0.58 s vs 0.29 s): on CPU, all-reduce and keep the part.
-            reduce_scatter=cfg.scaling.use_gpu,
+            reduce_scatter=gpu,
         )
+    # Pinned host buffers make GPU<->CPU copies asynchronous; on CPU there is no copy.
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     if ds.zero_stage == 3:
-        # No 16-bit copy on save: consolidation reads the fp32 partitions. Gathered (whole)
-        # parameters live in fp32 on the CPU: bound them by the bucket size, not DeepSpeed's
-        # defaults (1e9 elements = 4 GB), and cut the optimizer's sub-groups (each one gets a
-        # gradient buffer of its *unpartitioned* size) to the same size.
-        zero.update(
-            stage3_gather_16bit_weights_on_model_save=False,
-            stage3_prefetch_bucket_size=ds.bucket_size,
-            stage3_max_live_parameters=ds.bucket_size,
-            stage3_max_reuse_distance=ds.bucket_size,
-            sub_group_size=ds.bucket_size,
-        )
+        # No 16-bit copy on save: consolidation reads the fp32 partitions.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if ds.bucket_size or not gpu:
+            # On CPU gathered (whole) parameters live in fp32 in host memory: bound them by the
+            # bucket size, not DeepSpeed's defaults (1e9 elements = 4 GB), and cut the
+            # optimizer's sub-groups (each one gets a gradient buffer of its *unpartitioned*
+            # size) to the same size.
+            zero.update(
+                stage3_prefetch_bucket_size=bucket,
+                stage3_max_live_parameters=bucket,
+                stage3_max_reuse_distance=bucket,
+                sub_group_size=bucket,
+            )
+        else:
+            zero.update(
+                stage3_max_live_parameters=GPU_STAGE3_LIMIT,
+                stage3_max_reuse_distance=GPU_STAGE3_LIMIT,
+                sub_group_size=GPU_STAGE3_LIMIT,
+            )
+    prec = precision(cfg)
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
         "train_batch_size": cfg.global_batch,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        "bf16": {"enabled": prec == "bf16"},
         "fp16": {
-            "enabled": ds.precision == "fp16",
+            "enabled": prec == "fp16",
             "loss_scale": ds.loss_scale,
             "initial_scale_power": ds.initial_scale_power,
             "loss_scale_window": 1000,

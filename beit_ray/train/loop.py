@@ -19,6 +19,7 @@ from beit_ray.runtime import say, worker_threads
 from beit_ray.train import checkpoint
 from beit_ray.train.checkpoint import TrainState
 from beit_ray.train.config import TrainConfig
+from beit_ray.train.resources import feed_options
 from beit_ray.train.tasks import Task, make_task
 
 
@@ -98,7 +99,12 @@ class Loop:
         shard = ray.train.get_dataset_shard("train")
         batches = timed(
             iter(
-                shard.iter_torch_batches(batch_size=micro, dtypes=self.task.dtypes, drop_last=True)
+                shard.iter_torch_batches(
+                    batch_size=micro,
+                    dtypes=self.task.dtypes,
+                    drop_last=True,
+                    **feed_options(cfg.scaling.use_gpu),  # pinned, 4 ahead on GPU
+                )
             )
         )
         for _ in range(state.micro_in_pass):  # resume mid-pass: skip what was trained on
@@ -129,7 +135,7 @@ class Loop:
                 self.obs.log(state.step, state.epoch, self.total, extra)
             if state.step >= self.total or state.step == cfg.debug.stop_at_step:
                 return True
-            if due(cfg, state.step, self.last_ckpt):
+            if due(cfg, state.step, self.last_ckpt, engine.device):
                 self.save({})
         if seen == 0 and state.micro_in_pass == 0:
             raise RuntimeError(f"rank {self.rank}: the training data gave no batch of {micro} rows")
@@ -176,19 +182,26 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
     import deepspeed
 
     from beit_ray.models.layer_decay import param_groups
+    from beit_ray.models.speed import speed_options
     from beit_ray.train.deepspeed import (
         build_optimizer,
         deepspeed_config,
+        enable_tf32,
+        mmap_threshold,
         share_fp32_partitions,
+        torch_dtype,
         tune_allocator,
     )
 
-    tune_allocator(cfg.deepspeed.mmap_threshold())  # before the model's tensors exist
+    tune_allocator(mmap_threshold(cfg))  # before the model's tensors exist
+    if cfg.scaling.use_gpu:
+        enable_tf32()
     ds_config = deepspeed_config(cfg)
     with torch.random.fork_rng():  # same init on every rank and every attempt
         torch.manual_seed(cfg.run.seed)
         model = task.build(ds_config if cfg.deepspeed.zero_stage == 3 else None)
     model.train()
+    speed_options(model, cfg.deepspeed.activation_checkpointing, cfg.deepspeed.compile)
     groups = param_groups(
         model, lr=cfg.peak_lr, weight_decay=cfg.optim.weight_decay, layer_decay=task.layer_decay()
     )
@@ -196,9 +209,7 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
         model=model, optimizer=build_optimizer(groups, cfg), config=ds_config
     )
     share_fp32_partitions(engine)  # ZeRO-3 fp32: drop DeepSpeed's duplicate master partition
-    task.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        cfg.deepspeed.precision, torch.float32
-    )
+    task.dtype = torch_dtype(cfg)
     return engine
 
 
@@ -234,14 +245,16 @@ def grad_norm(engine: Any) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def due(cfg: TrainConfig, step: int, last: float) -> bool:
-    """Checkpoint now? Time-based decisions are made by rank 0 and shared, so ranks agree."""
+def due(cfg: TrainConfig, step: int, last: float, device: torch.device | str = "cpu") -> bool:
+    """Checkpoint now? Time-based decisions are made by rank 0 and shared, so ranks agree.
+
+    ``device``: the engine's; an NCCL-only group has no backend for CPU tensors."""
     c = cfg.checkpoint
     if c.every_n_steps and step % c.every_n_steps == 0:
         return True
     if not c.every_n_minutes:
         return False
-    flag = torch.tensor([float(time.monotonic() - last >= 60 * c.every_n_minutes)])
+    flag = torch.tensor([float(time.monotonic() - last >= 60 * c.every_n_minutes)], device=device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
 

@@ -27,7 +27,8 @@ COLOR_WEIGHT = 0.5
 
 def patch_features(pixels: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
     """uint8 [B, 3, T, T] → float32 [B, g*g, 3*c*c + 3] cell features (c = T / g)."""
-    x = torch.as_tensor(np.asarray(pixels)).float() / 255.0  # [B, 3, T, T]
+    x = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
+    x = x.float() / 255.0  # [B, 3, T, T]
     b, ch, t, _ = x.shape
     c = t // grid
     cells = (
@@ -49,6 +50,10 @@ class Codebook:
         self.centroids = centroids.float()  # [K, D]
         self.grid = grid
         self.half_sq = 0.5 * (self.centroids**2).sum(-1)  # [K]
+
+    def to(self, device: torch.device | str) -> Codebook:
+        """This codebook with its centroids on ``device``."""
+        return Codebook(self.centroids.to(device), self.grid)
 
     @property
     def vocab_size(self) -> int:
