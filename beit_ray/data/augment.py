@@ -27,6 +27,7 @@ from PIL import Image
 
 from beit_ray.data.decode import (
     DEFAULT_MAX_PIXELS,
+    decode_image,
     load_rgb,
     open_image,
     oriented_size,
@@ -37,6 +38,7 @@ from beit_ray.data.masking import BlockMaskGenerator
 from beit_ray.data.randaugment import parse_rand_augment
 from beit_ray.data.randaugment import rand_augment as apply_rand_augment
 from beit_ray.data.resize import pixel_box, resize_box, resize_lanczos
+from beit_ray.models.preprocess import Preprocessor
 
 MEANS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.485, 0.456, 0.406)}
 STDS = {"beit": (0.5, 0.5, 0.5), "imagenet": (0.229, 0.224, 0.225)}
@@ -258,13 +260,16 @@ class PretrainTransform:
 @dataclass
 class ClassifyTransform:
     """Fine-tuning views: train = random-resized crop + flip (+ RandAugment when
-    ``rand_augment`` is a spec such as ``rand-m9-mstd0.5-inc1``); eval = resize
-    (size/crop_pct) + centre crop. RandAugment draws from the same per-image RNG, after the
-    crop and flip, so those are unchanged by turning it on."""
+    ``rand_augment`` is a spec such as ``rand-m9-mstd0.5-inc1``); eval = the exported model's
+    own preprocessing (:meth:`Preprocessor.for_model`: shorter side → size / crop_pct, bicubic,
+    centre crop), so a run's validation score is what labelling and serving get. RandAugment
+    draws from the same per-image RNG, after the crop and flip, so those are unchanged by
+    turning it on."""
 
     image_size: int = 224
     train: bool = True
-    crop_pct: float = 0.875
+    crop_pct: float | None = None
+    """Eval: shorter side resized to image_size / crop_pct; unset: 0.875 below 384 px, else 1."""
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -277,6 +282,7 @@ class ClassifyTransform:
 
     def __post_init__(self) -> None:
         self.ra_spec = parse_rand_augment(self.rand_augment)  # ValueError on a bad spec
+        self.eval_view = Preprocessor.for_model("beit", self.image_size, crop_pct=self.crop_pct)
 
     def __call__(self, data: bytes, key: str, epoch: int = 0) -> np.ndarray:
         s = self.image_size
@@ -296,12 +302,6 @@ class ClassifyTransform:
             pil = Image.fromarray(to_chw(x, flip).transpose(1, 2, 0))  # [S, S, 3]
             pil = apply_rand_augment(pil, self.ra_spec, rng, tuple(self.fill))
             return np.ascontiguousarray(np.asarray(pil).transpose(2, 0, 1))
-        resize = int(s / self.crop_pct)
-
-        def center(w: int, h: int) -> tuple[float, float, float, float]:
-            # The centre crop of the (short side → resize) image, in original coordinates.
-            side = min(w, h) * s / resize
-            return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
-
-        img, b = decode_region(data, center, s, self.max_pixels, self.draft, self.region_decode)
-        return to_chw(resize_box(img, b, s))
+        # Decoded whole and resized by Pillow exactly as labelling and serving do (no draft
+        # decode, no torch resize): the same pixels, hence the same predictions.
+        return self.eval_view.to_uint8(decode_image(data, self.max_pixels))  # [3, S, S]

@@ -1,12 +1,14 @@
 """Config sections of the data pipeline and the two data jobs (tokenize, fit_tokenizer).
 
 ``DataConfig`` is the one section every data consumer takes (pretraining, fine-tuning, the
-tokenize job). Sizes derive from it: mask grid = ``image_size // patch_size``; the DALL-E
-tokenizer view must be ``grid * 8`` pixels (its encoder downsamples by 8).
+tokenize job). Its sizes follow the model unless set (:meth:`DataConfig.fit_model`): mask grid
+= ``image_size // patch_size``; the DALL-E tokenizer view must be ``grid * 8`` pixels (its
+encoder downsamples by 8), checked only by the jobs that make masked-patch rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,6 +16,7 @@ from beit_ray.config import RayConfig, StorageConfig, check
 from beit_ray.data.randaugment import parse_rand_augment
 
 LAYOUTS = ("auto", "folders", "class_tars", "webdataset", "parquet")
+SIZE_FIELDS = ("image_size", "patch_size", "tokenizer_image_size")
 
 
 @dataclass
@@ -35,12 +38,19 @@ class DataConfig:
     """Parquet layout: an integer label column (ignored when missing)."""
     key_column: str | None = "key"
     """Parquet layout: a string key column; when missing, keys are '<file>#<row>'."""
-    image_size: int = 224
-    """Patch view (the model input) in pixels."""
-    patch_size: int = 16
-    """Model patch size; the mask grid is image_size // patch_size per side."""
-    tokenizer_image_size: int = 112
-    """Tokenizer view in pixels; DALL-E needs grid * 8 (112 for 224/16)."""
+    image_size: int | None = None
+    """Patch view (the model input; the crop for segmentation) in pixels; unset: the model's
+    (224 where a job has no model). Set, it must equal the model's."""
+    patch_size: int | None = None
+    """Model patch size; unset: the model's (16 where a job has no model). The mask grid is
+    image_size // patch_size per side."""
+    tokenizer_image_size: int | None = None
+    """Pretraining tokenizer view in pixels; unset: 8 × the mask grid, which DALL-E needs (112
+    for 224/16)."""
+    crop_pct: float | None = None
+    """Evaluation (and the exported preprocessor_config.json that labelling and serving use):
+    shorter side resized to image_size / crop_pct (bicubic), then centre-cropped to image_size;
+    unset: 0.875 below 384 px, 1.0 from 384 px on (BEiT's eval)."""
     num_masking_patches: int | None = None
     """Patches masked per image; unset: round(0.3827 * grid²) (75 of 196, as BEiT)."""
     min_num_patches: int | None = None
@@ -99,6 +109,10 @@ class DataConfig:
     0.5>]; '' or null disables. Pretraining and segmentation ignore it."""
 
     def __post_init__(self) -> None:
+        # Sizes left unset follow the model (fit_model); until then, BEiT-base's.
+        self._unset = frozenset(f for f in SIZE_FIELDS if getattr(self, f) is None)
+        self.patch_size = 16 if self.patch_size is None else self.patch_size
+        self.image_size = 224 if self.image_size is None else self.image_size
         check(self.layout in LAYOUTS, "data.layout", f"{self.layout!r} is not one of {LAYOUTS}")
         check(self.patch_size > 0, "data.patch_size", "must be positive")
         check(
@@ -106,26 +120,10 @@ class DataConfig:
             "data.image_size",
             f"must be a positive multiple of data.patch_size ({self.patch_size})",
         )
-        g = self.grid
-        check(
-            self.tokenizer_image_size > 0 and self.tokenizer_image_size % g == 0,
-            "data.tokenizer_image_size",
-            f"must be a positive multiple of the mask grid ({g})",
-        )
-        if self.tokenizer == "dalle":
-            check(
-                self.tokenizer_image_size == 8 * g,
-                "data.tokenizer_image_size",
-                f"the DALL-E encoder downsamples by 8: use {8 * g} for a {g}×{g} grid",
-            )
-        n = g * g
-        check(
-            0 < self.masking_patches <= n,
-            "data.num_masking_patches",
-            f"must be in [1, {n}]",
-        )
-        check(self.min_patches >= 1, "data.min_num_patches", "must be ≥ 1")
-        check(0 < self.min_aspect <= 1, "data.min_aspect", "must be in (0, 1]")
+        if self.tokenizer_image_size is None:
+            self.tokenizer_image_size = 8 * self.grid
+        check(self.tokenizer_image_size > 0, "data.tokenizer_image_size", "must be positive")
+        check(self.crop_pct is None or 0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
         lo, hi = self.crop_scale
         check(0 < lo <= hi <= 1, "data.crop_scale", "needs 0 < min ≤ max ≤ 1")
         check(
@@ -143,6 +141,43 @@ class DataConfig:
             parse_rand_augment(self.rand_augment)
         except ValueError as e:
             check(False, "data.rand_augment", str(e))
+
+    def fit_model(self, image_size: int, patch_size: int) -> DataConfig:
+        """This config with the sizes left unset taken from the model (the tokenizer view: 8 ×
+        the grid); sizes that were set must equal the model's. One flag, --model.image_size,
+        then changes the resolution of a whole job."""
+        for name, want in (("image_size", image_size), ("patch_size", patch_size)):
+            check(
+                name in self._unset or getattr(self, name) == want,
+                f"data.{name}",
+                f"is {getattr(self, name)}, the model's is {want}: leave it unset to follow the model",
+            )
+        fill: dict[str, int] = {}
+        if self._unset & {"image_size", "patch_size"}:
+            fill.update(image_size=image_size, patch_size=patch_size)
+        if "tokenizer_image_size" in self._unset:
+            fill["tokenizer_image_size"] = 8 * (image_size // patch_size)
+        return dataclasses.replace(self, **fill) if fill else self
+
+    def check_masked_patches(self) -> None:
+        """Validate what only masked-patch rows use (pretraining, tokenize, fit_tokenizer): the
+        tokenizer view, the tokenizer and the block masks. Fine-tuning never calls this."""
+        g = self.grid
+        check(
+            self.tokenizer_image_size % g == 0,
+            "data.tokenizer_image_size",
+            f"must be a multiple of the mask grid ({g})",
+        )
+        if self.tokenizer == "dalle":
+            check(
+                self.tokenizer_image_size == 8 * g,
+                "data.tokenizer_image_size",
+                f"the DALL-E encoder downsamples by 8: use {8 * g} for a {g}×{g} grid",
+            )
+        n = g * g
+        check(0 < self.masking_patches <= n, "data.num_masking_patches", f"must be in [1, {n}]")
+        check(self.min_patches >= 1, "data.min_num_patches", "must be ≥ 1")
+        check(0 < self.min_aspect <= 1, "data.min_aspect", "must be in (0, 1]")
         if self.tokenizer != "none":
             check(
                 bool(self.tokenizer_weights) or self.tokenizer == "dalle",
@@ -213,6 +248,7 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         check(bool(self.input or self.data.source), "input", "give --input URI (or data.source)")
         check(bool(self.output), "output", "give --output URI")
+        self.data.check_masked_patches()
 
 
 @dataclass
@@ -255,3 +291,4 @@ class FitTokenizerConfig:
     def __post_init__(self) -> None:
         check(bool(self.input or self.data.source), "input", "give --input URI (or data.source)")
         check(self.output.endswith(".safetensors"), "output", "must end with .safetensors")
+        self.data.check_masked_patches()

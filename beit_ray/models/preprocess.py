@@ -116,20 +116,39 @@ class Preprocessor:
 
     @classmethod
     def for_model(
-        cls, model_type: str, image_size: int, *, segmentation: bool = False, **overrides: Any
+        cls,
+        model_type: str,
+        image_size: int,
+        *,
+        segmentation: bool = False,
+        crop_pct: float | None = None,
+        **overrides: Any,
     ) -> Preprocessor:
-        """The processor we export: resize to image_size square (bilinear, as microsoft/beit-*)."""
+        """The processor we export, which is also the fine-tuning run's eval transform.
+
+        Classification (and MIM / features): BEiT's eval (unilm ``build_transform``): resize
+        the shorter side to ``int(image_size / crop_pct)`` (bicubic), center-crop
+        ``image_size``; ``crop_pct`` unset: :func:`eval_crop_pct`. Segmentation: resize to
+        ``image_size`` square (bilinear, as microsoft/beit-*-finetuned-ade-*)."""
         family = "vit" if model_type == "vit" else "beit"
+        square = {"height": image_size, "width": image_size}
         cfg: dict[str, Any] = {
             "image_processor_type": _TYPES[family],
-            "size": {"height": image_size, "width": image_size},
-            "crop_size": {"height": image_size, "width": image_size},
+            "size": square,
+            "crop_size": square,
             "resample": 2,
             "do_center_crop": False,
             "do_reduce_labels": bool(segmentation and family == "beit"),
             "image_mean": [0.5, 0.5, 0.5],
             "image_std": [0.5, 0.5, 0.5],
         }
+        if not segmentation:
+            pct = eval_crop_pct(image_size) if crop_pct is None else crop_pct
+            if not 0 < pct <= 1:
+                raise ValueError(f"crop_pct must be in (0, 1], got {pct}")
+            cfg.update(
+                size={"shortest_edge": int(image_size / pct)}, resample=3, do_center_crop=True
+            )
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(cfg)
 
@@ -138,7 +157,9 @@ class Preprocessor:
         out = asdict(self)
         out["image_mean"], out["image_std"] = list(self.image_mean), list(self.image_std)
         if self.image_processor_type == "ViTImageProcessor":
-            out.pop("do_center_crop"), out.pop("crop_size"), out.pop("do_reduce_labels")
+            out.pop("do_reduce_labels")  # transformers 5's ViT processors center-crop too
+            if not self.do_center_crop:
+                out.pop("do_center_crop"), out.pop("crop_size")
         return out
 
     def save(self, folder: str) -> None:
@@ -244,6 +265,12 @@ class Preprocessor:
 
         seg = self.reduce_labels(seg_map) if self.do_reduce_labels else seg_map
         return torch.from_numpy(self.resize_label_map(seg).astype(np.int64))
+
+
+def eval_crop_pct(image_size: int) -> float:
+    """BEiT's eval crop (unilm ``build_transform``): 224/256 below 384 px, 1.0 from 384 px on,
+    the sizes BEiT fine-tunes at directly (no crop margin)."""
+    return 224 / 256 if image_size < 384 else 1.0
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

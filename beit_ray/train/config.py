@@ -8,7 +8,6 @@ value fails before Ray starts.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,68 +16,143 @@ from beit_ray.data.config import DataConfig
 from beit_ray.models.flavours import get_flavour
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """One task's BEiT fine-tuning/pretraining defaults (unilm ``beit/``), filled into the
+    ``optim`` fields left unset."""
+
+    base_lr: float
+    base_batch: int
+    min_lr: float
+    schedule: Literal["cosine", "poly"]
+    clip_grad: float
+    warmup_epochs: float | None = None
+    warmup_steps: int | None = None
+    layer_decay: float | None = None
+    """None: the flavour's (0.65 base, 0.75 large)."""
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+
+def recipe(task: str, flavour: str) -> Recipe:
+    """BEiT's recipe for ``task`` (mim, classification, segmentation) and model ``flavour``.
+
+    mim: run_beit_pretraining.py as the README runs it (lr 1.5e-3 at 2048, 10 warmup epochs,
+    clip 3.0). classification: get_started_for_image_classification.md for self-supervised
+    checkpoints (base: lr 4e-3 at 8 × 128, 20 of 100 warmup epochs; large: 1e-3 at 8 × 64 × 2,
+    5 of 50), mixup 0.8 / cutmix 1.0, min lr 1e-6, no clipping. segmentation: the mmseg UperNet
+    config for self-supervised BEiT (upernet_beit_base_12_512_slide_160k_ade20k_pt.py: lr 7e-4
+    at 8 × 2, layer decay 0.65, poly to 0 after 1,500 linear warmup iterations, no clipping).
+    """
+    large = flavour.endswith("large")
+    if task == "mim":
+        return Recipe(1.5e-3, 2048, 1e-5, "cosine", 3.0, warmup_epochs=10, layer_decay=1.0)
+    if task == "classification":
+        lr, warm = (1e-3, 5) if large else (4e-3, 20)
+        return Recipe(lr, 1024, 1e-6, "cosine", 0.0, warmup_epochs=warm, mixup=0.8, cutmix=1.0)
+    if task == "segmentation":
+        return Recipe(7e-4, 16, 0.0, "poly", 0.0, warmup_steps=1500)
+    raise ValueError(f"no recipe for task {task!r}")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with warmup + cosine decay; BEiT recipe defaults."""
+    """AdamW, linear warmup, then cosine or poly decay; unset fields take the task's BEiT recipe
+    (:func:`recipe`), filled in by the job config."""
 
-    base_lr: float = 1.5e-3
-    """Peak learning rate at ``base_batch``; the actual peak is base_lr * global_batch / base_batch."""
-    base_batch: int = 2048
-    """Global batch the base_lr refers to (linear scaling rule)."""
+    base_lr: float | None = None
+    """Peak learning rate at ``base_batch``; the actual peak is base_lr * global_batch /
+    base_batch. Unset: 1.5e-3 pretraining, 4e-3 classification (1e-3 large), 7e-4 segmentation."""
+    base_batch: int | None = None
+    """Global batch the base_lr refers to (linear scaling rule); unset: 2048 pretraining, 1024
+    classification, 16 segmentation."""
     lr: float | None = None
     """Absolute peak learning rate; overrides the linear scaling when set."""
-    min_lr: float = 1e-5
-    """Learning rate at the end of the cosine decay."""
+    min_lr: float | None = None
+    """Learning rate at the end of the decay, never above the peak (clamped: a small batch
+    scales the peak below it); unset: 1e-5 pretraining, 1e-6 classification, 0 segmentation."""
+    schedule: Literal["cosine", "poly"] | None = None
+    """Decay after warmup: cosine (BEiT) or poly (mmseg; power poly_power over the whole run);
+    unset: poly for segmentation, cosine otherwise."""
+    poly_power: float = 1.0
+    """Exponent of the poly decay (mmseg's BEiT configs: 1.0, linear)."""
+    warmup_epochs: float | None = None
+    """Linear warmup in epochs (needs run.epochs to define the run, not run.max_steps)."""
     warmup_steps: int | None = None
-    """Linear warmup steps; unset: 5% of the total steps."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    """AdamW betas."""
+    """Linear warmup in optimizer steps; wins over warmup_epochs. Both unset: the task's (10
+    epochs pretraining, 20 classification (5 large), 1,500 steps segmentation), at most
+    warmup_fraction of the run."""
+    warmup_fraction: float = 0.2
+    """Cap of the task's default warmup as a share of the run, so short runs still decay (BEiT's
+    classification recipe: 20 of 100 epochs); an explicit warmup is kept as given."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (BEiT's pretraining and fine-tuning commands: 0.9, 0.999)."""
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.05
     """Decoupled weight decay (not applied to biases, norms, tokens and position tables)."""
-    clip_grad: float = 3.0
-    """Gradient-norm clipping (0 disables)."""
+    clip_grad: float | None = None
+    """Gradient-norm clipping (0 disables); unset: 3.0 pretraining, 0 fine-tuning."""
     layer_decay: float | None = None
-    """Layer-wise lr decay; unset: 1.0 for pretraining, the flavour's (0.65 base / 0.75 large) for
-    classification, 0.9 for segmentation."""
+    """Layer-wise lr decay; unset: 1.0 for pretraining, the flavour's (0.65 base / 0.75 large)
+    for fine-tuning."""
     optimizer: Literal["auto", "adamw", "adamw_fused", "cpu_adam"] = "auto"
     """auto: torch's fused AdamW (one pass over each tensor; ~3x faster than the per-op AdamW on
     CPU), or DeepSpeedCPUAdam when the optimizer is offloaded (a JIT-built op). adamw: torch
     AdamW with its per-op (foreach / per-tensor) implementation."""
     label_smoothing: float = 0.1
-    """Classification label smoothing."""
-    mixup: float = 0.0
-    """Classification mixup alpha (0 disables)."""
-    cutmix: float = 0.0
-    """Classification cutmix alpha (0 disables); with both set, one is picked per batch."""
+    """Classification label smoothing (with mixup/cutmix, of both mixed targets, as timm's Mixup)."""
+    mixup: float | None = None
+    """Classification mixup alpha (0 disables); unset: 0.8 (BEiT's fine-tuning command)."""
+    cutmix: float | None = None
+    """Classification cutmix alpha (0 disables); unset: 1.0. With both on, each batch takes one
+    (even odds), as timm's Mixup."""
     reprob: float = 0.25
     """Classification random erasing (timm 'pixel' mode, BEiT's --reprob): each training image
     has one box (2%-33% of the area, aspect 0.3-3.3) replaced by N(0, 1) noise after
     normalization, with this probability (0 disables)."""
 
     def __post_init__(self) -> None:
-        check(self.base_lr > 0, "optim.base_lr", "must be positive")
-        check(self.base_batch > 0, "optim.base_batch", "must be positive")
-        check(self.lr is None or self.lr > 0, "optim.lr", "must be positive")
-        check(self.min_lr >= 0, "optim.min_lr", "must be >= 0")
-        check(
-            self.warmup_steps is None or self.warmup_steps >= 0,
-            "optim.warmup_steps",
-            "must be >= 0",
-        )
+        def unset_or(name: str, ok: bool, why: str) -> None:
+            check(getattr(self, name) is None or ok, f"optim.{name}", why)
+
+        unset_or("base_lr", (self.base_lr or 0) > 0, "must be positive")
+        unset_or("base_batch", (self.base_batch or 0) > 0, "must be positive")
+        unset_or("lr", (self.lr or 0) > 0, "must be positive")
+        unset_or("min_lr", (self.min_lr or 0) >= 0, "must be >= 0")
+        check(self.poly_power > 0, "optim.poly_power", "must be positive")
+        unset_or("warmup_epochs", (self.warmup_epochs or 0) >= 0, "must be >= 0")
+        unset_or("warmup_steps", (self.warmup_steps or 0) >= 0, "must be >= 0")
+        check(0 <= self.warmup_fraction <= 1, "optim.warmup_fraction", "must be in [0, 1]")
         check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each must be in [0, 1)")
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+        unset_or("clip_grad", (self.clip_grad or 0) >= 0, "must be >= 0")
         check(
             self.layer_decay is None or 0 < self.layer_decay <= 1,
             "optim.layer_decay",
             "must be in (0, 1]",
         )
         check(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
-        check(self.mixup >= 0, "optim.mixup", "must be >= 0")
-        check(self.cutmix >= 0, "optim.cutmix", "must be >= 0")
+        unset_or("mixup", (self.mixup or 0) >= 0, "must be >= 0")
+        unset_or("cutmix", (self.cutmix or 0) >= 0, "must be >= 0")
         check(0 <= self.reprob <= 1, "optim.reprob", "must be in [0, 1]")
+
+    def with_recipe(self, r: Recipe, flavour_layer_decay: float) -> OptimConfig:
+        """A copy with every unset field taken from ``r`` (warmup stays unset: it depends on the
+        run's length, see beit_ray.train.schedule.warmup_steps)."""
+        fill = {
+            "base_lr": r.base_lr,
+            "base_batch": r.base_batch,
+            "min_lr": r.min_lr,
+            "schedule": r.schedule,
+            "clip_grad": r.clip_grad,
+            "layer_decay": r.layer_decay if r.layer_decay is not None else flavour_layer_decay,
+            "mixup": r.mixup,
+            "cutmix": r.cutmix,
+        }
+        return dataclasses.replace(
+            self, **{k: v for k, v in fill.items() if getattr(self, k) is None}
+        )
 
 
 @dataclass
@@ -285,34 +359,32 @@ class TrainConfig:
     def peak_lr(self) -> float:
         return self.optim.lr or self.optim.base_lr * self.global_batch / self.optim.base_batch
 
-    def warmup(self, total_steps: int) -> int:
-        w = self.optim.warmup_steps
-        return min(w, total_steps) if w is not None else max(1, math.ceil(0.05 * total_steps))
+    @property
+    def task_name(self) -> str:
+        """The recipe's task: mim, classification or segmentation."""
+        raise NotImplementedError
 
-
-def fit_data(cfg: TrainConfig, data: DataConfig) -> DataConfig:
-    """``data`` with the model's image and patch size (the mask grid is the patch grid).
-
-    Left at DataConfig's defaults (224, patch 16), the sizes follow the model, so the debug
-    flavour works with ``--data.source X`` alone; set explicitly, they must match it.
-    """
-    f = get_flavour(cfg.model.flavour)
-    size = cfg.model.image_size or f.image_size
-    default = DataConfig()
-    if (data.image_size, data.patch_size) == (default.image_size, default.patch_size):
-        tok = data.tokenizer_image_size
-        if tok == default.tokenizer_image_size:
-            tok = 8 * (size // f.patch_size)  # DALL-E's view: 8 pixels per grid cell
-        data = dataclasses.replace(
-            data, image_size=size, patch_size=f.patch_size, tokenizer_image_size=tok
+    def resolve(self, data: DataConfig) -> DataConfig:
+        """Fill the task's recipe into ``optim`` and return ``data`` sized by the model: the one
+        place a job's resolution comes from (``--model.image_size``)."""
+        f = get_flavour(self.model.flavour)
+        size = self.model.image_size or f.image_size
+        check(
+            size % f.patch_size == 0,
+            "model.image_size",
+            f"must be a multiple of the {self.model.flavour} patch size {f.patch_size}",
         )
-    check(data.image_size == size, "data.image_size", f"must equal the model's image size {size}")
-    check(
-        data.patch_size == f.patch_size,
-        "data.patch_size",
-        f"must equal the model's patch size {f.patch_size}",
-    )
-    return data
+        self.optim = self.optim.with_recipe(
+            recipe(self.task_name, self.model.flavour), f.layer_decay
+        )
+        check(
+            self.optim.warmup_epochs is None
+            or self.optim.warmup_steps is not None
+            or self.run.max_steps is None,
+            "optim.warmup_epochs",
+            "run.max_steps sets the run's length in steps: give optim.warmup_steps instead",
+        )
+        return data.fit_model(size, f.patch_size)
 
 
 @dataclass
@@ -331,8 +403,13 @@ class PretrainConfig(TrainConfig):
     shards: str | None = None
     """Materialized masked-patch shards written by jobs/tokenize_shards.py (local or s3://)."""
 
+    @property
+    def task_name(self) -> str:
+        return "mim"
+
     def __post_init__(self) -> None:
-        self.data = fit_data(self, self.data)
+        self.data = self.resolve(self.data)
+        self.data.check_masked_patches()
 
 
 @dataclass
@@ -362,8 +439,12 @@ class FinetuneConfig(TrainConfig):
     )
     """Run location and checkpoints."""
 
+    @property
+    def task_name(self) -> str:
+        return self.task
+
     def __post_init__(self) -> None:
-        self.data = fit_data(self, self.data)
+        self.data = self.resolve(self.data)  # no tokenizer or mask check: fine-tuning has none
         check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
         check(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
         check(self.num_labels is None or self.num_labels > 1, "num_labels", "must be > 1")

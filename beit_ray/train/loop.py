@@ -20,6 +20,7 @@ from beit_ray.train import checkpoint
 from beit_ray.train.checkpoint import TrainState
 from beit_ray.train.config import TrainConfig
 from beit_ray.train.resources import feed_options
+from beit_ray.train.schedule import lr_at
 from beit_ray.train.tasks import Task, make_task
 
 
@@ -224,15 +225,6 @@ def timed(
         except StopIteration:
             return
         yield batch, time.perf_counter() - t0
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup to the peak, then cosine to min_lr (BEiT's schedule), per optimizer step."""
-    warmup, peak, low = cfg.warmup(total), cfg.peak_lr, cfg.optim.min_lr
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def set_lr(engine: Any, lr: float) -> None:
