@@ -154,7 +154,15 @@ def export(
         raise RuntimeError(
             f"consolidated checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
         )
-    export_hf(model.eval(), model_uri, id2label=extra.get("id2label"), storage=cfg.storage)
+    data = getattr(cfg, "data", None)  # the run's eval crop, so labelling scores as the run did
+    crop = {"crop_pct": data.crop_pct} if data is not None and data.crop_pct else None
+    export_hf(
+        model.eval(),
+        model_uri,
+        id2label=extra.get("id2label"),
+        storage=cfg.storage,
+        preprocessor=crop,
+    )
 
 
 def steps_per_pass(cfg: TrainConfig, train_ds: Any, rows: int | None = None) -> int:
