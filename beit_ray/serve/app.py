@@ -65,6 +65,13 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
 # --------------------------------------------------------------------------- model replicas
 
 
+def replica_dtype(dtype: str, device: str) -> str:
+    """replicas.dtype resolved: auto is bfloat16 on a GPU (tensor cores), float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
 class ModelServer:
     """One checkpoint, loaded once per replica; requests batched into one forward pass."""
 
@@ -86,8 +93,7 @@ class ModelServer:
             threads = actor_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
         # The GPU only when this replica reserved one (replicas.num_gpus > 0).
         device = ray_device(ray.get_gpu_ids())
-        if dtype == "auto":  # resolved here: YAML ray_actor_options may have added the GPU
-            dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = replica_dtype(dtype, device)  # here: YAML ray_actor_options may add the GPU
         self.predictor = Predictor(
             checkpoint,
             task,

@@ -1,0 +1,272 @@
+"""The decisions GPU mode makes, pinned on CPU (no GPU here): DeepSpeed config and precision,
+collectives under a mixed-backend group, resource and autoscaling checks against fake clusters,
+the device rule of Serve replicas and tokenizer actors, shared-storage refusal, the SDPA and
+checkpointed fast path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from beit_ray.config import StorageConfig
+from beit_ray.train import resources
+from beit_ray.train.config import (
+    CheckpointSection,
+    DeepSpeedConfig,
+    PretrainConfig,
+    ScalingSection,
+)
+from beit_ray.train.deepspeed import deepspeed_config, mmap_threshold, precision
+from beit_ray.train.resources import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(use_gpu: bool, workers: int = 2, **ds) -> PretrainConfig:
+    return PretrainConfig(
+        scaling=ScalingSection(num_workers=workers, use_gpu=use_gpu),
+        deepspeed=DeepSpeedConfig(**ds),
+    )
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def test_gpu_gets_deepspeed_defaults_and_bf16_cpu_keeps_its_tuning():
+    gpu = deepspeed_config(_cfg(True, zero_stage=2, offload_optimizer=True))
+    z = gpu["zero_optimization"]
+    assert gpu["bf16"]["enabled"] and not gpu["fp16"]["enabled"]
+    assert z["overlap_comm"] and z["reduce_scatter"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 500_000_000
+    assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+
+    cpu = deepspeed_config(_cfg(False, zero_stage=2, offload_optimizer=True))
+    z = cpu["zero_optimization"]
+    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
+    assert not z["overlap_comm"] and not z["reduce_scatter"]
+    assert z["reduce_bucket_size"] == 50_000_000
+    assert z["offload_optimizer"]["pin_memory"] is False
+
+
+def test_zero3_limits_and_allocator_per_device_and_explicit_values_win():
+    z = deepspeed_config(_cfg(True, zero_stage=3))["zero_optimization"]
+    assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 1_000_000_000
+    assert "stage3_prefetch_bucket_size" not in z  # DeepSpeed's own 5e7
+    z = deepspeed_config(_cfg(False, zero_stage=3))["zero_optimization"]
+    assert z["stage3_max_live_parameters"] == z["sub_group_size"] == 50_000_000
+    z = deepspeed_config(_cfg(True, zero_stage=3, bucket_size=7_000_000))["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["stage3_max_live_parameters"] == 7_000_000
+    assert mmap_threshold(_cfg(True, zero_stage=3)) == 0
+    assert mmap_threshold(_cfg(False, zero_stage=3)) == 1 << 20
+    assert mmap_threshold(_cfg(True, zero_stage=3, malloc_mmap_threshold=4096)) == 4096
+    assert precision(_cfg(True, precision="fp32")) == "fp32"
+    assert precision(_cfg(True, precision="fp16")) == "fp16"
+    assert precision(_cfg(False)) == "fp32" and precision(_cfg(True)) == "bf16"
+
+
+def test_feed_options_and_backend():
+    assert resources.feed_options(False) == {}
+    opts = resources.feed_options(True)
+    assert opts["pin_memory"] and 2 <= opts["prefetch_batches"] <= 4
+    assert resources.process_group_backend(True) == "cpu:gloo,cuda:nccl"
+    assert resources.process_group_backend(False) == "gloo"
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _group(backend: str, tmp_path: Path) -> None:
+    store = dist.FileStore(str(tmp_path / f"store-{backend.replace(':', '_')}"), 1)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
+
+
+def test_cpu_collective_fails_without_a_cpu_backend_and_runs_in_a_mixed_group(tmp_path):
+    from beit_ray.train.loop import due
+    from beit_ray.train.tasks import all_reduce_on
+
+    # "cuda:gloo" stands in for Ray Train's plain nccl group: nothing serves CPU tensors.
+    _group("cuda:gloo", tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match="cpu"):
+            dist.broadcast(torch.zeros(1), src=0)
+    finally:
+        dist.destroy_process_group()
+    # The group Ray Train now gets on GPU, with gloo standing in for nccl on this machine.
+    _group(resources.process_group_backend(True).replace("nccl", "gloo"), tmp_path)
+    try:
+        cfg = PretrainConfig(checkpoint=CheckpointSection(every_n_minutes=1e-9))
+        assert due(cfg, 3, last=0.0, device=torch.device("cpu"))
+        sums = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        out = all_reduce_on(sums, torch.device("cpu"))
+        assert out.tolist() == [1.0, 2.0, 3.0] and out.device == sums.device
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def test_gpu_oversubscription_is_refused_with_what_to_change():
+    cfg = _cfg(True, workers=16)
+    fixed = Cluster(cpus=448, gpus=16, nodes=5)
+    with pytest.raises(ValueError, match="need 17 GPUs") as e:
+        resources.check_gpus(cfg, 1.0, fixed)
+    assert "scaling.num_workers" in str(e.value) and "data.tokenizer_num_gpus" in str(e.value)
+    assert resources.check_gpus(cfg, 0.0, fixed) is None  # CPU tokenizer actors fit
+    assert resources.check_gpus(_cfg(True, workers=15), 1.0, fixed) is None
+    # An autoscaler that can never reach 17 GPUs: still refused.
+    scaling = Cluster(cpus=0, gpus=0, nodes=1, max_cpus=448, max_gpus=16, max_nodes=21, fixed=False)
+    with pytest.raises(ValueError):
+        resources.check_gpus(cfg, 1.0, scaling)
+
+
+def test_autoscaling_cluster_warns_instead_of_refusing(capsys):
+    # cluster/aws.yaml right after `ray up`: only the CPU-0 head is up.
+    limits = resources._bootstrap_limits(str(REPO / "cluster" / "aws.yaml"))
+    assert limits == {"CPU": 16 * 16 + 4 * 48, "GPU": 16, "nodes": 21}
+    head_only = Cluster(
+        cpus=0,
+        gpus=0,
+        nodes=1,
+        max_cpus=limits["CPU"],
+        max_gpus=limits["GPU"],
+        max_nodes=int(limits["nodes"]),
+        fixed=False,
+    )
+    cfg = _cfg(True, workers=8)
+    assert resources.check_cpus(cfg, 1.0, head_only) == "warn"
+    assert resources.check_gpus(cfg, 1.0, head_only) == "warn"
+    assert "autoscaler may still add nodes" in capsys.readouterr().out
+    # GPU nodes scaled to zero still make the tokenizer's auto-detect pick GPU actors.
+    assert resources.tokenizer_gpus(None, head_only) == 1.0
+    assert resources.tokenizer_gpus(None, Cluster(cpus=8, gpus=0, nodes=1)) == 0.0
+    assert resources.tokenizer_gpus(0.5, head_only) == 0.5
+    # A joined cluster whose autoscaler limits are unknown: warn; a local Ray: refuse.
+    unknown = Cluster(cpus=1, gpus=0, nodes=1, fixed=False)
+    assert resources.check_cpus(cfg, 1.0, unknown) == "warn"
+    with pytest.raises(ValueError, match="scaling.cpus_per_worker"):
+        resources.check_cpus(cfg, 1.0, Cluster(cpus=1, gpus=0, nodes=1))
+
+
+def test_gcs_node_groups_with_unbounded_max_count():
+    out = resources.node_group_limits([({"CPU": 4.0}, 1), ({"CPU": 8.0, "GPU": 1.0}, -1)])
+    assert out["GPU"] >= sys.maxsize and out["CPU"] >= 4
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_local_outputs_refused_on_multi_node_clusters(tmp_path):
+    two = Cluster(cpus=4, gpus=0, nodes=2)
+    with pytest.raises(ValueError, match="checkpoint.storage_path") as e:
+        resources.check_shared_storage({"checkpoint.storage_path": "./runs"}, None, two)
+    assert "s3://" in str(e.value) and "storage.shared_paths" in str(e.value)
+    ok = {"checkpoint.storage_path": "s3://bucket/runs", "data.errors_uri": None}
+    resources.check_shared_storage(ok, None, two)
+    shared = StorageConfig(shared_paths=[str(tmp_path)])
+    resources.check_shared_storage({"output": str(tmp_path / "labels")}, shared, two)
+    with pytest.raises(ValueError, match="output"):
+        resources.check_shared_storage({"output": str(tmp_path) + "-other"}, shared, two)
+    resources.check_shared_storage({"x": "./runs"}, None, Cluster(cpus=4, gpus=0, nodes=1))
+    # One node up, more to come from the autoscaler: refused as well.
+    coming = Cluster(cpus=0, gpus=0, nodes=1, max_nodes=5, fixed=False)
+    with pytest.raises(ValueError, match="nodes the autoscaler can add"):
+        resources.check_shared_storage({"x": "./runs"}, None, coming)
+
+
+def test_training_refused_on_a_real_two_node_cluster(tmp_path):
+    """ray.cluster_utils.Cluster: two raylets on loopback, in a child process (own Ray)."""
+    from tests.conftest import run_child
+
+    script = tmp_path / "two_nodes.py"
+    script.write_text(
+        "import json, ray\n"
+        "from ray.cluster_utils import Cluster as RayCluster\n"
+        "from beit_ray.config import RayConfig\n"
+        "from beit_ray.train.config import PretrainConfig\n"
+        "from beit_ray.train.resources import Cluster, check_training\n"
+        "c = RayCluster(initialize_head=True, head_node_args={'num_cpus': 2})\n"
+        "c.add_node(num_cpus=2)\n"
+        "ray.init(address=c.address)\n"
+        "c.wait_for_nodes()\n"
+        "view = Cluster.read(RayConfig(address=c.address))\n"
+        "cfg = PretrainConfig()\n"
+        "try:\n"
+        "    check_training(cfg, 1.0, view)\n"
+        "    err = None\n"
+        "except ValueError as e:\n"
+        "    err = str(e)\n"
+        "ray.shutdown(); c.shutdown()\n"
+        "print('RESULT ' + json.dumps({'nodes': view.nodes, 'error': err}))\n"
+    )
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO)}
+    out = run_child([str(script)], env=env, timeout=300)
+    assert out["nodes"] == 2
+    assert out["error"] and out["error"].startswith("checkpoint.storage_path: ")
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_replicas_and_tokenizer_actors_use_cuda_only_with_an_assigned_gpu(monkeypatch):
+    import ray
+
+    from beit_ray.data import tokenizers
+    from beit_ray.infer.predictor import ray_device
+    from beit_ray.serve.app import replica_dtype
+    from beit_ray.serve.config import ReplicaConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is visible
+    assert ray_device([]) == "cpu"  # ... but this replica reserved none
+    assert ray_device(["0"]) == "cuda"
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert tokenizers.actor_device() == "cpu"
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])
+    assert tokenizers.actor_device() == "cuda"
+    assert ReplicaConfig().dtype == "auto"
+    assert replica_dtype("auto", "cuda") == "bfloat16"
+    assert replica_dtype("auto", "cpu") == "float32"
+    assert replica_dtype("float16", "cuda") == "float16"
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def _mim_batch():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    mask = torch.rand(3, 16, generator=g) < 0.4
+    mask[:, 0] = True
+    return pixels, mask, torch.randint(0, 256, (3, 16), generator=g)
+
+
+def test_sdpa_and_checkpointed_fast_path_match_the_bmm_path():
+    from beit_ray.models.build import build_model
+    from beit_ray.models.speed import beit_encoder, speed_options
+
+    model = build_model("debug", "mim").train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    pixels, mask, _ = _mim_batch()
+
+    def run(sdpa: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = beit_encoder(model.beit, pixels, mask, sdpa=sdpa)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.beit.parameters() if p.grad is not None]
+
+    ref, ref_grads = run(False)
+    out, grads = run(True)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads, strict=True))
+    speed_options(model, checkpointing=True, compile=False)
+    assert all(layer.gradient_checkpointing for layer in model.beit.layers)
+    out, grads = run(False)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref_grads, strict=True))
