@@ -262,7 +262,7 @@ def test_run_folder_layouts(tmp_path):
         json.dumps({"model_dir": "hf", "task": "classification"})
     )
     assert type(load_model(str(tmp_path / "run2"))).__name__ == "BeitForImageClassification"
-    assert Preprocessor.from_pretrained(str(tmp_path / "run2")).size == {"height": 32, "width": 32}
+    assert Preprocessor.from_pretrained(str(tmp_path / "run2")).output_size(9, 9) == (32, 32)
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="ViT"):
@@ -279,7 +279,7 @@ def test_export_and_load_through_s3(s3_bucket, tmp_path):
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= names
     clf = load_model(uri, "classification", num_labels=3)
     assert len(clf.beit_ray_load_report["copied"]) == 4
-    assert Preprocessor.from_pretrained(uri).size == {"height": 32, "width": 32}
+    assert Preprocessor.from_pretrained(uri).output_size(9, 9) == (32, 32)
     # a folder uploaded with storage.upload_dir loads the same
     local = tmp_path / "hf"
     export_hf(model, str(local))
