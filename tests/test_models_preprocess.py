@@ -125,3 +125,55 @@ def test_label_maps():
     assert target.dtype == torch.int64 and target.shape == (4, 4)
     assert set(target.unique().tolist()) <= {255, 0, 1, 2}
     assert proc.resize_label_map(big, (20, 20)).shape == (20, 20)
+
+
+# --------------------------------------------------------------------------- eval = inference
+
+
+def test_export_processor_is_beits_eval_transform():
+    p = Preprocessor.for_model("beit", 224)  # unilm build_transform: Resize(256, bicubic) + crop
+    assert p.size == {"shortest_edge": 256} and p.crop_size == {"height": 224, "width": 224}
+    assert p.do_center_crop and p.resample == 3
+    assert Preprocessor.for_model("beit", 32).size == {"shortest_edge": 36}  # int(32 / 0.875)
+    assert Preprocessor.for_model("beit", 384).size == {"shortest_edge": 384}  # crop_pct 1.0
+    assert Preprocessor.for_model("beit", 224, crop_pct=1.0).size == {"shortest_edge": 224}
+    seg = Preprocessor.for_model("beit", 64, segmentation=True, crop_pct=0.5)
+    assert seg.size == {"height": 64, "width": 64} and not seg.do_center_crop
+    with pytest.raises(ValueError, match="crop_pct"):
+        Preprocessor.for_model("beit", 224, crop_pct=1.5)
+
+
+@pytest.mark.parametrize(
+    "family, size, crop_pct",
+    [("beit", 224, None), ("beit", 384, None), ("beit", 32, None), ("vit", 224, 0.9)],
+)
+def test_run_eval_labelling_and_transformers_see_the_same_pixels(
+    photos, tmp_path, family, size, crop_pct
+):
+    """The run's eval transform, the labelling job's decode stage (serving calls the same
+    ``to_uint8``) and transformers' own processor read from the exported
+    preprocessor_config.json give the same pixels, within one level, on real JPEG photos."""
+    from conftest import jpeg_bytes
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from beit_ray.data.augment import ClassifyTransform
+    from beit_ray.data.decode import decode_image
+    from beit_ray.infer.label import decode_batch
+
+    Preprocessor.for_model(family, size, crop_pct=crop_pct).save(str(tmp_path))
+    exported = Preprocessor.from_pretrained(str(tmp_path))
+    hf = AutoImageProcessor.from_pretrained(str(tmp_path))
+    assert hf.do_center_crop and hf.crop_size["height"] == size
+    run_eval = ClassifyTransform(size, train=False, crop_pct=crop_pct)
+    mean = torch.tensor(exported.image_mean).view(3, 1, 1)
+    std = torch.tensor(exported.image_std).view(3, 1, 1)
+    for name in ("chelsea", "coffee", "rocket", "astronaut"):  # portrait, landscape, square
+        data = jpeg_bytes(photos[name])
+        ours = run_eval(data, name).astype(np.int32)  # [3, S, S]
+        labelled = decode_batch([data], [""], exported, 10**8)["pixels"][0].astype(np.int32)
+        pv = hf(Image.fromarray(decode_image(data)), return_tensors="pt")["pixel_values"][0]
+        theirs = ((pv * std + mean) * 255).round().numpy().astype(np.int32)  # [3, S, S]
+        assert ours.shape == labelled.shape == theirs.shape == (3, size, size)
+        assert np.array_equal(ours, labelled), name  # one code path: identical
+        assert np.abs(ours - theirs).max() <= 1, name
