@@ -124,3 +124,43 @@ def test_slide_test_small_images(hw: tuple[int, int]) -> None:
     x = torch.rand(1, 3, *hw)
     out = segment_logits(lambda v: v[:, :2], x, 16, 2, (hw[0] * 2, hw[1] * 2))
     assert out.shape == (1, 2, hw[0] * 2, hw[1] * 2)
+
+
+def test_predictor_segments_at_the_training_scale(tmp_path) -> None:
+    """A keep-ratio export (size {shortest_edge, longest_edge} = the training scale): the shared
+    predictor slides model windows over the rescaled image and masks at the original size,
+    as the run's eval (segment_logits) does; a square export still runs one window."""
+    from beit_ray.infer.predictor import Predictor
+    from beit_ray.models.build import build_model
+    from beit_ray.models.load import export_hf
+    from beit_ray.models.preprocess import Preprocessor
+
+    torch.manual_seed(0)
+    model = build_model("debug", "segmentation", num_labels=3).eval()
+    crop = int(model.config.image_size)
+    long, short = train_scale(crop)
+    keep = str(tmp_path / "keep")
+    export_hf(
+        model,
+        keep,
+        id2label={i: str(i) for i in range(3)},
+        preprocessor={"size": {"shortest_edge": short, "longest_edge": long}},
+    )
+    image, _ = _pair(45, 150)
+    pred = Predictor(keep, "segment")
+    mask = pred.predict([image])[0]["mask"]
+    assert mask.shape == (45, 150)
+
+    proc = Preprocessor.from_pretrained(keep)
+    small = proc.to_uint8(image)  # [3, h, w]: ratio kept, within the scale
+    assert small.shape[1] == short and small.shape[2] > crop  # several windows
+    with torch.no_grad():
+        ref = segment_logits(
+            lambda v: model(pixel_values=v).logits, proc.normalize(small[None]), crop, 3, (45, 150)
+        )
+    np.testing.assert_array_equal(mask, ref[0].argmax(0).numpy())
+    # Images of different sizes in one call (labelling / serving batches).
+    other, _ = _pair(60, 40)
+    masks = pred.forward([proc.to_uint8(image), proc.to_uint8(other)], [(45, 150), (60, 40)])
+    assert [m["mask"].shape for m in masks] == [(45, 150), (60, 40)]
+    np.testing.assert_array_equal(masks[0]["mask"], mask)

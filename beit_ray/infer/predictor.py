@@ -123,14 +123,18 @@ class Predictor:
         sizes: list[tuple[int, int]],
         top_k: int | None = None,
     ) -> list[dict[str, Any]]:
-        """uint8 [B, 3, h, w] from :meth:`prepare` and each image's original (H, W) → results."""
+        """uint8 [B, 3, h, w] from :meth:`prepare` and each image's original (H, W) → results.
+
+        segment also takes a list of [3, h, w] of different sizes (a keep-ratio preprocessor)."""
+        if self.task == "segment":
+            return self._segment(self._segment_logits(pixels), sizes)
         pixels = torch.as_tensor(pixels).to(self.device)
         x = self.preprocessor.normalize(pixels).to(self.dtype)  # [B, 3, h, w]
         if self.task == "classify":
             return self._classify(self.model(pixel_values=x).logits, top_k or self.top_k)
         if self.task == "embed":
             return self._embed(self.model(pixel_values=x))
-        return self._segment(self.model(pixel_values=x).logits, sizes)
+        raise AssertionError(self.task)
 
     def predict(self, images: list[np.ndarray], top_k: int | None = None) -> list[dict[str, Any]]:
         """RGB uint8 [H, W, 3] images → one result dict per image (see the task methods)."""
@@ -167,16 +171,47 @@ class Predictor:
         emb = emb.float().cpu().numpy()  # [B, D]
         return [{"embedding": e} for e in emb]
 
-    def _segment(self, logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    def _segment_logits(self, pixels: Any) -> list[torch.Tensor]:
+        """[C, h', w'] logits per prepared image: one forward when the images are one model
+        window (a square-resize preprocessor), else mmseg's slide test with that window over
+        the whole prepared image (a keep-ratio preprocessor, size {shortest_edge, longest_edge}:
+        the training scale, as the training run's eval)."""
+        from beit_ray.data.segmentation import slide_logits
+
+        window = int(self.model.config.image_size)
+        batch = isinstance(pixels, torch.Tensor) or (
+            isinstance(pixels, np.ndarray) and pixels.dtype != object
+        )
+        groups = (
+            [torch.as_tensor(pixels)]
+            if batch
+            else [torch.as_tensor(np.asarray(p))[None] for p in pixels]  # sizes differ
+        )  # each [b, 3, h, w] uint8
+
+        def run(v: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=v).logits
+
+        out: list[torch.Tensor] = []
+        for g in groups:
+            x = self.preprocessor.normalize(g.to(self.device)).to(self.dtype)  # [b, 3, h, w]
+            if tuple(x.shape[-2:]) == (window, window):
+                out.extend(run(x).float())
+            else:
+                out.extend(slide_logits(run, x, window, int(self.model.config.num_labels)))
+        return out
+
+    def _segment(
+        self, logits: list[torch.Tensor] | torch.Tensor, sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
         """{mask [H, W] class ids at the original size, class_ids, pixel_counts} per image.
 
-        As transformers' post_process_semantic_segmentation: bilinear upsampling of the logits
-        to the original size (align_corners=False), then argmax.
+        As transformers' post_process_semantic_segmentation and mmseg's slide test: bilinear
+        upsampling of the logits to the original size (align_corners=False), then argmax.
         """
-        dtype = np.uint8 if logits.shape[1] <= 256 else np.uint16
+        dtype = np.uint8 if logits[0].shape[0] <= 256 else np.uint16
         results = []
-        for lg, (h, w) in zip(logits.float(), sizes, strict=True):  # lg: [C, h', w']
-            mask = upsample_argmax(lg, int(h), int(w)).astype(dtype)
+        for lg, (h, w) in zip(logits, sizes, strict=True):  # lg: [C, h', w']
+            mask = upsample_argmax(lg.float(), int(h), int(w)).astype(dtype)
             counts = np.bincount(mask.ravel(), minlength=1)
             present = np.flatnonzero(counts)
             results.append(
