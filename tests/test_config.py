@@ -89,3 +89,60 @@ def test_saved_config_round_trips_and_hides_secrets(tmp_path):
     assert "hunter2" not in text and "<redacted>" in text
     again = parse_args(DemoConfig, ["--config", str(path), "--storage.secret_access_key", "x"])
     assert to_dict(again.optim) == to_dict(cfg.optim)
+
+
+# --------------------------------------------------------------------------- one resolution flag
+
+
+def test_one_flag_sets_a_jobs_resolution():
+    from beit_ray.data.config import TokenizeConfig
+    from beit_ray.train.config import FinetuneConfig, PretrainConfig
+
+    seg = parse_args(
+        FinetuneConfig,
+        ["--task", "segmentation", "--model.image_size", "64", "--data.source", "x"],
+    )
+    assert (seg.data.image_size, seg.data.patch_size, seg.data.grid) == (64, 8, 8)
+    # The DALL-E tokenizer (DataConfig's default) is not fine-tuning's business: a tokenizer
+    # view that would not fit it is not checked there, but is for pretraining.
+    odd = ["--model.image_size", "64", "--data.source", "x", "--data.tokenizer_image_size", "24"]
+    assert parse_args(FinetuneConfig, odd).data.tokenizer_image_size == 24
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer_image_size: the DALL-E"):
+        parse_args(PretrainConfig, [*odd, "--data.tokenizer", "dalle"])
+    pre = parse_args(PretrainConfig, ["--model.image_size", "64"])
+    assert (pre.data.image_size, pre.data.grid, pre.data.tokenizer_image_size) == (64, 8, 64)
+    assert pre.data.masking_patches == round(0.3827 * 64)
+    base = parse_args(PretrainConfig, ["--model.flavour", "base", "--data.tokenizer", "dalle"])
+    assert (base.data.image_size, base.data.patch_size, base.data.tokenizer_image_size) == (
+        224, 16, 112
+    )  # fmt: skip
+    # The resolved config round-trips (saved config.yaml, config.replace).
+    again = parse_args(FinetuneConfig, [])
+    assert to_dict(build_again(again)) == to_dict(again)
+    tok = TokenizeConfig(input="a", output="b")  # no model: BEiT-base's sizes
+    assert (tok.data.image_size, tok.data.patch_size, tok.data.tokenizer_image_size) == (
+        224, 16, 112
+    )  # fmt: skip
+
+
+def build_again(cfg):
+    from beit_ray.config import build
+
+    return build(type(cfg), to_dict(cfg))
+
+
+@pytest.mark.parametrize(
+    "argv, field_name",
+    [
+        (["--model.image_size", "64", "--data.image_size", "32"], "data.image_size"),
+        (["--data.patch_size", "16"], "data.patch_size"),  # debug's patch is 8
+        (["--model.image_size", "60"], "model.image_size"),  # not a multiple of 8
+        (["--data.crop_pct", "1.2"], "data.crop_pct"),
+    ],
+)
+def test_sizes_that_disagree_with_the_model_name_the_field(argv, field_name):
+    from beit_ray.train.config import FinetuneConfig
+
+    with pytest.raises(ConfigError) as err:
+        parse_args(FinetuneConfig, argv)
+    assert str(err.value).startswith(field_name), str(err.value)
