@@ -270,3 +270,29 @@ def test_sdpa_and_checkpointed_fast_path_match_the_bmm_path():
     out, grads = run(False)
     assert torch.allclose(out, ref, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref_grads, strict=True))
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_gpu_check_runs_tiny_on_cpu_without_ray(tmp_path):
+    """bench/gpu_check.py --tiny: every section runs on CPU, and Ray is never imported."""
+    import json
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    code = (
+        "import runpy, sys; sys.argv = ['gpu_check.py', '--tiny', '--skip-deepspeed', "
+        f"'--json', {str(out)!r}]; runpy.run_path('bench/gpu_check.py', run_name='__main__'); "
+        "assert 'ray' not in sys.modules, 'gpu_check imported ray'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["bf16_matmul_tflops"] > 0
+    for path in ("mim_sdpa", "mim_bmm", "mim_transformers"):
+        assert res[path]["images_per_s"] > 0 and res[path]["fraction_of_bf16_matmul"] > 0
+    assert res["dalle"]["images_per_s"] > 0 and res["predictor"]["images_per_s"] > 0
+    assert "SKIPPED (--skip-deepspeed)" in proc.stdout
