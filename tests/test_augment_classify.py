@@ -26,7 +26,7 @@ from beit_ray.data.randaugment import (
     rand_augment,
 )
 from beit_ray.train.config import FinetuneConfig, OptimConfig
-from beit_ray.train.tasks import ClassificationTask, random_erase
+from beit_ray.train.tasks import ClassificationTask, mix, random_erase
 
 SPEC = "rand-m9-mstd0.5-inc1"
 FILL = (124, 116, 104)
@@ -324,3 +324,35 @@ def test_classification_loss_erases_in_training_only(photos: dict[str, np.ndarra
     assert loss(0.0, 0) == pytest.approx(plain, rel=1e-6)
     assert loss(1.0, 0) == loss(1.0, 0) != pytest.approx(plain, rel=1e-6)
     assert loss(1.0, 0) != loss(1.0, 1)
+
+
+def test_mixup_and_cutmix_targets_combine_with_label_smoothing_as_timm():
+    """timm's Mixup(label_smoothing=s) mixes two smoothed one-hots (off s/n, on 1 - s + s/n)
+    with the batch's reverse; ClassificationTask smooths first, then mixes: the same targets.
+    BEiT's recipe turns both on (mixup 0.8, cutmix 1.0, smoothing 0.1)."""
+    o = FinetuneConfig().optim
+    assert (o.mixup, o.cutmix, o.label_smoothing) == (0.8, 1.0, 0.1)
+    n, b, s = 5, 4, o.label_smoothing
+    y = torch.tensor([0, 3, 1, 4])
+    smooth = torch.nn.functional.one_hot(y, n).float() * (1 - s) + s / n  # as the task does
+    x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, 8, 8)  # image i = i
+
+    def timm_target(lam: float) -> torch.Tensor:  # timm.data.mixup.mixup_target
+        off, on = s / n, 1 - s + s / n
+        y1 = torch.full((b, n), off).scatter_(1, y.view(-1, 1), on)
+        y2 = torch.full((b, n), off).scatter_(1, y.flip(0).view(-1, 1), on)
+        return y1 * lam + y2 * (1 - lam)
+
+    kinds = set()
+    for seed in range(12):
+        xm, target = mix(x, smooth, o.mixup, o.cutmix, torch.Generator().manual_seed(seed))
+        first = xm[0]  # image 0 (value 0) mixed with image b - 1 (value b - 1)
+        if torch.all((first == 0) | (first == b - 1)):  # cutmix: lam = the area kept
+            kinds.add("cutmix")
+            lam = float((first == 0).float().mean())
+        else:  # mixup: 0 · lam + (b - 1) · (1 - lam)
+            kinds.add("mixup")
+            lam = 1 - float(first.mean()) / (b - 1)
+        assert torch.allclose(target, timm_target(lam), atol=1e-6)
+        assert torch.allclose(target.sum(-1), torch.ones(b))
+    assert kinds == {"mixup", "cutmix"}  # one or the other per batch, even odds
