@@ -13,12 +13,15 @@ as a live tqdm bar on a terminal, and otherwise (``ray job logs``, a file) one l
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 PROGRESS_EVERY_S = float(os.environ.get("BEIT_PROGRESS_EVERY_S", "30"))
@@ -35,9 +38,12 @@ ALERT_RE = re.compile(
     r"\[(WARNING|ERROR|CRITICAL)\]|\b(WARNING|ERROR|CRITICAL) \S+:\d+|\w+Warning: "
 )
 STAMP_RE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T][\d:,.]+\]?\s*")
+# Warnings that say nothing a person can act on here (DeepSpeed on a CPU-only machine).
+BENIGN = ("Setting accelerator to CPU",)
 
 
 class _State:
+    out: TextIO = sys.stdout
     log: TextIO | None = None
     path: str | None = None
     verbose: bool = False
@@ -71,6 +77,7 @@ def start(path: str, verbose: bool = False) -> str:
         _s.log = open(path, "a", buffering=1)  # noqa: SIM115 (open for the job's lifetime)
         _s.path = path
     _s.verbose = verbose
+    _s.out = sys.stdout  # the console, even while library prints are captured
     _s.log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
     show(
         f"log: {path}"
@@ -89,9 +96,9 @@ def log_file() -> str | None:
 def show(line: str) -> None:
     """One line a person reads: on the console (above a live progress bar) and in the log."""
     if _s.bar is not None:
-        _s.bar.write(line)
+        _s.bar.write(line, file=_s.out)
     else:
-        print(line, flush=True)
+        print(line, file=_s.out, flush=True)
     write_log(line)
 
 
@@ -144,7 +151,7 @@ def data_progress(done: int, total: int | None) -> None:
         return
     rate = (done - _s.data_n0) / max(now - _s.data_t0, 1e-9)
     eta = f", eta {_duration((total - done) / rate)}" if total and rate > 0 else ""
-    print(f"data: {done}/{total or '?'} rows, {rate:.1f} rows/s{eta}", flush=True)
+    print(f"data: {done}/{total or '?'} rows, {rate:.1f} rows/s{eta}", file=_s.out, flush=True)
     _s.last_progress = now
 
 
@@ -202,6 +209,8 @@ class _DeepSpeedDivert(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         _FILE.handle(record)
+        if any(b in str(record.msg) for b in BENIGN):
+            return _s.verbose
         return _s.verbose or record.levelno >= logging.WARNING
 
 
@@ -222,9 +231,7 @@ def route_worker_output() -> None:
         from ray._private import worker as ray_worker
 
         dispatcher = ray_worker.global_worker_stdstream_dispatcher
-        original = (
-            dispatcher.handlers.get("ray_print_logs") if hasattr(dispatcher, "handlers") else None
-        )
+        original = dict(dispatcher.handlers).get("ray_print_logs")
         dispatcher.remove_handler("ray_print_logs")
     except Exception as e:  # a Ray without this internal: keep its printer
         write_log(f"console: worker output stays on Ray's printer ({e!r})")
@@ -245,17 +252,63 @@ def _route(data: dict[str, Any], ray_printer: Any) -> None:
     who = data.get("actor_name") or data.get("task_name") or ""
     ip = data.get("ip")
     where = f"({who} pid={data.get('pid')}{'' if ip == data.get('localhost') else f', ip={ip}'})"
-    for line in data.get("lines", []):
+    lines = data.get("lines", [])
+    if data.get("pid") == "autoscaler":  # its raw status dumps: only events, as Ray shows them
+        from ray._private.worker import filter_autoscaler_events
+
+        lines = list(filter_autoscaler_events(lines))
+    for line in lines:
         write_log(f"{where} {line}")
         if ray_printer is not None:
             continue
         if OURS_RE.match(line):
             progress(line) if PROGRESS_RE.match(line) else show(line)
-        elif ALERT_RE.search(line):
-            key = STAMP_RE.sub("", line).strip()
-            if key not in _s.alerts:
-                _s.alerts.add(key)
-                show(f"{where} {line}")
+        else:
+            alert(line, where)
+
+
+def alert(line: str, where: str = "") -> None:
+    """Show a warning or error line once (repeats and known-benign ones only in the log)."""
+    if not ALERT_RE.search(line) or any(b in line for b in BENIGN):
+        return
+    key = STAMP_RE.sub("", line).strip()
+    if key not in _s.alerts:
+        _s.alerts.add(key)
+        show(f"{where} {line}".strip())
+
+
+class _LogStream(io.TextIOBase):
+    """A stdout/stderr stand-in: lines go to the log; warnings among them also to the console."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = re.split(r"[\n\r]", self.buf)
+        for line in lines:
+            if line.strip():
+                write_log(line)
+                alert(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if _s.log is not None:
+            _s.log.flush()
+
+
+@contextlib.contextmanager
+def capture_output() -> Iterator[None]:
+    """Library prints in this process (DeepSpeed's checkpoint consolidation, transformers'
+    load bars) go to the log file; warnings among them still reach the console."""
+    if _s.log is None or _s.verbose:
+        yield
+        return
+    with contextlib.redirect_stdout(_LogStream()), contextlib.redirect_stderr(_LogStream()):
+        yield
 
 
 def progress(line: str) -> None:
@@ -263,12 +316,12 @@ def progress(line: str) -> None:
     m = PROGRESS_RE.match(line)
     step, total = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     write_log(line)
-    if sys.stdout.isatty() and m:
+    if _s.out.isatty() and m:
         from tqdm import tqdm
 
         if _s.bar is None or _s.bar.total != total or step < _s.bar.n:
             close_bar()
-            _s.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+            _s.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=_s.out)
         _s.bar.set_postfix_str(line[m.end() :].strip()[:120], refresh=False)
         _s.bar.update(step - _s.bar.n)
         if step >= total:
@@ -276,7 +329,7 @@ def progress(line: str) -> None:
         return
     now = time.monotonic()
     if now - _s.last_progress >= PROGRESS_EVERY_S or (m and step >= total) or _s.last_progress == 0:
-        print(line, flush=True)
+        print(line, file=_s.out, flush=True)
         _s.last_progress = now
 
 

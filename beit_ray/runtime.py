@@ -66,6 +66,8 @@ def _console_after_init() -> None:
     from beit_ray import console
 
     if console.log_file():
+        import ray.data  # noqa: F401  (configures its loggers on import: adopt them now)
+
         console.route_worker_output()
         console.adopt_loggers()
 

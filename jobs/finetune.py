@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         make_demo_images(DEMO_DATA)
     console.stage(f"{cfg.task} fine-tuning")
-    result = run_finetuning(cfg)
+    with console.capture_output():  # DeepSpeed's and transformers' prints go to the log
+        result = run_finetuning(cfg)
     console.show(f"{cfg.task} fine-tuning done at step {result.step}; best {result.metrics}")
     console.show(result.describe())
     return 0

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data, cfg.model.vocab_size or get_flavour(cfg.model.flavour).vocab_size, cfg.storage
         )
     console.stage("pretraining")
-    result = run_pretraining(cfg)
+    with console.capture_output():  # DeepSpeed's and transformers' prints go to the log
+        result = run_pretraining(cfg)
     console.show(f"pretraining done at step {result.step}")
     console.show(result.describe())
     return 0

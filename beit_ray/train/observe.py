@@ -44,6 +44,7 @@ class Observer:
         self.tb = SummaryWriter(os.path.join(self.local, "tb"), purge_step=start_step + 1)
         self.sums: dict[str, float] = defaultdict(float)
         self.steps = 0
+        self.last_step = start_step
         self.images = 0
         self.wait = 0.0
         self.t0 = time.perf_counter()
@@ -68,7 +69,11 @@ class Observer:
             peak_rss_gb=_peak_rss_gb(),
         )
         rec.update(extra or {})
-        self._record("train", step, epoch, rec, f"step {step}/{total}")
+        # The ETA is for the progress line only; the rate is images_per_s.
+        per_step = elapsed / max(step - self.last_step, 1)
+        self.last_step = step
+        tail = f"  eta {_duration((total - step) * per_step)}"
+        self._record("train", step, epoch, rec, f"step {step}/{total}", tail)
         self.sums.clear()
         self.steps = self.images = 0
         self.wait = 0.0
@@ -79,7 +84,9 @@ class Observer:
         """Write one validation record."""
         self._record("eval", step, epoch, metrics, f"eval  step {step}")
 
-    def _record(self, kind: str, step: int, epoch: int, rec: dict[str, float], head: str) -> None:
+    def _record(
+        self, kind: str, step: int, epoch: int, rec: dict[str, float], head: str, tail: str = ""
+    ) -> None:
         """One record to metrics.jsonl, TensorBoard (train/ or val/) and the progress line."""
         with open(os.path.join(self.local, METRICS_FILE), "a") as f:
             line = {"kind": kind, "step": step, "epoch": epoch, **rec, "time": time.time()}
@@ -88,7 +95,7 @@ class Observer:
         for k, v in rec.items():
             self.tb.add_scalar(f"{prefix}/{k}", v, step)
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in rec.items())
-        say(f"{head}  epoch {epoch}  {shown}")
+        say(f"{head}  epoch {epoch}  {shown}{tail}")
 
     def sync(self) -> None:
         """Flush TensorBoard and mirror the files to the run's logs folder when it is remote."""
@@ -155,6 +162,11 @@ def _peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _fmt(v: float) -> str:
