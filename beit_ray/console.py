@@ -57,12 +57,13 @@ class _State:
 _s = _State()
 
 
-def log_path_for(run_dir: str, job: str) -> str:
-    """``<run_dir>/job.log`` for a local run; ``./runs/logs/<job>-<time>.log`` for one on an object store."""
+def log_path_for(run_dir: str, job: str, name: str = "job.log") -> str:
+    """``<run_dir>/<name>`` for a local run; ``./runs/logs/<job>-<time>.log`` for one on an
+    object store or without a run folder."""
     from beit_ray import storage
 
     if run_dir and not storage.is_remote(run_dir):
-        return os.path.join(storage.strip_scheme(run_dir), "job.log")
+        return os.path.join(storage.strip_scheme(run_dir), name)
     return os.path.join("runs", "logs", f"{job}-{time.strftime('%Y%m%d-%H%M%S')}.log")
 
 

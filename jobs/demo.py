@@ -7,6 +7,8 @@ Everything is local: a Ray started here on loopback, outputs under ./runs, image
 the photos scikit-image ships (8 classes). Debug-sized models, a few minutes on 2 CPU cores.
 A rerun starts fresh runs (their names carry the time). On a cluster, run the stages as
 their own jobs instead (see each job's docstring and the README's "Scale out").
+--dry-run prints the plan of each stage and exits; Ray's, DeepSpeed's and Serve's own output
+goes to runs/demo-<time>.log (--verbose shows it on the console too).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import socket
 import sys
 import time
 
-from beit_ray.config import RayConfig, parse_args, run_job
+from beit_ray import console, plan
+from beit_ray.config import RayConfig, job_flags, parse_args, run_job
 from beit_ray.runtime import init_ray
 
 IMAGES = os.path.join("runs", "demo-data", "images")
@@ -38,6 +41,7 @@ def serve_smoke(checkpoint: str, image_path: str) -> dict:
 
     cfg = parse_args(ServeConfig, ["--checkpoint", checkpoint, "--http.port", str(free_port())])
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    console.adopt_loggers()  # Serve's driver-side logger exists from here
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
     try:
         with open(image_path, "rb") as f:
@@ -50,39 +54,32 @@ def serve_smoke(checkpoint: str, image_path: str) -> dict:
         serve.shutdown()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     from beit_ray.infer.config import LabelConfig
     from beit_ray.infer.label import label
     from beit_ray.models.flavours import get_flavour
     from beit_ray.train.config import FinetuneConfig, PretrainConfig
     from beit_ray.train.demo_data import ensure_demo_data
-    from beit_ray.train.trainer import run_finetuning, run_pretraining
+    from beit_ray.train.trainer import run_finetuning, run_pretraining, run_uri
 
+    flags, argv = job_flags(argv)
+    parse_args(RayConfig, argv)  # the demo takes no options besides --dry-run and --verbose
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    init_ray(RayConfig(num_cpus=4))
-
-    print("== 1/4 pretraining (masked image modelling, ZeRO-2, 2 workers)", flush=True)
     pre_cfg = parse_args(
         PretrainConfig,
         [
-            "--optim.lr",
-            "1e-3",
-            "--run.epochs",
-            "4",
-            "--run.log_every",
-            "8",
-            "--checkpoint.name",
-            f"demo-pretrain-{stamp}",
+            "--ray.num_cpus", "4",
+            "--optim.lr", "1e-3",
+            "--run.epochs", "4",
+            "--run.log_every", "8",
+            "--checkpoint.name", f"demo-pretrain-{stamp}",
         ],
-    )
-    ensure_demo_data(pre_cfg.data, get_flavour(pre_cfg.model.flavour).vocab_size, pre_cfg.storage)
-    pre = run_pretraining(pre_cfg)
-
-    print("== 2/4 fine-tuning (classification from the pretrained encoder)", flush=True)
+    )  # fmt: skip
     ft_cfg = parse_args(
         FinetuneConfig,
         [
-            "--model.init_from", pre.model_uri,
+            "--ray.num_cpus", "4",
+            "--model.init_from", os.path.join(run_uri(pre_cfg), "model"),
             "--data.source", IMAGES,
             "--optim.lr", "2e-3",
             "--run.epochs", "4",
@@ -91,27 +88,52 @@ def main() -> None:
             "--checkpoint.name", f"demo-finetune-{stamp}",
         ],
     )  # fmt: skip
-    ft = run_finetuning(ft_cfg)
-
-    print("== 3/4 batch labelling every demo image with the fine-tuned model", flush=True)
     labels_uri = os.path.abspath(os.path.join("runs", f"demo-labels-{stamp}"))
+    lines = [
+        *plan.pretrain(pre_cfg, demo=True),
+        *plan.finetune(ft_cfg, demo=True),
+        f"plan: labelling every demo image into {labels_uri}, then serving /classify on loopback",
+    ]
+    if flags.dry_run:
+        print("\n".join(lines))
+        return 0
+    console.start(os.path.join("runs", f"demo-{stamp}.log"), flags.verbose)
+    for line in lines:
+        console.show(line)
+    init_ray(RayConfig(num_cpus=4))
+
+    console.stage("== 1/4 pretraining (masked image modelling, ZeRO-2, 2 workers)")
+    ensure_demo_data(pre_cfg.data, get_flavour(pre_cfg.model.flavour).vocab_size, pre_cfg.storage)
+    with console.capture_output():  # DeepSpeed's and transformers' prints go to the log
+        pre = run_pretraining(pre_cfg)
+
+    console.stage("== 2/4 fine-tuning (classification from the pretrained encoder)")
+    with console.capture_output():
+        ft = run_finetuning(ft_cfg)
+
+    console.stage("== 3/4 batch labelling every demo image with the fine-tuned model")
     summary = label(
         LabelConfig(input=IMAGES, output=labels_uri, checkpoint=ft.model_uri, task="classify")
     )
 
-    print("== 4/4 serving /classify on loopback (one request, then shut down)", flush=True)
+    console.stage("== 4/4 serving /classify on loopback (one request, then shut down)")
     first = sorted(os.listdir(os.path.join(IMAGES, "chelsea")))[0]
-    answer = serve_smoke(ft.model_uri, os.path.join(IMAGES, "chelsea", first))
+    with console.capture_output():
+        answer = serve_smoke(ft.model_uri, os.path.join(IMAGES, "chelsea", first))
 
-    print("\ndemo finished; outputs:")
-    print(f"  pretraining run   {pre.run_uri}  (logs: {pre.logs_uri}, HF export: {pre.model_uri})")
-    print(f"  fine-tuning run   {ft.run_uri}  (val metrics: {_short(ft.metrics)})")
-    print(f"  fine-tuned model  {ft.model_uri}  (loads with transformers' from_pretrained)")
-    print(
-        f"  labels            {labels_uri}  ({summary.get('files')} files, {summary.get('errors')} errors)"
-    )
     top = answer["predictions"][0]
-    print(f"  served /classify  chelsea/{first} → {top['label']} ({top['score']:.2f})")
+    for line in (
+        "",
+        "demo finished; outputs:",
+        f"  pretraining run   {pre.run_uri}  (logs: {pre.logs_uri}, HF export: {pre.model_uri})",
+        f"  fine-tuning run   {ft.run_uri}  (val metrics: {_short(ft.metrics)})",
+        f"  fine-tuned model  {ft.model_uri}  (loads with transformers' from_pretrained)",
+        f"  labels            {labels_uri}  ({summary.get('files')} files, {summary.get('errors')} errors)",
+        f"  served /classify  chelsea/{first} → {top['label']} ({top['score']:.2f})",
+        f"  log               {console.log_file()}",
+    ):
+        console.show(line)
+    return 0
 
 
 def _short(metrics: dict) -> str:
@@ -123,4 +145,4 @@ def _short(metrics: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(lambda _: main()))
+    sys.exit(run_job(main))

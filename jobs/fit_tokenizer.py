@@ -11,23 +11,43 @@ Locally (tiny):
         --codebook.vocab_size 64 --codebook.sample_images 200
 
 Then tokenize/pretrain with --data.tokenizer codebook --data.tokenizer_weights <output>.
+--dry-run prints the plan and exits; --verbose also shows Ray's output, which otherwise goes to
+<output>.log.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from beit_ray.config import parse_args, run_job
+from beit_ray import console, plan
+from beit_ray.config import job_flags, parse_args, run_job
 from beit_ray.data.config import FitTokenizerConfig
 from beit_ray.data.tokenizers.fit import fit_codebook
-from beit_ray.runtime import init_ray, print0
+from beit_ray.runtime import init_ray
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    flags, argv = job_flags(argv)
     cfg = parse_args(FitTokenizerConfig, argv)
+    lines = plan.fit_tokenizer(cfg)
+    if flags.dry_run:
+        print("\n".join(lines))
+        return 0
+    name = os.path.basename(cfg.output) + ".log"
+    console.start(
+        console.log_path_for(os.path.dirname(cfg.output) or ".", "fit_tokenizer", name),
+        flags.verbose,
+    )
+    for line in lines:
+        console.show(line)
     init_ray(cfg.ray, cfg.storage)
+    console.stage("fitting the codebook")
     book = fit_codebook(cfg)
-    print0(f"codebook: {book.vocab_size} codes on a {book.grid}x{book.grid} grid → {cfg.output}")
+    console.show(
+        f"codebook: {book.vocab_size} codes on a {book.grid}x{book.grid} grid → {cfg.output}"
+    )
+    return 0
 
 
 if __name__ == "__main__":

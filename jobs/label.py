@@ -22,25 +22,38 @@ one error row with path = "<tar uri>"); parquet files with an image-bytes column
 top_labels / top_scores, embedding, or mask_uri + class_ids / pixel_counts), _masks/ for
 segment, _SUMMARY.json. Rerunning the same command after an interruption finishes the rest.
 Credentials come from AWS_* variables (or --storage.*); they are never printed.
-``python jobs/label.py --help`` lists every option.
+``python jobs/label.py --help`` lists every option; --dry-run prints the plan and exits; --verbose
+also shows Ray's output, which otherwise goes to <output>/_job.log.
 """
 
 from __future__ import annotations
 
 import sys
 
-from beit_ray.config import parse_args, run_job, save_config
+from beit_ray import console, plan
+from beit_ray.config import job_flags, parse_args, run_job, save_config
 from beit_ray.infer.config import LabelConfig
 from beit_ray.infer.label import SUMMARY_NAME, label
 from beit_ray.storage import join
 
 
 def main(argv: list[str] | None = None) -> int:
+    flags, argv = job_flags(argv)
     cfg = parse_args(LabelConfig, argv)
     cfg.require()
+    lines = plan.label(cfg)
+    if flags.dry_run:
+        print("\n".join(lines))
+        return 0
+    console.start(console.log_path_for(cfg.output, "label", "_job.log"), flags.verbose)
+    for line in lines:
+        console.show(line)
     save_config(cfg, join(cfg.output, "_CONFIG.yaml"))  # the resolved config, secrets redacted
+    console.stage("labelling")
     summary = label(cfg)
-    print(f"results: {cfg.output} (part-*.parquet); summary: {join(cfg.output, SUMMARY_NAME)}")
+    console.show(
+        f"results: {cfg.output} (part-*.parquet); summary: {join(cfg.output, SUMMARY_NAME)}"
+    )
     return 0 if summary["files"] else 1
 
 

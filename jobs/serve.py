@@ -11,7 +11,8 @@ Locally (listens on 127.0.0.1 unless --http.host says otherwise):
     curl -s -H 'Accept: image/png' -F image=@street.jpg http://127.0.0.1:8000/segment -o mask.png
 
 OpenAPI docs at /docs; GET /healthz, GET /labels. Ctrl-C (or SIGTERM) stops serving.
-``python jobs/serve.py --help`` lists every option.
+``python jobs/serve.py --help`` lists every option; --dry-run prints the plan and exits;
+--verbose also shows Ray's and Serve's output, which otherwise goes to runs/logs/serve-<time>.log.
 """
 
 from __future__ import annotations
@@ -20,15 +21,23 @@ import signal
 import sys
 import threading
 
-from beit_ray.config import parse_args, run_job
+from beit_ray import console, plan
+from beit_ray.config import job_flags, parse_args, run_job
 from beit_ray.serve.config import ServeConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    flags, argv = job_flags(argv)
     argv = ["--http.port" if a == "--port" else "--http.host" if a == "--host" else a for a in argv]
     cfg = parse_args(ServeConfig, argv)
     cfg.require()
+    lines = plan.serve(cfg)
+    if flags.dry_run:
+        print("\n".join(lines))
+        return 0
+    console.start(console.log_path_for("", "serve"), flags.verbose)
+    for line in lines:
+        console.show(line)
 
     from ray import serve
 
@@ -36,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from beit_ray.serve.app import build_app
 
     init_ray(cfg.ray, cfg.storage)
+    console.stage("starting Serve")
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    console.adopt_loggers()  # Serve's driver-side logger exists from here
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-    print(
-        f"serving on http://{cfg.http.host}:{cfg.http.port} (POST /classify, /segment; docs at /docs)",
-        flush=True,
+    console.show(
+        f"serving on http://{cfg.http.host}:{cfg.http.port} (POST /classify, /segment; docs at /docs)"
     )
 
     stop = threading.Event()

@@ -11,32 +11,43 @@ Locally (tiny sizes, codebook tokenizer fitted by jobs/fit_tokenizer.py):
         --data.tokenizer_weights ./codebook.safetensors
 
 Rerunning the same command after an interruption skips finished shards. Pretraining reads the
-output with ``beit_ray.data.materialize.read_materialized(output)``.
+output with ``beit_ray.data.materialize.read_materialized(output)``. --dry-run prints the plan and exits;
+--verbose also shows Ray's output, which otherwise goes to <output>/_job.log.
 """
 
 from __future__ import annotations
 
 import sys
 
-from beit_ray.config import parse_args, run_job, save_config
+from beit_ray import console, plan
+from beit_ray.config import job_flags, parse_args, run_job, save_config
 from beit_ray.data.config import TokenizeConfig
 from beit_ray.data.materialize import materialize
-from beit_ray.runtime import init_ray, print0
+from beit_ray.runtime import init_ray
 from beit_ray.storage import join
 
 
-def main(argv: list[str] | None = None) -> dict[str, int]:
+def main(argv: list[str] | None = None) -> int:
+    flags, argv = job_flags(argv)
     cfg = parse_args(TokenizeConfig, argv)
+    lines = plan.tokenize(cfg)
+    if flags.dry_run:
+        print("\n".join(lines))
+        return 0
+    console.start(console.log_path_for(cfg.output, "tokenize", "_job.log"), flags.verbose)
+    for line in lines:
+        console.show(line)
     init_ray(cfg.ray, cfg.storage)
     save_config(cfg, join(cfg.output, "tokenize_config.yaml"))
+    console.stage("tokenizing")
     counts = materialize(cfg)
-    print0(
+    console.show(
         f"read {counts['read']} images, wrote {counts['written']} rows, failed {counts['failed']} "
         f"(errors under {join(cfg.output, 'data', '*', 'errors')}); shards: {counts['shards_written']} "
         f"written, {counts['shards_skipped']} already done, {counts['shards_total']} total"
     )
-    print0(f"manifest: {join(cfg.output, 'manifest.json')}")
-    return counts
+    console.show(f"manifest: {join(cfg.output, 'manifest.json')}")
+    return 0
 
 
 if __name__ == "__main__":
