@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from beit_ray.models.build import build_model
 from beit_ray.models.layer_decay import layer_id, param_groups
@@ -60,20 +61,30 @@ def test_beit_classification_layers_and_decay():
         "beit.layers.0.attention.q_proj.bias",
         "beit.layers.0.layernorm_before.weight",
         "beit.layers.1.lambda_1",
-        "beit.layers.1.relative_position_bias.relative_position_bias_table",
         "classifier.bias",
     ):
         assert by[name]["weight_decay"] == 0.0, name
+    # unilm fine-tuning decays the per-block tables unless --disable_weight_decay_on_rel_pos_bias
+    table = "beit.layers.1.relative_position_bias.relative_position_bias_table"
+    assert by[table]["weight_decay"] == 0.05
+    off = _by_name(
+        param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5, decay_rel_pos=False)
+    )
+    assert off[table]["weight_decay"] == 0.0
+    assert off["beit.layers.0.attention.q_proj.weight"]["weight_decay"] == 0.05
 
 
 def test_mim_shared_bias_on_top_and_mask_token_at_bottom():
     model = build_model("debug", "mim")
     by = _by_name(param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.9))
     assert by["beit.embeddings.mask_token"]["layer_id"] == 0
-    assert by["beit.embeddings.mask_token"]["weight_decay"] == 0.0
+    # unilm pretraining: no_weight_decay() = {pos_embed, cls_token}; mask token and the shared
+    # relative position table are decayed
+    assert by["beit.embeddings.mask_token"]["weight_decay"] == 0.05
+    assert by["beit.embeddings.cls_token"]["weight_decay"] == 0.0
     # unilm's get_num_layer_for_vit puts rel_pos_bias with the top layer
     assert by["beit.shared_position_bias.relative_position_bias_table"]["layer_id"] == 5
-    assert by["beit.shared_position_bias.relative_position_bias_table"]["weight_decay"] == 0.0
+    assert by["beit.shared_position_bias.relative_position_bias_table"]["weight_decay"] == 0.05
     assert by["lm_head.weight"]["layer_id"] == 5
 
 
@@ -113,3 +124,15 @@ def test_frozen_params_and_extra_no_decay():
     assert by["beit.layers.0.mlp.fc1.weight"]["weight_decay"] == 0.0
     assert all(g["lr_scale"] == 1.0 for g in groups)
     assert layer_id("beit.encoder.layer.2.attention.attention.query.weight", 4) == 3  # v4 names
+
+
+def test_zero3_partition_shapes_decide_weight_decay():
+    """A ZeRO-3 partition is a flat [0] tensor; ds_shape (its real shape) decides, not ndim."""
+    model = build_model("debug", "classification", num_labels=3)
+    weight = model.beit.layers[0].mlp.fc1.weight
+    bias = model.beit.layers[0].mlp.fc1.bias
+    weight.ds_shape, bias.ds_shape = weight.shape, bias.shape
+    weight.data, bias.data = torch.empty(0), torch.empty(0)  # as deepspeed leaves them
+    by = _by_name(param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=1.0))
+    assert by["beit.layers.0.mlp.fc1.weight"]["weight_decay"] == 0.05
+    assert by["beit.layers.0.mlp.fc1.bias"]["weight_decay"] == 0.0

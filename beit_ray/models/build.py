@@ -3,19 +3,21 @@
 Under ZeRO-3 the weights must be partitioned as they are created, or every rank briefly holds
 the whole model. transformers does that itself when an ``HfDeepSpeedConfig`` is alive while the
 model is built with ``_from_config``, and it keeps transformers' own initialisation (building
-inside a bare ``deepspeed.zero.Init`` would skip it: std 0.059 instead of 0.02).
+inside a bare ``deepspeed.zero.Init`` would skip it: std 0.059 instead of 0.02). New BEiT models
+are then re-initialised as unilm does (:mod:`beit_ray.models.init`); partitioned weights are
+made whole for that by the ``gather`` callable the training layer passes.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from torch import nn
 from transformers import (
     BeitForImageClassification,
     BeitForMaskedImageModeling,
-    BeitForSemanticSegmentation,
     BeitModel,
     PretrainedConfig,
     ViTForImageClassification,
@@ -23,11 +25,13 @@ from transformers import (
 )
 
 from beit_ray.models.flavours import Task, model_config
+from beit_ray.models.init import Gather, init_beit_like_unilm
+from beit_ray.models.segmentation import BeitForSemanticSegmentation
 
 MODEL_CLASSES: dict[tuple[str, str], type] = {
     ("beit", "mim"): BeitForMaskedImageModeling,
     ("beit", "classification"): BeitForImageClassification,
-    ("beit", "segmentation"): BeitForSemanticSegmentation,
+    ("beit", "segmentation"): BeitForSemanticSegmentation,  # taps blocks, not blocks - 1
     ("beit", "features"): BeitModel,
     ("vit", "classification"): ViTForImageClassification,
     ("vit", "features"): ViTModel,
@@ -47,8 +51,17 @@ def build_from_config(
     *,
     zero3_config: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    init: Literal["unilm", "transformers"] = "unilm",
+    seed: int | None = None,
+    gather: Gather | None = None,
 ) -> nn.Module:
-    """A freshly initialised model; pass the DeepSpeed config dict when it uses ZeRO stage 3."""
+    """A freshly initialised model; pass the DeepSpeed config dict when it uses ZeRO stage 3.
+
+    ``init="unilm"`` re-initialises BEiT as the paper's code (trunc-normal 0.02, block l's output
+    projections / sqrt(2 l)), drawing from ``seed`` (default: from torch's global RNG, so a
+    ``torch.manual_seed`` before the call fixes it); under ZeRO-3 it needs ``gather``.
+    ``"transformers"`` keeps transformers' own init (for weights that are overwritten anyway).
+    """
     cls = model_class(config, task)
     config = copy.deepcopy(config)  # _from_config mutates the config it is given
     if zero3_config is not None and zero3_config.get("zero_optimization", {}).get("stage") == 3:
@@ -57,8 +70,16 @@ def build_from_config(
         keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841 (read through a weakref)
         model = cls._from_config(config, attn_implementation=attn_implementation)
         del keep_alive
-        return model
-    return cls._from_config(config, attn_implementation=attn_implementation)
+    else:
+        model = cls._from_config(config, attn_implementation=attn_implementation)
+    if init == "unilm":
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        generator = torch.Generator().manual_seed(seed)
+        init_beit_like_unilm(model, task, generator=generator, gather=gather)
+    elif init != "transformers":
+        raise ValueError(f"unknown init {init!r}; use 'unilm' or 'transformers'")
+    return model
 
 
 def build_model(
@@ -67,10 +88,17 @@ def build_model(
     *,
     zero3_config: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    seed: int | None = None,
+    gather: Gather | None = None,
     **config_overrides: Any,
 ) -> nn.Module:
-    """``build_model("debug", "mim")``: a new model of a named flavour for a task."""
+    """``build_model("debug", "mim")``: a new model of a named flavour for a task, unilm init."""
     config = model_config(flavour, task, **config_overrides)
     return build_from_config(
-        config, task, zero3_config=zero3_config, attn_implementation=attn_implementation
+        config,
+        task,
+        zero3_config=zero3_config,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        gather=gather,
     )

@@ -30,7 +30,8 @@ class Flavour:
     drop_path: float = 0.1
     vocab_size: int = 8192
     out_indices: tuple[int, int, int, int] = (4, 6, 8, 12)
-    """Blocks (1-based stages) feeding UperNet's four feature maps."""
+    """Blocks (1-based) whose outputs feed UperNet's four feature maps: unilm's 0-based
+    [3, 5, 7, 11] of BEiT-base is blocks 4/6/8/12 (see :mod:`beit_ray.models.segmentation`)."""
     layer_decay: float = 0.65
     """Default layer-wise lr decay for fine-tuning (BEiT: 0.65 base, 0.75 large)."""
 
@@ -141,7 +142,12 @@ def model_config(
             out_indices=list(f.out_indices), use_auxiliary_head=True, semantic_loss_ignore_index=255
         )
     beit.update(extra)
-    return BeitConfig(**common, **beit)
+    cfg = BeitConfig(**common, **beit)
+    if task == "segmentation":
+        from beit_ray.models.segmentation import mark_block_taps
+
+        mark_block_taps(cfg)
+    return cfg
 
 
 def _labels(num_labels: int | None, id2label: dict[int, str] | None) -> dict[str, Any]:

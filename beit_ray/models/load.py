@@ -7,7 +7,13 @@ a checkpoint into another task, as BEiT fine-tuning does (microsoft/unilm
 ``beit/run_class_finetuning.py``): encoder weights kept, the shared relative position bias copied
 into every block's own table, a new classification head scaled by ``init_scale`` = 0.001, and
 position information resized when the image size changes (:mod:`beit_ray.models.posembed`).
-What was not taken from the checkpoint is logged and left on ``model.beit_ray_load_report``.
+What was not taken from the checkpoint is logged and left on ``model.beit_ray_load_report``; a
+load that would leave most encoder weights at their random init raises instead.
+
+unilm's own checkpoints (the BEiT paper's ``.pth`` files, :mod:`beit_ray.models.unilm`) load from
+the file's URI (config read off the weights' shapes) or from a folder whose config.json sits next
+to them. Segmentation ``out_indices`` in configs not written here are read as unilm's 0-based
+block indices, as microsoft/beit-*-finetuned-ade-* hold them (:mod:`beit_ray.models.segmentation`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -29,14 +36,25 @@ from beit_ray import storage as st
 from beit_ray.config import StorageConfig
 from beit_ray.models.build import MODEL_CLASSES, build_from_config, model_class
 from beit_ray.models.flavours import TASKS, Task
+from beit_ray.models.init import Gather
 from beit_ray.models.posembed import current_image_size, resize_model, resize_state_dict
 from beit_ray.models.preprocess import Preprocessor
+from beit_ray.models.segmentation import (
+    ForeignTaps,
+    block_taps,
+    has_block_taps,
+    set_block_taps,
+)
 
 log = logging.getLogger(__name__)
 
 RUN_METADATA = "beit_ray.json"
 """A run folder's metadata file: ``{"model_dir": "model", "task": ..., ...}``; the HF export lives
 in ``<run>/<model_dir>`` (default ``model``)."""
+UNILM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+"""A URI ending so is one weights file (unilm layout), not a folder."""
+MAX_MISSING_ENCODER = 0.5
+"""Refuse a load whose checkpoint lacks more than this share of the encoder's weights (numel)."""
 HEAD_INIT_SCALE = 1e-3
 """unilm's ``--init_scale``: a new classification head starts at 0.001 × trunc_normal(0.02)."""
 
@@ -92,8 +110,12 @@ def target_config(
     image_size: int | None = None,
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
+    drop_path: float | None = None,
 ) -> PretrainedConfig:
-    """The config of ``source`` turned into a model for ``task`` (BEiT fine-tuning settings)."""
+    """The config of ``source`` turned into a model for ``task`` (BEiT fine-tuning settings).
+
+    ``drop_path`` replaces the checkpoint's stochastic depth rate (unilm fine-tuning sets its own).
+    """
     cfg = copy.deepcopy(source)
     if cfg.model_type == "vit" and task not in ("classification", "features"):
         raise ValueError(f"ViT checkpoints support classification and features, not {task}")
@@ -105,9 +127,8 @@ def target_config(
                 cfg.use_shared_relative_position_bias = False
                 cfg.use_relative_position_bias = True
         if task == "segmentation":
-            if len(cfg.out_indices or []) != 4:
-                idx = _default_out_indices(cfg.num_hidden_layers)
-                cfg.set_output_features_output_indices(out_features=None, out_indices=idx)
+            if len(cfg.out_indices or []) != 4 or not has_block_taps(cfg):
+                set_block_taps(cfg, _default_out_indices(cfg.num_hidden_layers))
             cfg.semantic_loss_ignore_index = 255
         if task == "mim":
             cfg.use_mask_token = True
@@ -120,6 +141,8 @@ def target_config(
         cfg.num_labels = num_labels
     if image_size is not None:
         cfg.image_size = int(image_size)
+    if drop_path is not None:
+        cfg.drop_path_rate = float(drop_path)
     cfg.architectures = [model_class(cfg, task).__name__]
     return cfg
 
@@ -231,6 +254,59 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], zero3: bool) ->
                 raise RuntimeError(f"loading {name}: {errors}")
 
 
+def _read_source(uri: str, storage: StorageConfig | None) -> tuple[PretrainedConfig, dict]:
+    """(config, tensors) of a checkpoint: an HF folder, a run, or one unilm weights file."""
+    from beit_ray.models import unilm
+
+    if str(uri).rstrip("/").endswith(UNILM_SUFFIXES) and not _has(uri, "config.json", storage):
+        path = str(uri).rstrip("/")
+        raw = unilm.unwrap(_read_weights_file(path, storage))
+        if not unilm.is_unilm(raw):
+            raise ValueError(
+                f"{uri}: a bare weights file must be in unilm's layout (patch_embed.*, blocks.N.*); "
+                "one in transformers' names needs its config.json beside it (a Hugging Face folder)"
+            )
+        src_cfg, src_task = unilm.config_from_state(raw)
+        src_cfg.architectures = [model_class(src_cfg, src_task).__name__]  # type: ignore[arg-type]
+        return src_cfg, unilm.to_transformers(raw)
+    folder_uri = model_dir(uri, storage)
+    tmp = tempfile.mkdtemp(prefix="beit_ray_load_") if st.is_remote(folder_uri) else None
+    try:
+        folder = st.download_dir(folder_uri, storage, dest=tmp)
+        src_cfg = AutoConfig.from_pretrained(folder)
+        raw = unilm.unwrap(read_checkpoint(folder))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if unilm.is_unilm(raw):  # unilm weights saved under an HF config.json
+        raw = unilm.to_transformers(raw)
+    return src_cfg, raw
+
+
+def _read_weights_file(path: str, storage: StorageConfig | None) -> Any:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        return load_safetensors(st.read_bytes(path, storage))
+    if st.is_remote(path):
+        import io
+
+        return torch.load(io.BytesIO(st.read_bytes(path, storage)), "cpu", weights_only=True)
+    return torch.load(st.strip_scheme(path), map_location="cpu", weights_only=True)
+
+
+def _refuse_random_encoder(uri: str, report: dict[str, Any]) -> None:
+    """Raise when the checkpoint held too little of the encoder: a wrong file, not a model."""
+    share = report["encoder_missing_share"]
+    if share > MAX_MISSING_ENCODER:
+        raise ValueError(
+            f"{uri}: the checkpoint holds only {1 - share:.0%} of the encoder's weights; loading "
+            f"it would leave the model mostly random. Missing e.g. {report['missing'][:4]}; "
+            f"unused checkpoint names e.g. {report['unused'][:4]}. Expected a Hugging Face folder "
+            "(transformers BEiT/ViT names), a beit-ray run, or a unilm BEiT .pth"
+        )
+
+
 def load_model(
     uri: str,
     task: Task | None = None,
@@ -241,10 +317,16 @@ def load_model(
     id2label: dict[int, str] | None = None,
     zero3_config: dict[str, Any] | None = None,
     seed: int = 0,
+    drop_path: float | None = None,
+    foreign_taps: ForeignTaps = "unilm",
 ) -> nn.Module:
     """A transformers model for ``task`` (default: the checkpoint's) from a folder or URI.
 
+    ``uri`` is a Hugging Face folder, a beit-ray run, or one unilm weights file (``.pth``...).
     ``image_size`` resizes position information; ``num_labels``/``id2label`` size a new head;
+    ``drop_path`` replaces the checkpoint's stochastic depth rate; ``foreign_taps`` says how to
+    read 4 ``out_indices`` of a config not written here ("unilm": 0-based blocks, as
+    microsoft/beit-*-finetuned-ade-*; "transformers": trained with transformers' own class).
     ``zero3_config`` (a DeepSpeed config dict with ZeRO stage 3) partitions weights as they are
     created and loaded. ``seed`` drives the new head's initialisation. The model is returned in
     eval mode with ``model.beit_ray_load_report``: {"source_task", "task", "missing",
@@ -253,24 +335,26 @@ def load_model(
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    folder_uri = model_dir(uri, storage)
-    tmp = tempfile.mkdtemp(prefix="beit_ray_load_") if st.is_remote(folder_uri) else None
-    try:
-        folder = st.download_dir(folder_uri, storage, dest=tmp)
-        src_cfg = AutoConfig.from_pretrained(folder)
-        raw = read_checkpoint(folder)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    src_cfg, raw = _read_source(uri, storage)
     src_task = task_of(src_cfg)
+    if src_task == "segmentation" and not has_block_taps(src_cfg):
+        # e.g. microsoft/beit-*-finetuned-ade-*: tap the blocks its weights were trained on
+        set_block_taps(src_cfg, block_taps(src_cfg, foreign_taps))
     source = canonical_state(raw, _shell(src_cfg, src_task))
     del raw
     task = task or src_task
     cfg = target_config(
-        src_cfg, src_task, task, image_size=image_size, num_labels=num_labels, id2label=id2label
+        src_cfg,
+        src_task,
+        task,
+        image_size=image_size,
+        num_labels=num_labels,
+        id2label=id2label,
+        drop_path=drop_path,
     )
     state, report = _target_state(source, src_cfg, src_task, cfg, task, seed)
     del source
+    _refuse_random_encoder(uri, report)
 
     zero3 = zero3_config is not None and zero3_config.get("zero_optimization", {}).get("stage") == 3
     # Every weight comes from ``state``: skip the random initialisation it would overwrite
@@ -279,7 +363,7 @@ def load_model(
     from transformers.initialization import no_init_weights
 
     with no_init_weights() if complete and not zero3 else contextlib.nullcontext():
-        model = build_from_config(cfg, task, zero3_config=zero3_config)
+        model = build_from_config(cfg, task, zero3_config=zero3_config, init="transformers")
     keep_alive = None
     if zero3:  # transformers sees ZeRO-3 through a weakref to the newest HfDeepSpeedConfig
         from transformers.integrations import HfDeepSpeedConfig
@@ -353,6 +437,9 @@ def _target_state(
     for key in want:
         if key not in state and key.startswith("classifier."):
             state[key] = _new_head(want[key], key.endswith("bias"), generator)
+    enc_keys = [k for k in want if (k.startswith(t_prefix) if t_prefix else True)]
+    enc_total = sum(math.prod(want[k]) for k in enc_keys)
+    enc_absent = sum(math.prod(want[k]) for k in enc_keys if k not in state)
     unused = [s_prefix + k for k in s_enc if ("enc", k) not in used]
     unused += [k for k in s_head if ("head", k) not in used]
     report = {
@@ -363,6 +450,7 @@ def _target_state(
         "copied": sorted(copied),
         "resized": sorted(resized),
         "unused": sorted(unused),
+        "encoder_missing_share": enc_absent / max(1, enc_total),
     }
     return state, report
 
@@ -443,16 +531,22 @@ def build_or_load(
     init_from: str | None = None,
     zero3_config: dict[str, Any] | None = None,
     storage: StorageConfig | None = None,
+    gather: Gather | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """A model from ``init_from`` (checkpoint URI) when given, else a new ``flavour`` model."""
+    """A model from ``init_from`` (checkpoint URI) when given, else a new ``flavour`` model.
+
+    From a checkpoint only ``image_size``, ``num_labels``, ``id2label`` and ``drop_path`` apply;
+    a new model is initialised as unilm does (``gather`` makes ZeRO-3 partitions whole for it).
+    """
     if init_from:
-        keep = {k: overrides[k] for k in ("image_size", "num_labels", "id2label") if k in overrides}
+        keys = ("image_size", "num_labels", "id2label", "drop_path")
+        keep = {k: overrides[k] for k in keys if overrides.get(k) is not None}
         return load_model(init_from, task, storage=storage, zero3_config=zero3_config, **keep)
     if flavour is None:
         raise ValueError("give a flavour or a checkpoint to start from")
     from beit_ray.models.flavours import model_config
 
     return build_from_config(
-        model_config(flavour, task, **overrides), task, zero3_config=zero3_config
+        model_config(flavour, task, **overrides), task, zero3_config=zero3_config, gather=gather
     )

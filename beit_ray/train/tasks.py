@@ -50,15 +50,18 @@ class Task:
         return x.to(self.dtype)
 
     def build(self, zero3_config: dict[str, Any] | None) -> nn.Module:
+        import deepspeed
+
         from beit_ray.models.load import build_or_load
 
         m = self.cfg.model
-        overrides = {k: getattr(m, k) for k in ("image_size",) if getattr(m, k) is not None}
+        keys = ("image_size", "drop_path")  # drop_path also overrides a checkpoint's rate
+        overrides = {k: getattr(m, k) for k in keys if getattr(m, k) is not None}
         if not m.init_from:  # flavour knobs only apply to a new model
             overrides.update(
                 {
                     k: getattr(m, k)
-                    for k in ("vocab_size", "drop_path", "layer_scale")
+                    for k in ("vocab_size", "layer_scale")
                     if getattr(m, k) is not None
                 }
             )
@@ -69,6 +72,8 @@ class Task:
             init_from=m.init_from,
             zero3_config=zero3_config,
             storage=self.cfg.storage,
+            # unilm's init of a new model rescales ZeRO-3-partitioned weights: gather them for it
+            gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0),
             **overrides,
         )
 
