@@ -94,13 +94,14 @@ def log_file() -> str | None:
     return _s.path
 
 
-def show(line: str) -> None:
+def show(line: str, log: bool = True) -> None:
     """One line a person reads: on the console (above a live progress bar) and in the log."""
     if _s.bar is not None:
         _s.bar.write(line, file=_s.out)
     else:
         print(line, file=_s.out, flush=True)
-    write_log(line)
+    if log:
+        write_log(line)
 
 
 def write_log(line: str) -> None:
@@ -262,20 +263,20 @@ def _route(data: dict[str, Any], ray_printer: Any) -> None:
         write_log(f"{where} {line}")
         if ray_printer is not None:
             continue
-        if OURS_RE.match(line):
-            progress(line) if PROGRESS_RE.match(line) else show(line)
+        if OURS_RE.match(line):  # already in the log, with the worker's prefix
+            progress(line, log=False) if PROGRESS_RE.match(line) else show(line, log=False)
         else:
-            alert(line, where)
+            alert(line, where, log=False)
 
 
-def alert(line: str, where: str = "") -> None:
+def alert(line: str, where: str = "", log: bool = True) -> None:
     """Show a warning or error line once (repeats and known-benign ones only in the log)."""
     if not ALERT_RE.search(line) or any(b in line for b in BENIGN):
         return
     key = STAMP_RE.sub("", line).strip()
     if key not in _s.alerts:
         _s.alerts.add(key)
-        show(f"{where} {line}".strip())
+        show(f"{where} {line}".strip(), log)
 
 
 class _LogStream(io.TextIOBase):
@@ -293,7 +294,7 @@ class _LogStream(io.TextIOBase):
         for line in lines:
             if line.strip():
                 write_log(line)
-                alert(line)
+                alert(line, log=False)
         return len(text)
 
     def flush(self) -> None:
@@ -312,11 +313,12 @@ def capture_output() -> Iterator[None]:
         yield
 
 
-def progress(line: str) -> None:
+def progress(line: str, log: bool = True) -> None:
     """A ``step N/T ...`` line: a live bar on a terminal, else one line every PROGRESS_EVERY_S."""
     m = PROGRESS_RE.match(line)
     step, total = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    write_log(line)
+    if log:
+        write_log(line)
     if _s.out.isatty() and m:
         from tqdm import tqdm
 
@@ -372,9 +374,12 @@ def original_error(exc: BaseException) -> tuple[BaseException, str, str]:
             continue
         cause = getattr(exc, "cause", None)
         if _is_ray_error(exc) and isinstance(cause, BaseException) and cause is not exc:
-            name = getattr(exc, "function_name", None) or getattr(exc, "proctitle", "")
-            where.append(f"Ray task {name} (pid {getattr(exc, 'pid', '?')})".replace("  ", " "))
-            frame = _last_frame(getattr(exc, "traceback_str", "") or "") or frame
+            # The instance ray.get raises subclasses the cause and forwards attribute reads to
+            # it, so what it knows of the task is read from its message.
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # without Ray's colour codes
+            task = re.search(r"(\S+)\(\) \(pid=(\d+)", text)
+            where.append(f"{task.group(1)} (pid {task.group(2)})" if task else "a Ray task")
+            frame = _last_frame(text) or frame
             exc = cause
             continue
         if _is_ray_error(exc) and exc.__cause__ is not None:
