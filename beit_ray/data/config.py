@@ -82,6 +82,19 @@ class DataConfig:
     block for folders."""
     batch_size: int = 64
     """Rows per batch in the decode/augment and tokenizer stages."""
+    manifest: str | None = None
+    """A listing of the source's images to use instead of listing it: parquet or CSV file(s)
+    with a ``path`` (or ``key``, relative to data.source) column, e.g. an S3 Inventory report."""
+    listing_uri: str | None = None
+    """Where the source's listing (parquet parts + _index.json) is written and reused; training
+    jobs default to <run>/listing, other callers to a fresh temp folder."""
+    images_per_epoch: int | None = None
+    """Images in one epoch, when known (ImageNet-22k: 14,197,122); unset: counted from the
+    listing (class folders, parquet footers) or from tar headers, once, in parallel tasks."""
+    shuffle_buffer: int = 1024
+    """Rows in the consumer's local shuffle buffer (Ray Data's local_shuffle_buffer_size) that
+    mixes rows of the units read at once, so a batch spans many inputs and classes; 0 disables.
+    Memory: ~0.2 MB a row at 224 px."""
     reserve_per_operator: bool | None = None
     """Ray Data's per-operator resource reservation. Unset (auto): on only when the graph has
     an actor stage (the tokenizer), whose actors it protects (~4% faster there), and off for
@@ -133,6 +146,12 @@ class DataConfig:
         check(self.max_pixels > 0, "data.max_pixels", "must be positive")
         check(self.batch_size > 0, "data.batch_size", "must be positive")
         check(self.read_tasks is None or self.read_tasks > 0, "data.read_tasks", "must be positive")
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be ≥ 0")
+        check(
+            self.images_per_epoch is None or self.images_per_epoch > 0,
+            "data.images_per_epoch",
+            "must be positive",
+        )
         a, b = self.tokenizer_actors
         check(1 <= a <= b, "data.tokenizer_actors", "needs 1 ≤ min ≤ max")
         check(self.tokenizer_num_cpus > 0, "data.tokenizer_num_cpus", "must be positive")

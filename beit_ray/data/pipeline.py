@@ -33,12 +33,13 @@ from beit_ray.data.augment import (
     PretrainTransform,
     image_rng,
     mean_fill,
-    stable_hash,
 )
 from beit_ray.data.config import DataConfig
 from beit_ray.data.decode import DecodeError
 from beit_ray.data.errors import read_errors, write_errors  # noqa: F401 - buffered per task
-from beit_ray.data.sources import Listing, class_index, list_source, read_raw, relative_key
+from beit_ray.data.listing import PartsListing, in_val_split, list_parts  # noqa: F401 - in_val_split re-exported
+from beit_ray.data.plan import _with_epoch, epoch_raw
+from beit_ray.data.sources import Listing, class_index, read_raw
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +147,6 @@ def labelled_batch(
     }
 
 
-def _with_epoch(batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
-    batch["epoch"] = np.full(len(batch["key"]), epoch, dtype=np.int64)
-    return batch
-
-
-def in_val_split(key: str, val_fraction: float, seed: int = 0) -> bool:
-    """Deterministic train/val assignment by key hash (same answer in every job and run)."""
-    return stable_hash(f"{seed}:{key}") % 1_000_000 < val_fraction * 1_000_000
-
-
 # --------------------------------------------------------------------------- datasets
 
 
@@ -168,13 +159,36 @@ def _raw_epochs(
     epochs: int,
     units: list[str] | None = None,
 ):  # noqa: ANN202
-    """Raw rows of epochs [epoch, epoch + epochs), each epoch's inputs in a seeded order."""
+    """Raw rows of epochs [epoch, epoch + epochs) of a driver-side :class:`Listing` (materialized
+    shards and tokenizer fitting), each epoch's inputs in a seeded order."""
     units = listing.units if units is None else units
     out = None
     for e in range(epoch, epoch + epochs):
         order = image_rng(cfg.seed, e, "<order>").permutation(len(units)).tolist()
         ds = read_raw(listing, cfg, st, classes, [units[i] for i in order])
         ds = ds.map_batches(_with_epoch, fn_kwargs={"epoch": e}, batch_size=None)
+        out = ds if out is None else out.union(ds)
+    return out
+
+
+def _epochs(
+    listing: PartsListing,
+    cfg: DataConfig,
+    st: StorageConfig | None,
+    classes: list[str] | None,
+    epoch: int,
+    epochs: int,
+    clock: Any,
+    split: str | None = None,
+    shuffle: bool = True,
+):  # noqa: ANN202
+    """Raw rows: one epoch per pass set by ``clock``, else epochs [epoch, epoch + epochs)."""
+    kw = dict(split=split, shuffle=shuffle)
+    if clock is not None:
+        return epoch_raw(listing, cfg, st, classes, clock=clock, **kw)
+    out = None
+    for e in range(epoch, epoch + epochs):
+        ds = epoch_raw(listing, cfg, st, classes, epoch=e, **kw)
         out = ds if out is None else out.union(ds)
     return out
 
@@ -214,12 +228,16 @@ def pretraining_dataset(
     epochs: int = 1,
     storage_cfg: StorageConfig | None = None,
     errors_uri: str | None = None,
-    listing: Listing | None = None,
+    listing: PartsListing | None = None,
+    clock: Any = None,
 ):  # noqa: ANN201 - ray.data.Dataset
-    """Streaming masked-patch rows (module docstring) for Ray Train's ``datasets=``."""
+    """Streaming masked-patch rows (module docstring) for Ray Train's ``datasets=``: one epoch
+    per pass as ``clock`` (:func:`~beit_ray.data.plan.make_clock`) says, or the epochs
+    [epoch, epoch + epochs) back to back."""
     st = storage_cfg
-    listing = listing or list_source(cfg, st)
-    return masked_rows(_raw_epochs(listing, cfg, st, None, epoch, epochs), cfg, errors_uri, st)
+    listing = listing or list_parts(cfg, st, count=False)
+    raw = _epochs(listing, cfg, st, None, epoch, epochs, clock)
+    return masked_rows(raw, cfg, errors_uri, st)
 
 
 def masked_rows(
@@ -254,34 +272,27 @@ def labelled_dataset(
     errors_uri: str | None = None,
     classes_write_to: str | None = None,
     source: str | None = None,
+    listing: PartsListing | None = None,
+    clock: Any = None,
 ):  # noqa: ANN201 - ray.data.Dataset
     """Classification rows {pixel_values uint8 [3,S,S], label int64, key} of ``split``.
 
-    ``split`` is "train" or "val". With ``val_fraction``, both come from ``source`` by key hash
-    (:func:`in_val_split`); without it, ``source`` (default ``cfg.source``) is taken whole.
-    Train rows get random-resized crop + flip, val rows resize + centre crop
-    (``train_augment`` overrides). The class index is :func:`~beit_ray.data.sources.class_index`
-    (read, or written to ``classes_write_to``); get the names with :func:`classes_for`.
+    ``split`` is "train" or "val". With ``val_fraction``, both come from ``source`` (class
+    folders and class tars: by key hash, :func:`in_val_split`; WebDataset and parquet: whole
+    shards by their name's hash); without it, ``source`` (default ``cfg.source``) is taken
+    whole. Train rows get random-resized crop + flip (+ RandAugment), new every epoch
+    (``clock`` or ``epoch``); val rows the eval transform (``train_augment`` overrides). The
+    class index is :func:`~beit_ray.data.sources.class_index` (read, or written to
+    ``classes_write_to``). Pass the ``listing`` (:func:`list_parts`) to list the source once.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     st = storage_cfg
-    listing = list_source(cfg, st, source)
+    listing = listing or list_parts(cfg, st, source, val_fraction=val_fraction, count=False)
     classes = class_index(listing, cfg, st, classes_write_to)
-    units = listing.units
-    if val_fraction is not None and listing.layout == "folders":
-        # Folder keys are known before reading: split the file list, read only our half.
-        keep = split == "val"
-        units = [
-            u
-            for u in units
-            if in_val_split(relative_key(u, listing.root), val_fraction, cfg.seed) == keep
-        ]
-    ds = _raw_epochs(listing, cfg, st, classes, epoch, epochs, units)
-    if val_fraction is not None and listing.layout != "folders":
-        keep = split == "val"
-        ds = ds.filter(lambda r: in_val_split(str(r["key"]), val_fraction, cfg.seed) == keep)
     train = split == "train" if train_augment is None else train_augment
+    which = split if val_fraction is not None else None
+    ds = _epochs(listing, cfg, st, classes, epoch, epochs, clock, which, shuffle=train)
     ds = ds.map_batches(
         labelled_batch,
         fn_kwargs={
@@ -296,7 +307,11 @@ def labelled_dataset(
 
 
 def classes_for(
-    cfg: DataConfig, storage_cfg: StorageConfig | None = None, write_to: str | None = None
+    cfg: DataConfig,
+    storage_cfg: StorageConfig | None = None,
+    write_to: str | None = None,
+    listing: PartsListing | None = None,
 ) -> list[str] | None:
     """The class names (id order) the labelled dataset of ``cfg.source`` uses."""
-    return class_index(list_source(cfg, storage_cfg), cfg, storage_cfg, write_to)
+    listing = listing or list_parts(cfg, storage_cfg, count=False)
+    return class_index(listing, cfg, storage_cfg, write_to)

@@ -115,30 +115,29 @@ def detect_layout(uris: list[str], st: StorageConfig | None = None) -> str:
 def list_source(
     cfg: DataConfig, st: StorageConfig | None = None, source: str | None = None
 ) -> Listing:
-    """List ``source`` (default ``cfg.source``) and detect its layout when ``auto``."""
+    """List ``source`` (default ``cfg.source``) and detect its layout when ``auto``, holding every
+    input on the driver (materialized shards and tokenizer fitting plan with it). Training and
+    labelling use :func:`beit_ray.data.listing.list_parts` instead, which keeps the listing in
+    parquet."""
+    from beit_ray.data.listing import _detect
+
     root = (source or cfg.source).rstrip("/")
     if not root:
         raise ValueError("data.source: no input URI given")
     if not storage.exists(root, st):
         raise FileNotFoundError(f"data.source: {root} does not exist")
-    layout = cfg.layout
-    if layout in ("auto", "class_tars", "webdataset", "parquet"):
-        every = storage.list_files(root, st)
-        tars = [u for u in every if u.lower().endswith(TAR_SUFFIXES)]
-        parquets = [u for u in every if u.lower().endswith(".parquet")]
-        if layout == "auto":
-            layout = detect_layout(every, st)
+    layout, _, _ = _detect(root, cfg, st)  # one listing of the top level decides the layout
     if layout == "folders":
         files, classes = _list_folders(root, st)
         return Listing("folders", root, files, classes or None)
-    if layout == "parquet":
-        return Listing("parquet", root, parquets)
+    suffixes = (".parquet",) if layout == "parquet" else TAR_SUFFIXES
+    units = storage.list_files(root, st, suffixes=suffixes)
     classes = (
-        sorted({posixpath.basename(u).split(".")[0] for u in tars})
+        sorted({posixpath.basename(u).split(".")[0] for u in units})
         if layout == "class_tars"
         else None
     )
-    return Listing(layout, root, tars, classes)
+    return Listing(layout, root, units, classes)
 
 
 def class_index(
@@ -194,13 +193,17 @@ def read_folder_files(
     paths: list[str], root: str, classes: dict[str, int], st: StorageConfig | None
 ) -> list[dict[str, Any]]:
     rows = []
-    fs, _ = storage.pyarrow_fs(root, st)
+    fs, _ = storage.filesystem(root, st)
+    remote = storage.is_remote(root)
     for uri in paths:
         rel = relative_key(uri, root)
         cls = rel.split("/")[0] if "/" in rel else ""
         try:
-            with fs.open_input_stream(storage.strip_scheme(uri)) as f:
-                data = f.readall()
+            if remote:  # one GET per object (pyarrow's input streams HEAD first)
+                data = fs.cat_file(storage.strip_scheme(uri))
+            else:
+                with open(storage.strip_scheme(uri), "rb") as f:
+                    data = f.read()
             rows.append(_row(rel, uri, data, classes.get(cls, -1), cls))
         except Exception as e:
             rows.append(_row(rel, uri, error=f"read_failed: {type(e).__name__}: {e}"))
@@ -295,6 +298,20 @@ def iter_parquet(
         yield _row(f"{rel}#<file>", uri, error=f"read_failed: {type(e).__name__}: {e}")
 
 
+def iter_unit(
+    uri: str,
+    root: str,
+    layout: str,
+    classes: dict[str, int],
+    cfg: DataConfig,
+    st: StorageConfig | None,
+) -> Iterator[dict[str, Any]]:
+    """Raw rows of one tar or parquet file, streamed."""
+    if layout == "parquet":
+        return iter_parquet(uri, root, cfg, st)
+    return iter_tar(uri, root, layout, classes, st)
+
+
 def read_units(
     batch: dict[str, np.ndarray],
     listing: Listing,
@@ -310,10 +327,7 @@ def read_units(
         yield _rows(read_folder_files(paths, root, ids, st))
         return
     for uri in paths:
-        if lay == "parquet":
-            it = iter_parquet(uri, root, cfg, st)
-        else:
-            it = iter_tar(uri, root, lay, ids, st)
+        it = iter_unit(uri, root, lay, ids, cfg, st)
         chunk: list[dict[str, Any]] = []
         for r in it:
             chunk.append(r)

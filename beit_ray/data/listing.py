@@ -1,0 +1,525 @@
+"""List a source once, into parquet, without holding its file list on the driver.
+
+    listing = list_parts(cfg.data, st, uri=<run>/listing, val_fraction=0.05)
+    listing.units          # part files (class folders) or the tars / parquet files themselves
+    listing.rows           # images per unit, known without reading any image
+    listing.images(split)  # images in "train" / "val" / None (all)
+
+On disk (local or s3://), written once and reused by every later call with the same source,
+layout, seed and split (a resumed run reads it back instead of listing again)::
+
+    <uri>/_index.json                      source, layout, classes, units, rows per unit
+    <uri>/part-<group>-<k>.parquet         class folders: {path, key, class, size} rows
+
+Class folders are listed as a distributed job: the driver lists the top level once (the class
+folders, O(classes)), then groups of ``DIRS_PER_TASK`` folders are listed in parallel Ray tasks
+(threads when Ray is not running); each task shuffles its files by (seed, group) and writes them
+as parts of ``PART_ROWS`` rows, so a part, the unit that training reads, holds files of many
+classes. Tars, WebDataset shards and parquet files are their own units (listed once; a source
+holds thousands of them, not millions); their rows come from parquet footers and tar headers,
+read in parallel tasks when first needed, or from ``data.images_per_epoch``.
+
+A user's manifest (``data.manifest``: parquet or CSV with a ``path`` or ``key`` column, e.g. an
+S3 Inventory report) replaces the folder listing: it is read in Ray tasks and written as parts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import posixpath
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from beit_ray import storage
+from beit_ray.config import StorageConfig
+from beit_ray.data.augment import image_rng, stable_hash
+from beit_ray.data.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+PART_ROWS = 1024
+"""Files per listing part: one read task reads a part (at ~1 ms a file, about a second)."""
+DIRS_PER_TASK = 64
+"""Class folders per listing task: a part then mixes up to this many classes."""
+INDEX = "_index.json"
+VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def in_val_split(key: str, val_fraction: float, seed: int = 0) -> bool:
+    """Deterministic train/val assignment by key hash (same answer in every job and run)."""
+    return stable_hash(f"{seed}:{key}") % 1_000_000 < val_fraction * 1_000_000
+
+
+def relative_key(uri: str, root: str) -> str:
+    return posixpath.relpath(storage.strip_scheme(uri), storage.strip_scheme(root))
+
+
+@dataclass
+class PartsListing:
+    """A listed source: its layout and units, with image counts per unit."""
+
+    layout: str
+    root: str
+    units: list[str]
+    """Full URIs: listing parts (folders) or tar / parquet files, sorted."""
+    rows: list[int] | None = None
+    """Images per unit; None until counted (tars without ``data.images_per_epoch``)."""
+    val_rows: list[int] | None = None
+    """Of those, images in the validation split (``val_fraction``), per unit."""
+    classes: list[str] | None = None
+    """Class names found (folders, class tars), sorted."""
+    val_fraction: float | None = None
+    """The split the counts were made for; units then hold both splits, told apart by key hash
+    (folders, class tars) or by unit (WebDataset, parquet: whole shards go to one split)."""
+    seed: int = 0
+    uri: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> bool:
+        return self.layout == "folders"
+
+    def images(self, split: str | None = None) -> int | None:
+        """Images in ``split`` ("train", "val", None = all) without reading any, or None."""
+        if self.rows is None:
+            return None
+        total = sum(self.rows)
+        if split is None or self.val_fraction is None:
+            return total
+        val = sum(self.val_rows or [0] * len(self.rows))
+        return val if split == "val" else total - val
+
+    def unit_split(self, unit: str) -> str | None:
+        """WebDataset / parquet with a split: the split a whole unit belongs to."""
+        if self.val_fraction is None or self.layout not in ("webdataset", "parquet"):
+            return None
+        key = relative_key(unit, self.root)
+        return "val" if in_val_split(key, self.val_fraction, self.seed) else "train"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": VERSION,
+                "layout": self.layout,
+                "source": self.root,
+                "units": [relative_key(u, self.uri) if self.parts else u for u in self.units],
+                "rows": self.rows,
+                "val_rows": self.val_rows,
+                "classes": self.classes,
+                "val_fraction": self.val_fraction,
+                "seed": self.seed,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str, uri: str) -> PartsListing:
+        d = json.loads(text)
+        units = (
+            [storage.join(uri, u) for u in d["units"]] if d["layout"] == "folders" else d["units"]
+        )
+        return cls(
+            d["layout"], d["source"], units, d["rows"], d["val_rows"], d["classes"],
+            d["val_fraction"], d["seed"], uri,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def list_parts(
+    cfg: DataConfig,
+    st: StorageConfig | None = None,
+    source: str | None = None,
+    uri: str | None = None,
+    val_fraction: float | None = None,
+    count: bool = True,
+) -> PartsListing:
+    """The listing of ``source`` (default ``cfg.source``) at ``uri``: read back when it is there
+    for the same source, seed and split, else made (and written there). ``count``: also count
+    tar members (a read of every tar's headers) when ``data.images_per_epoch`` is unset."""
+    root = (source or cfg.source).rstrip("/")
+    if not root:
+        raise ValueError("data.source: no input URI given")
+    uri = (uri or cfg.listing_uri or tempfile.mkdtemp(prefix="beit_listing_")).rstrip("/")
+    index = storage.join(uri, INDEX)
+    if storage.exists(index, st):
+        old = PartsListing.from_json(storage.read_text(index, st), uri)
+        if (old.root, old.seed, old.val_fraction) == (root, cfg.seed, val_fraction) and (
+            cfg.layout in ("auto", old.layout)
+        ):
+            return _counted(old, cfg, st, count)
+    if not storage.exists(root, st):
+        raise FileNotFoundError(f"data.source: {root} does not exist")
+    if cfg.manifest:
+        listing = _list_manifest(cfg, st, root, uri, val_fraction)
+    else:
+        layout, dirs, top = _detect(root, cfg, st)
+        if layout == "folders":
+            listing = _list_folders(cfg, st, root, uri, dirs, top, val_fraction)
+        else:
+            listing = _list_files(cfg, st, root, layout, top, dirs, val_fraction)
+    listing.uri = uri
+    listing = _counted(listing, cfg, st, count)
+    storage.write_text(index, listing.to_json(), st)
+    return listing
+
+
+def _counted(
+    listing: PartsListing, cfg: DataConfig, st: StorageConfig | None, count: bool
+) -> PartsListing:
+    if listing.rows is not None or not count or cfg.images_per_epoch:
+        return listing
+    if listing.layout == "parquet":
+        counts = _map_units(_parquet_rows, listing.units, st, listing, cfg)
+    else:
+        counts = _map_units(_tar_rows, listing.units, st, listing, cfg)
+    listing.rows = [c[0] for c in counts]
+    listing.val_rows = [c[1] for c in counts]
+    return listing
+
+
+# --------------------------------------------------------------------------- layout detection
+
+
+def _detect(
+    root: str, cfg: DataConfig, st: StorageConfig | None
+) -> tuple[str, list[str], list[str]]:
+    """(layout, top-level folders, top-level files) from one listing of the root."""
+    fs, path = storage.filesystem(root, st)
+    prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
+    entries = fs.ls(path, detail=True)
+    dirs = sorted(prefix + e["name"] for e in entries if e["type"] == "directory")
+    top = sorted(prefix + e["name"] for e in entries if e["type"] != "directory")
+    layout = cfg.layout
+    if layout != "auto":
+        return layout, dirs, top
+    if any(u.lower().endswith(".parquet") for u in top):
+        return "parquet", dirs, top
+    tars = [u for u in top if u.lower().endswith(TAR_SUFFIXES)]
+    if not tars and dirs and not any(u.lower().endswith(IMAGE_SUFFIXES) for u in top):
+        # Nested shards (root/train/shard-0.tar): look one level down before calling it folders.
+        sample = fs.ls(storage.strip_scheme(dirs[0]) if prefix else dirs[0], detail=False)
+        if any(str(s).lower().endswith(".parquet") for s in sample):
+            return "parquet", dirs, top
+        tars = [prefix + str(s) for s in sample if str(s).lower().endswith(TAR_SUFFIXES)]
+    if tars:
+        from beit_ray.data.sources import detect_layout
+
+        return detect_layout(tars[:1], st), dirs, top
+    return "folders", dirs, top
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _list_folders(
+    cfg: DataConfig,
+    st: StorageConfig | None,
+    root: str,
+    uri: str,
+    dirs: list[str],
+    top: list[str],
+    val_fraction: float | None,
+) -> PartsListing:
+    groups: list[list[str]] = [
+        dirs[i : i + DIRS_PER_TASK] for i in range(0, len(dirs), DIRS_PER_TASK)
+    ]
+    tasks = [(k, g, top if k == 0 else []) for k, g in enumerate(groups)] or [(0, [], top)]
+    args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
+    written = _run_tasks(_list_group, tasks, args)
+    parts = sorted(p for chunk in written for p in chunk)
+    if not parts:
+        raise ValueError(f"data.source: no image files found under {root}")
+    classes = sorted({c for *_, cls in parts for c in cls})
+    return PartsListing(
+        "folders", root, [storage.join(uri, name) for name, *_ in parts],
+        rows=[r for _, r, _, _ in parts], val_rows=[v for _, _, v, _ in parts],
+        classes=classes or None, val_fraction=val_fraction, seed=cfg.seed,
+    )  # fmt: skip
+
+
+def _list_group(
+    task: tuple[int, list[str], list[str]],
+    root: str,
+    uri: str,
+    st: StorageConfig | None,
+    seed: int,
+    val_fraction: float | None,
+) -> list[tuple[str, int, int, list[str]]]:
+    """List a group of class folders (+ loose top-level files), shuffle, write parts.
+    Returns (part name, rows, val rows, classes) per part."""
+    k, dirs, loose = task
+    fs, _ = storage.filesystem(root, st)
+    prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
+    paths, sizes = [], []
+    for d in dirs:
+        found = fs.find(storage.strip_scheme(d) if prefix else d, detail=True)
+        for name, info in found.items():
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                paths.append(prefix + name)
+                sizes.append(int(info.get("size") or 0))
+    for u in loose:
+        if u.lower().endswith(IMAGE_SUFFIXES):
+            paths.append(u)
+            sizes.append(-1)
+    if not paths:
+        return []
+    order = image_rng(seed, 0, f"<listing-group-{k}>").permutation(len(paths))
+    return _write_parts(
+        [paths[i] for i in order], [sizes[i] for i in order], root, uri, st, seed,
+        val_fraction, f"{k:05d}",
+    )  # fmt: skip
+
+
+def _write_parts(
+    paths: list[str],
+    sizes: list[int],
+    root: str,
+    uri: str,
+    st: StorageConfig | None,
+    seed: int,
+    val_fraction: float | None,
+    tag: str,
+) -> list[tuple[str, int, int, list[str]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = []
+    fs, _ = storage.pyarrow_fs(uri, st)
+    storage.makedirs(uri, st)
+    for j in range(0, len(paths), PART_ROWS):
+        chunk = paths[j : j + PART_ROWS]
+        keys = [relative_key(p, root) for p in chunk]
+        classes = [k.split("/")[0] if "/" in k else "" for k in keys]
+        name = f"part-{tag}-{j // PART_ROWS:05d}.parquet"
+        table = pa.table(
+            {"path": chunk, "key": keys, "class": classes, "size": sizes[j : j + PART_ROWS]}
+        )
+        pq.write_table(table, storage.strip_scheme(storage.join(uri, name)), filesystem=fs)
+        val = sum(in_val_split(k, val_fraction, seed) for k in keys) if val_fraction else 0
+        out.append((name, len(chunk), val, sorted({c for c in classes if c})))
+    return out
+
+
+def read_part(uri: str, st: StorageConfig | None = None) -> dict[str, list[Any]]:
+    """A listing part's rows: {path, key, class, size} lists."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_fs(uri, st)
+    return pq.read_table(path, filesystem=fs).to_pydict()
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _list_manifest(
+    cfg: DataConfig, st: StorageConfig | None, root: str, uri: str, val_fraction: float | None
+) -> PartsListing:
+    """A manifest (parquet or CSV, ``path`` or ``key`` column; S3 Inventory's ``key``) as parts:
+    one task per manifest file, each writing its rows shuffled."""
+    fs, path = storage.filesystem(cfg.manifest, st)
+    prefix = cfg.manifest.split("://", 1)[0] + "://" if storage.is_remote(cfg.manifest) else ""
+    files = [prefix + p for p in (fs.find(path) if fs.isdir(path) else [path])]
+    files = [f for f in files if f.lower().endswith((".parquet", ".csv", ".csv.gz"))]
+    if not files:
+        raise ValueError(f"data.manifest: no parquet or CSV files at {cfg.manifest}")
+    tasks = list(enumerate(files))
+    args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
+    written = _run_tasks(_manifest_task, tasks, args)
+    parts = sorted(p for chunk in written for p in chunk)
+    classes = sorted({c for *_, cls in parts for c in cls})
+    return PartsListing(
+        "folders", root, [storage.join(uri, name) for name, *_ in parts],
+        rows=[r for _, r, _, _ in parts], val_rows=[v for _, _, v, _ in parts],
+        classes=classes or None, val_fraction=val_fraction, seed=cfg.seed,
+    )  # fmt: skip
+
+
+def _manifest_task(
+    task: tuple[int, str],
+    root: str,
+    uri: str,
+    st: StorageConfig | None,
+    seed: int,
+    val_fraction: float | None,
+) -> list[tuple[str, int, int, list[str]]]:
+    import pyarrow.parquet as pq
+
+    k, file = task
+    if file.lower().endswith(".parquet"):
+        fs, path = storage.pyarrow_fs(file, st)
+        cols = pq.read_table(path, filesystem=fs).to_pydict()
+    else:
+        text = storage.read_bytes(file, st)
+        if file.lower().endswith(".gz"):
+            import gzip
+
+            text = gzip.decompress(text)
+        rows = list(csv.reader(io.StringIO(text.decode("utf-8"))))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        if "path" in header or "key" in header:
+            cols = {h: [r[i] for r in rows[1:]] for i, h in enumerate(header)}
+        else:  # S3 Inventory CSV: no header, columns bucket, key, ...
+            cols = {"key": [r[1] for r in rows]}
+    names = cols.get("path") or cols.get("key")
+    if names is None:
+        raise ValueError(f"data.manifest: {file} has no 'path' or 'key' column")
+    sizes = [int(s) for s in cols.get("size", [-1] * len(names))]
+    paths = [p if "://" in p or p.startswith("/") else storage.join(root, p) for p in names]
+    keep = [i for i, p in enumerate(paths) if p.lower().endswith(IMAGE_SUFFIXES)]
+    order = image_rng(seed, 0, f"<manifest-{k}>").permutation(len(keep))
+    return _write_parts(
+        [paths[keep[i]] for i in order], [sizes[keep[i]] for i in order], root, uri, st, seed,
+        val_fraction, f"m{k:04d}",
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- tars and parquet
+
+
+def _list_files(
+    cfg: DataConfig,
+    st: StorageConfig | None,
+    root: str,
+    layout: str,
+    top: list[str],
+    dirs: list[str],
+    val_fraction: float | None,
+) -> PartsListing:
+    suffixes = (".parquet",) if layout == "parquet" else TAR_SUFFIXES
+    if dirs:  # shards one level down (or deeper): list the folders in parallel
+        found = _run_tasks(_find_files, [(d, suffixes) for d in dirs], {"st": st})
+        files = sorted(
+            [u for u in top if u.lower().endswith(suffixes)] + [u for c in found for u in c]
+        )
+    else:
+        files = sorted(u for u in top if u.lower().endswith(suffixes))
+    if not files:
+        raise ValueError(f"data.source: no {layout} inputs found under {root}")
+    classes = (
+        sorted({posixpath.basename(u).split(".")[0] for u in files})
+        if layout == "class_tars"
+        else None
+    )
+    return PartsListing(
+        layout, root, files, classes=classes, val_fraction=val_fraction, seed=cfg.seed
+    )
+
+
+def _find_files(task: tuple[str, tuple[str, ...]], st: StorageConfig | None) -> list[str]:
+    d, suffixes = task
+    return [u for u in storage.list_files(d, st) if u.lower().endswith(suffixes)]
+
+
+def _parquet_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: DataConfig):  # noqa: ANN202
+    """(rows, val rows) of a parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_fs(unit, st)
+    n = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    return n, n if listing.unit_split(unit) == "val" else 0
+
+
+def _tar_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: DataConfig):  # noqa: ANN202
+    """(samples, val samples) of a tar, from its member headers (data blocks are skipped by
+    seeking where the file allows it)."""
+    import tarfile
+
+    fs, path = storage.filesystem(unit, st)
+    rel = relative_key(unit, listing.root)
+    stem = rel.split(".tar")[0].split(".tgz")[0]
+    keys: set[str] = set()
+    with fs.open(path, "rb") as f:
+        mode = "r:*" if not unit.lower().endswith((".gz", ".tgz")) else "r|gz"
+        with tarfile.open(fileobj=f, mode=mode) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if listing.layout == "class_tars":
+                    if m.name.lower().endswith(IMAGE_SUFFIXES):
+                        keys.add(f"{stem}/{m.name}")
+                else:
+                    base = posixpath.basename(m.name).partition(".")[0]
+                    keys.add(f"{stem}/{posixpath.join(posixpath.dirname(m.name), base)}")
+    n = len(keys)
+    if listing.val_fraction is None:
+        return n, 0
+    if listing.layout == "class_tars":
+        return n, sum(in_val_split(k, listing.val_fraction, listing.seed) for k in keys)
+    return n, n if listing.unit_split(unit) == "val" else 0
+
+
+# --------------------------------------------------------------------------- running tasks
+
+
+def _run_tasks(fn: Callable[..., Any], items: Iterable[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """``fn(item, **kwargs)`` for every item: Ray tasks when Ray is up (bounded in flight), else
+    a thread pool; results in item order."""
+    items = list(items)
+    try:
+        import ray
+
+        use_ray = ray.is_initialized() and len(items) > 1
+    except ImportError:  # pragma: no cover - ray is a core dependency
+        use_ray = False
+    if not use_ray:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(lambda it: fn(it, **kwargs), items))
+    kw = ray.put(kwargs)
+    out: dict[int, Any] = {}
+    pending: dict[Any, int] = {}
+    queue = list(enumerate(items))
+    while queue or pending:
+        while queue and len(pending) < 256:
+            i, it = queue.pop(0)
+            pending[_call.remote(fn, it, kw)] = i
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            out[pending.pop(ref)] = ray.get(ref)
+    return [out[i] for i in range(len(items))]
+
+
+def _map_units(
+    fn: Callable[..., tuple[int, int]],
+    units: list[str],
+    st: StorageConfig | None,
+    listing: PartsListing,
+    cfg: DataConfig,
+) -> list[tuple[int, int]]:
+    return _run_tasks(fn, units, {"st": st, "listing": listing, "cfg": cfg})
+
+
+def _call_impl(fn: Callable[..., Any], item: Any, kwargs: dict[str, Any]) -> Any:
+    return fn(item, **kwargs)
+
+
+class _Remote:
+    """Lazily made Ray remote function (the library does nothing with Ray at import time)."""
+
+    def __init__(self) -> None:
+        self._fn: Any = None
+
+    def remote(self, fn: Callable[..., Any], item: Any, kwargs: Any) -> Any:
+        import ray
+
+        if self._fn is None:
+            self._fn = ray.remote(num_cpus=0.25, max_retries=3)(_call_impl)
+        return self._fn.remote(fn, item, kwargs)
+
+
+_call = _Remote()
+
+
+def unit_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch reads its ``n`` units: a permutation fixed by (seed, epoch)."""
+    return image_rng(seed, epoch, "<order>").permutation(n)
