@@ -73,7 +73,11 @@ def actor_threads() -> int:
     data.tokenizer_num_cpus, which then also reserves those cores.
     """
     import ray
+    import torch
 
+    # Outside a Ray worker (a local call, a test) asking the runtime context would start Ray.
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return torch.get_num_threads()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") or 1.0
     return max(1, math.ceil(cpus))
 
