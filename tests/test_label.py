@@ -356,7 +356,7 @@ def test_bfloat16_predictions_stay_close_to_float32(checkpoints, photos):
     for buf, img in zip(blobs, images, strict=True):
         Image.fromarray(img).save(buf, format="PNG")
     batch = decode_batch([b.getvalue() for b in blobs], [""] * 3, fp32.preprocessor, MAX_PIXELS)
-    table = actor({**batch, "path": np.array(["a", "b", "c"]), "chunk": np.zeros(3, np.int64)})
+    table = actor.rows({**batch, "path": np.array(["a", "b", "c"]), "chunk": np.zeros(3, np.int64)})
     assert table.num_rows == 3 and table.column("error").null_count == 3
     want = bf16.predict(images, top_k=5)
     assert table.column("top_ids").to_pylist() == [w["top_ids"].tolist() for w in want]
@@ -365,30 +365,35 @@ def test_bfloat16_predictions_stay_close_to_float32(checkpoints, photos):
 
 
 def test_collect_times_the_first_result_and_the_rate_after_it(tmp_path):
-    """Start-up (until the first batch) is reported apart from the steady rate after it."""
+    """Start-up (until the first written part) is reported apart from the steady rate after it;
+    every part's counts reach the ledger, which a fresh load reads back."""
     import time
 
-    import pyarrow as pa
-
     from beit_ray.infer.label import _collect
+    from beit_ray.infer.plan import Ledger
 
-    def batch(rows: list[int]) -> pa.Table:
-        return pa.table({"path": [f"p{r}" for r in rows], "error": [None] * len(rows),
-                         "chunk": [r // 4 for r in rows]})  # fmt: skip
+    def batch(chunks: list[int]) -> dict[str, np.ndarray]:  # what the actors return, per part
+        return {"chunk": np.array(chunks), "rows": np.array([4] * len(chunks)),
+                "errors": np.array([c % 2 for c in chunks]),
+                "reasons": np.array(['{"corrupt": 1}' if c % 2 else "{}" for c in chunks],
+                                    dtype=object)}  # fmt: skip
 
     class Stream:  # what Ray Data's iter_batches yields, paced
         def iter_batches(self, **_):
             time.sleep(0.3)  # start-up
-            for rows in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9]):
-                yield batch(rows)
+            for chunks in ([0], [1], [2]):
+                yield batch(chunks)
                 time.sleep(0.1)
 
-    cfg = LabelConfig(input=str(tmp_path), output=str(tmp_path / "out"), checkpoint="x")
+    ledger = Ledger(str(tmp_path), None)
     start = time.perf_counter()
-    processed, timing = _collect(Stream(), cfg, {0: 4, 1: 4, 2: 2}, None, start)
-    assert processed == 10 and len(read_parts(cfg.output)) == 10
+    processed, timing = _collect(Stream(), ledger, start)
+    ledger.flush()
+    assert processed == 12
     assert 0.3 <= timing["seconds_to_first_result"] < 0.6
-    assert 6 / 0.4 < timing["images_per_s_after_first"] <= 6 / 0.2  # 6 rows in ~0.2 s
+    assert 8 / 0.4 < timing["images_per_s_after_first"] <= 8 / 0.2  # 8 rows in ~0.2 s
+    again = Ledger(str(tmp_path), None).load().entries
+    assert again == {0: (4, 0, ""), 1: (4, 1, '{"corrupt": 1}'), 2: (4, 0, "")}
     one = type("One", (), {"iter_batches": lambda self, **_: iter([batch([0, 1])])})()
-    _, timing = _collect(one, cfg, {0: 2}, None, time.perf_counter())
+    _, timing = _collect(one, Ledger(str(tmp_path / "b"), None), time.perf_counter())
     assert timing["images_per_s_after_first"] is None  # a single batch: no rate after it

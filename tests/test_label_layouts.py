@@ -210,14 +210,18 @@ def test_layout_selection_errors(s3_server, layouts, classifier, tmp_path, photo
     from beit_ray.infer.inputs import resolve_layout
 
     # an explicit layout picks one kind; a single tar or parquet file is an input too
-    assert resolve_layout(_cfg(input=mixed, output="o", layout="files"))[1] == [
+    out = str(tmp_path / "o")
+
+    def units(cfg: LabelConfig) -> tuple[str, list[str]]:
+        layout, found = resolve_layout(cfg)
+        return layout, found.paths()
+
+    assert units(_cfg(input=mixed, output=out, layout="files"))[1] == [
         str(mixed / "a.jpg"),
         str(mixed / "b.tar"),
     ]
-    assert resolve_layout(_cfg(input=mixed, output="o", layout="class_tars"))[1] == [
-        str(mixed / "b.tar")
-    ]
+    assert units(_cfg(input=mixed, output=out, layout="class_tars"))[1] == [str(mixed / "b.tar")]
     one = f"s3://{bucket}/pq/a.parquet"
-    assert resolve_layout(_cfg(input=one, output="o")) == ("parquet", [one])
+    assert units(_cfg(input=one, output=out)) == ("parquet", [one])
     one = f"s3://{bucket}/wds/shard-000000.tar"
-    assert resolve_layout(_cfg(input=one, output="o")) == ("webdataset", [one])
+    assert units(_cfg(input=one, output=out)) == ("webdataset", [one])

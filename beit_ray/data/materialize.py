@@ -2,37 +2,47 @@
 
 Output layout (local or s3://)::
 
-    <output>/manifest.json      plan + one entry per finished shard (files, rows, errors)
+    <output>/manifest.json      plan + the shards committed up to ``compacted_through``
+    <output>/manifest.d/commit-<n>.json   one appended commit per wave (its shards' entries)
     <output>/classes.json       class index (folder / class-tar sources)
     <output>/data/wave-<id>/shard=<k>/*.parquet   rows of shard k
     <output>/data/wave-<id>/errors/*.jsonl        decode failures of that wave
 
 Inputs (sorted) are cut into shards deterministically (``images_per_shard`` files, or
 ``tars_per_shard`` tars / parquet files). Shards are processed in waves, one Ray Data
-execution each; a wave's files are committed by rewriting the manifest after the wave
-succeeded. A rerun skips the manifest's shards and deletes uncommitted wave folders, so an
-interruption never duplicates rows. The plan (a hash of the shard → inputs assignment) must
+execution each over all of the wave's inputs (hundreds of tars read by one graph, each row
+tagged with its shard), so waves can be large. A wave commits by appending one small file
+under ``manifest.d/`` (its size is the wave's, not the run's); ``manifest.json`` is rewritten
+once per run to fold the commits in (:func:`load_manifest` merges commits newer than its
+``compacted_through``). A rerun skips committed shards and deletes uncommitted wave folders,
+so an interruption never duplicates rows. The plan (a hash of the shard → inputs assignment) must
 match the manifest's, or the run stops: write to a new output when the inputs changed. One
 writer per output at a time.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
 import posixpath
+import re
 import uuid
 from typing import Any
+
+import numpy as np
 
 from beit_ray import storage
 from beit_ray.config import StorageConfig, to_dict
 from beit_ray.data.config import TokenizeConfig
-from beit_ray.data.pipeline import _with_epoch, masked_rows, read_errors
+from beit_ray.data.errors import read_errors
+from beit_ray.data.pipeline import masked_rows
 from beit_ray.data.sources import Listing, class_index, list_source, read_raw
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
+MANIFEST, COMMITS = "manifest.json", "manifest.d"
+COMMIT_RE = re.compile(r"commit-(\d+)\.json$")
 
 
 def plan_shards(listing: Listing, images_per_shard: int, tars_per_shard: int) -> list[list[str]]:
@@ -52,22 +62,69 @@ def _plan_hash(plan: list[list[str]], root: str) -> str:
     return h.hexdigest()
 
 
+def _commits(output: str, st: StorageConfig | None) -> list[tuple[int, str]]:
+    """(sequence number, uri) of the appended wave commits, in order."""
+    fs, path = storage.filesystem(storage.join(output, COMMITS), st)
+    if not fs.exists(path):
+        return []
+    found = [(int(m.group(1)), p) for p in fs.ls(path, detail=False) if (m := COMMIT_RE.search(p))]
+    prefix = output.split("://", 1)[0] + "://" if storage.is_remote(output) else ""
+    return sorted((n, prefix + p) for n, p in found)
+
+
 def load_manifest(output: str, st: StorageConfig | None = None) -> dict[str, Any] | None:
+    """``manifest.json`` with the wave commits appended after it folded in."""
     uri = storage.join(output, MANIFEST)
-    return json.loads(storage.read_text(uri, st)) if storage.exists(uri, st) else None
+    if not storage.exists(uri, st):
+        return None
+    manifest = json.loads(storage.read_text(uri, st))
+    for n, commit in _commits(output, st):
+        if n > manifest.get("compacted_through", -1):
+            manifest["shards"].update(json.loads(storage.read_text(commit, st))["shards"])
+            manifest["compacted_through"] = n
+    _totals(manifest)
+    return manifest
+
+
+def _totals(manifest: dict[str, Any]) -> None:
+    manifest["rows"] = sum(e["rows"] for e in manifest["shards"].values())
+    manifest["errors"] = sum(e["errors"] for e in manifest["shards"].values())
 
 
 def _save_manifest(output: str, manifest: dict[str, Any], st: StorageConfig | None) -> None:
-    uri = storage.join(output, MANIFEST)
-    text = json.dumps(manifest, indent=1)
-    if storage.is_remote(output):
-        storage.write_text(uri, text, st)  # an S3 PUT replaces the object atomically
+    _put(storage.join(output, MANIFEST), json.dumps(manifest, indent=1), st)
+
+
+def _put(uri: str, text: str, st: StorageConfig | None) -> None:
+    """Write atomically: an S3 PUT replaces the object at once; locally temp + rename."""
+    if storage.is_remote(uri):
+        storage.write_text(uri, text, st)
         return
     import os
 
     tmp = storage.strip_scheme(uri) + f".tmp-{uuid.uuid4().hex}"
     storage.write_text(tmp, text)
     os.replace(tmp, storage.strip_scheme(uri))
+
+
+def _append_commit(
+    output: str, manifest: dict[str, Any], shards: dict[str, Any], st: StorageConfig | None
+) -> None:
+    """Commit a wave: one new file holding only its shards (the manifest is not rewritten)."""
+    n = manifest.get("compacted_through", -1) + 1
+    _put(storage.join(output, COMMITS, f"commit-{n:08d}.json"), json.dumps({"shards": shards}), st)
+    manifest["shards"].update(shards)
+    manifest["compacted_through"] = n
+    _totals(manifest)
+
+
+def _compact(output: str, manifest: dict[str, Any], st: StorageConfig | None) -> None:
+    """Fold the commits into manifest.json (once per run), then drop the folded commit files."""
+    _save_manifest(output, manifest, st)
+    folded = [u for n, u in _commits(output, st) if n <= manifest.get("compacted_through", -1)]
+    if folded:
+        fs, _ = storage.filesystem(output, st)
+        fs.rm([storage.strip_scheme(u) for u in folded])
 
 
 def _schema(cfg: TokenizeConfig) -> dict[str, Any]:
@@ -159,18 +216,24 @@ def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not storage.exists(storage.join(out, MANIFEST), st):
+        _save_manifest(out, manifest, st)  # the plan first: commits append to it
     step = cfg.shards.shards_per_wave
     for w in range(0, len(pending), step):
         wave = pending[w : w + step]
         wave_name = f"wave-{uuid.uuid4().hex[:12]}"
         wave_uri = storage.join(out, "data", wave_name)
+        # One graph over the whole wave: shard k's inputs are plan[k], consecutive in sorted
+        # order, so a row's shard is found from its path by bisecting the shards' first inputs.
+        units = [u for k in wave for u in plan[k]]
+        starts = [plan[k][0] for k in wave]
         raw = None
-        for k in wave:
-            for e in range(cfg.shards.epochs):
-                part = read_raw(listing, d, st, classes, plan[k])
-                part = part.map_batches(_with_epoch, fn_kwargs={"epoch": e}, batch_size=None)
-                part = part.map_batches(_with_shard, fn_kwargs={"shard": k}, batch_size=None)
-                raw = part if raw is None else raw.union(part)
+        for e in range(cfg.shards.epochs):
+            part = read_raw(listing, d, st, classes, units)
+            part = part.map_batches(
+                _tag, fn_kwargs={"epoch": e, "starts": starts, "shards": wave}, batch_size=None
+            )
+            raw = part if raw is None else raw.union(part)
         errors_uri = storage.join(wave_uri, "errors")
         ds = masked_rows(raw, d, errors_uri, st)
         pfs, ppath = storage.pyarrow_fs(wave_uri, st)
@@ -179,10 +242,11 @@ def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
         errs: dict[int, int] = {}
         for r in read_errors(errors_uri, st):
             errs[r["shard"]] = errs.get(r["shard"], 0) + 1
+        committed = {}
         for k in wave:
             entries = files.get(k, [])
             rows = sum(n for _, n in entries)
-            manifest["shards"][str(k)] = {
+            committed[str(k)] = {
                 "wave": wave_name,
                 "files": [posixpath.join("data", wave_name, rel) for rel, _ in entries],
                 "rows": rows,
@@ -192,18 +256,19 @@ def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
             counts["written"] += rows
             counts["failed"] += errs.get(k, 0)
         counts["shards_written"] += len(wave)
-        manifest["rows"] = sum(e["rows"] for e in manifest["shards"].values())
-        manifest["errors"] = sum(e["errors"] for e in manifest["shards"].values())
-        _save_manifest(out, manifest, st)  # the commit point of this wave
+        _append_commit(out, manifest, committed, st)  # the commit point of this wave
         log.info("committed %d shards (%s)", len(wave), wave_name)
+    _compact(out, manifest, st)
     counts["read"] = counts["written"] + counts["failed"]
     return counts
 
 
-def _with_shard(batch: dict[str, Any], shard: int) -> dict[str, Any]:
-    import numpy as np
-
-    batch["shard"] = np.full(len(batch["key"]), shard, dtype=np.int64)
+def _tag(batch: dict[str, Any], epoch: int, starts: list[str], shards: list[int]) -> dict[str, Any]:
+    """Raw rows → + ``epoch`` and ``shard`` (from the row's input file)."""
+    n = len(batch["key"])
+    batch["epoch"] = np.full(n, epoch, dtype=np.int64)
+    index = [bisect.bisect_right(starts, str(p)) - 1 for p in batch["path"]]
+    batch["shard"] = np.array([shards[i] for i in index], dtype=np.int64)
     return batch
 
 

@@ -1,4 +1,4 @@
-"""What to label: the input's layout → one :class:`Entry` per image → the chunk plan.
+"""What to label: the input's layout → a parquet listing → one :class:`Entry` per image.
 
 Layouts (``LabelConfig.layout``) and the identity (output ``path``) of each image:
     files        every file below the input                      its URI
@@ -6,16 +6,21 @@ Layouts (``LabelConfig.layout``) and the identity (output ``path``) of each imag
     class_tars   every member of every tar (ImageNet-22k)        <tar uri>/<member>
     webdataset   the image of every <key>.* sample of every tar  <tar uri>/<key>.<ext>
     parquet      every row of every .parquet's image column      <parquet uri>#<row index>
-Containers are listed in parallel Ray tasks (tar headers; parquet footers), never by reading
-images on the driver; the list is saved as ``_INPUTS.parquet`` so a rerun need not list again.
+
+Nothing here holds the input list in driver memory: the listing streams (sorted local walk,
+1,000-key S3 pages) into ``_LISTING.parquet`` (path, size), and later stages read it in
+batches. :func:`list_inputs` is the one place that lists, so a distributed listing returning a
+parquet URI can replace it. Tar members are listed from their headers in one Ray task per tar
+(with each member's byte offset, so labelling reads each member span once with ranged reads).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import pyarrow as pa
@@ -24,15 +29,11 @@ import pyarrow.parquet as pq
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig
 from beit_ray.infer.config import LabelConfig
-from beit_ray.runtime import print0
 
-PLAN_NAME, INPUTS_NAME, MASKS_DIR = "_PLAN.json", "_INPUTS.parquet", "_masks"
+LISTING_NAME, MASKS_DIR = "_LISTING.parquet", "_masks"
 CONTAINER_LAYOUTS = ("class_tars", "webdataset", "parquet")
-
-
-def _hidden(uri: str, root: str) -> bool:
-    rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else os.path.basename(uri)
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+LISTING_BATCH = 65_536  # rows per listing row group: bounded driver memory at any input size
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64())])
 
 
 class Entry(NamedTuple):
@@ -44,20 +45,176 @@ class Entry(NamedTuple):
     ``member`` of ``container``) or error (nothing to read; ``member`` is the reason)."""
     container: str = ""
     member: str = ""
+    offset: int = -1
+    """tar: where the member's data starts (-1: unknown, e.g. compressed tars)."""
+    size: int = -1
+    """Bytes of the file or member (-1: unknown)."""
 
 
-def _list_folder(cfg: LabelConfig) -> list[str]:
-    root = cfg.input.rstrip("/")
-    out_root = cfg.output.rstrip("/") + "/"
-    files = st.list_files(root, cfg.storage)
-    # hidden files (.DS_Store, _SUCCESS) are not inputs; nor are our own outputs
-    return [f for f in files if not _hidden(f, root) and not f.startswith(out_root)]
+@dataclass
+class Units:
+    """A layout's units (image URIs, or the tar/parquet files to open), as a parquet listing."""
+
+    uri: str
+    """Parquet with ``path`` (sorted) and ``size`` columns."""
+    count: int
+    kinds: dict[str, int] = field(default_factory=dict)
+    """How many tar, parquet and image files the listing held (layout detection)."""
+
+    def batches(self, storage: StorageConfig | None) -> Iterator[pa.RecordBatch]:
+        fs, path = st.pyarrow_fs(self.uri, storage)
+        yield from pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=LISTING_BATCH)
+
+    def paths(self, storage: StorageConfig | None = None) -> list[str]:
+        """Every unit as a list (small inputs and tests only)."""
+        return [p for b in self.batches(storage) for p in b.column("path").to_pylist()]
 
 
-def resolve_layout(cfg: LabelConfig) -> tuple[str, list[str]]:
+# --------------------------------------------------------------------------- listing
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int]]:
+    """(path, size) below ``root`` in the order of the sorted full paths, one folder at a time.
+    Entries sort by name with "/" after folders, which is how their full paths sort."""
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    keyed = sorted((e.name + ("/" if e.is_dir() else ""), e) for e in entries)
+    for _, e in keyed:
+        if e.is_dir():
+            yield from _walk_local(e.path)
+        elif e.is_file():
+            yield e.path, e.stat().st_size
+
+
+def _walk_s3(uri: str, storage: StorageConfig | None) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every object below ``uri``, one 1,000-key page at a time (S3 returns keys
+    sorted, so the stream is sorted)."""
+    fs, path = st.filesystem(uri, storage)
+    scheme = uri.split("://", 1)[0]
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    token = None
+    while True:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                yield f"{scheme}://{bucket}/{obj['Key']}", int(obj["Size"])
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+
+
+def iter_files(uri: str, storage: StorageConfig | None) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every file below ``uri``, sorted, streamed."""
+    if not st.is_remote(uri):
+        yield from _walk_local(st.strip_scheme(uri).rstrip("/"))
+    elif uri.split("://", 1)[0] in ("s3", "s3a"):
+        yield from _walk_s3(uri.rstrip("/"), storage)
+    else:  # other stores: fsspec's listing (whole, then streamed)
+        fs, path = st.filesystem(uri, storage)
+        scheme = uri.split("://", 1)[0]
+        for p, info in sorted(fs.find(path, detail=True).items()):
+            yield f"{scheme}://{p}", int(info.get("size") or -1)
+
+
+class ListingWriter:
+    """Streams (path, size) rows into a parquet file in row groups of ``LISTING_BATCH``."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None) -> None:
+        self.uri, self.count, self._buf = uri, 0, ([], [])  # type: ignore[var-annotated]
+        fs, path = st.pyarrow_fs(uri, storage)
+        if not st.is_remote(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._writer = pq.ParquetWriter(path, LISTING_SCHEMA, filesystem=fs)
+
+    def add(self, path: str, size: int) -> None:
+        self._buf[0].append(path)
+        self._buf[1].append(size)
+        self.count += 1
+        if len(self._buf[0]) >= LISTING_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf[0]:
+            table = pa.table(list(self._buf), schema=LISTING_SCHEMA)
+            self._writer.write_table(table, row_group_size=LISTING_BATCH)
+            self._buf = ([], [])
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def input_root(cfg: LabelConfig, uri: str | None = None) -> str:
+    """``cfg.input`` (or ``uri``) as listed paths start: local paths absolute, no trailing /."""
+    uri = cfg.input if uri is None else uri
+    return (uri if st.is_remote(uri) else st.strip_scheme(uri)).rstrip("/")
+
+
+def list_inputs(cfg: LabelConfig) -> Units:
+    """Every file below ``cfg.input`` except hidden ones and our own outputs, as a sorted parquet
+    listing under the output (the hook for a distributed listing: it returns the same)."""
+    from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES
+
+    root = input_root(cfg)
+    out_root = input_root(cfg, cfg.output) + "/"
+    writer = ListingWriter(st.join(cfg.output, LISTING_NAME), cfg.storage)
+    kinds = {"tar": 0, "parquet": 0, "image": 0}
+    for uri, size in iter_files(root, cfg.storage):
+        # hidden files (.DS_Store, _SUCCESS) are not inputs; nor are our own outputs
+        if _hidden(uri[len(root) :].lstrip("/")) or uri.startswith(out_root):
+            continue
+        lower = uri.lower()
+        kind = (
+            "tar"
+            if lower.endswith(TAR_SUFFIXES)
+            else "parquet"
+            if lower.endswith(".parquet")
+            else "image"
+            if lower.endswith(IMAGE_SUFFIXES)
+            else ""
+        )
+        if kind:
+            kinds[kind] += 1
+        writer.add(uri, size)
+    writer.close()
+    return Units(writer.uri, writer.count, kinds)
+
+
+def _subset(units: Units, cfg: LabelConfig, suffixes: tuple[str, ...]) -> Units:
+    """The listing's files with these suffixes, as a second listing."""
+    writer = ListingWriter(st.join(cfg.output, "_UNITS.parquet"), cfg.storage)
+    for batch in units.batches(cfg.storage):
+        for p, s in zip(
+            batch.column("path").to_pylist(), batch.column("size").to_pylist(), strict=True
+        ):
+            if p.lower().endswith(suffixes):
+                writer.add(p, s)
+    writer.close()
+    return Units(writer.uri, writer.count)
+
+
+def _single(cfg: LabelConfig, uris: list[str]) -> Units:
+    writer = ListingWriter(st.join(cfg.output, LISTING_NAME), cfg.storage)
+    for u in uris:
+        writer.add(u, -1)
+    writer.close()
+    return Units(writer.uri, writer.count)
+
+
+def resolve_layout(cfg: LabelConfig) -> tuple[str, Units]:
     """The input's layout (``auto`` resolved) and its units: image URIs (files, manifest) or the
-    tar/parquet files to open (container layouts)."""
-    from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES, detect_layout
+    tar/parquet files to open (container layouts), as a parquet listing."""
+    from beit_ray.data.sources import TAR_SUFFIXES, detect_layout
 
     layout, lower = cfg.layout, cfg.input.lower()
     if not st.exists(cfg.input, cfg.storage):
@@ -73,32 +230,43 @@ def resolve_layout(cfg: LabelConfig) -> tuple[str, list[str]]:
             else:
                 layout = "files"
         if layout == "manifest":
-            return layout, read_manifest(cfg.input, cfg.manifest_column, cfg.storage)
-        return layout, [cfg.input]
+            return layout, read_manifest(cfg)
+        return layout, _single(cfg, [cfg.input])
     if layout == "manifest":
         raise ConfigError(f"layout: manifest needs a .parquet/.csv file; {cfg.input} is a folder")
-    files = _list_folder(cfg)
-    kinds = {
-        "tar": [f for f in files if f.lower().endswith(TAR_SUFFIXES)],
-        "parquet": [f for f in files if f.lower().endswith(".parquet")],
-        "image": [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)],
-    }
+    listing = list_inputs(cfg)
+    kinds = listing.kinds
     if layout == "auto":
         present = [k for k, v in kinds.items() if v]
         if len(present) > 1:  # picking one kind would silently drop the others
-            found = ", ".join(f"{len(kinds[k])} {k} files" for k in present)
+            found = ", ".join(f"{kinds[k]} {k} files" for k in present)
             raise ConfigError(
                 f"layout: {cfg.input} mixes {found}; pass --layout files, class_tars, "
                 "webdataset or parquet (the other kinds are then not inputs)"
             )
-        layout = detect_layout(files, cfg.storage)
-        layout = "files" if layout == "folders" else layout
+        if kinds["parquet"]:
+            layout = "parquet"
+        elif kinds["tar"]:
+            first = _first(listing, cfg, TAR_SUFFIXES)
+            layout = detect_layout([first], cfg.storage)
+        else:
+            layout = "files"
     if layout == "files":
-        return layout, files
-    units = kinds["parquet" if layout == "parquet" else "tar"]
-    if len(units) < len(files):
-        print0(f"label: {len(files) - len(units)} files beside the {layout} inputs are ignored")
+        return layout, listing
+    units = _subset(listing, cfg, (".parquet",) if layout == "parquet" else TAR_SUFFIXES)
+    if units.count < listing.count:
+        from beit_ray.runtime import print0
+
+        print0(f"label: {listing.count - units.count} files beside the {layout} inputs are ignored")
     return layout, units
+
+
+def _first(units: Units, cfg: LabelConfig, suffixes: tuple[str, ...]) -> str:
+    for batch in units.batches(cfg.storage):
+        for p in batch.column("path").to_pylist():
+            if p.lower().endswith(suffixes):
+                return p
+    raise ConfigError(f"input: no {suffixes} file under {cfg.input}")
 
 
 def _holds_images(cfg: LabelConfig) -> bool:
@@ -111,102 +279,18 @@ def _holds_images(cfg: LabelConfig) -> bool:
         return False
 
 
-def member_path(container: str, name: str) -> str:
-    """A tar member's identity: ``<tar uri>/<member name>`` (``./`` prefixes dropped)."""
-    return f"{container}/{posixpath.normpath(name).lstrip('/')}"
-
-
-def list_container(
-    uri: str, layout: str, image_column: str, storage: StorageConfig | None
-) -> list[Entry]:
-    """The images inside one tar or parquet file, in its own order (one Ray task per file)."""
-    from beit_ray.data.sources import IMAGE_SUFFIXES, iter_tar_members, parquet_image_rows
-
-    if layout == "parquet":
-        try:
-            n = parquet_image_rows(uri, image_column, storage)
-        except Exception as e:
-            return [Entry(uri, "error", member=f"read_failed: {type(e).__name__}: {e}"[:500])]
-        return [Entry(f"{uri}#{i}", "parquet", uri, str(i)) for i in range(n)]
-    names, error = [], None
-    try:
-        names.extend(iter_tar_members(uri, storage))
-    except Exception as e:  # keep the members listed before the damage; the tar gets a row
-        error = f"read_failed: {type(e).__name__}: {e}"[:500]
-    out, seen = [], set()
-    samples: dict[str, list[str]] = {}  # webdataset: key → member names, first-seen order
-    for name in names:
-        path = member_path(uri, name)
-        if path in seen or posixpath.basename(name).startswith("."):  # AppleDouble ._x.jpg
-            continue
-        seen.add(path)
-        if layout == "class_tars":
-            out.append(Entry(path, "tar", uri, name))
-            continue
-        folder, base = posixpath.split(name)
-        samples.setdefault(posixpath.join(folder, base.partition(".")[0]), []).append(name)
-    for key, members in samples.items():
-        image = next((m for m in members if m.lower().endswith(IMAGE_SUFFIXES)), None)
-        if image is not None:
-            out.append(Entry(member_path(uri, image), "tar", uri, image))
-        else:
-            exts = sorted(posixpath.basename(m).partition(".")[2] for m in members)
-            reason = f"no_image: sample has only {exts}"
-            out.append(Entry(member_path(uri, key), "error", member=reason))
-    if error:
-        out.append(Entry(uri, "error", member=error))
-    return out
-
-
-def plan_entries(cfg: LabelConfig, layout: str, units: list[str]) -> list[Entry]:
-    """Every input image in plan order; container members listed in parallel Ray tasks, or
-    taken from the first run's ``_INPUTS.parquet`` when the containers are the same."""
-    if layout not in CONTAINER_LAYOUTS:
-        return [Entry(u) for u in units]
-    cached = _cached_entries(cfg, layout, units)
-    if cached is not None:
-        return cached
-    import ray
-
-    from beit_ray.runtime import init_ray
-
-    init_ray(cfg.ray, cfg.storage)
-    print0(f"label: listing the images in {len(units)} {layout} files")
-    task = ray.remote(list_container).options(num_cpus=cfg.actors.decode_cpus)
-    refs = [task.remote(u, layout, cfg.image_column, cfg.storage) for u in units]
-    entries, seen = [], set()
-    for listed in ray.get(refs):
-        for e in listed:
-            if e.path not in seen:
-                seen.add(e.path)
-                entries.append(Entry(*e))
-    return entries
-
-
-def _digest(lines: list[str]) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def _cached_entries(cfg: LabelConfig, layout: str, units: list[str]) -> list[Entry] | None:
-    plan_uri, inputs_uri = st.join(cfg.output, PLAN_NAME), st.join(cfg.output, INPUTS_NAME)
-    if not (st.exists(plan_uri, cfg.storage) and st.exists(inputs_uri, cfg.storage)):
-        return None
-    plan = json.loads(st.read_text(plan_uri, cfg.storage))
-    if plan.get("layout") != layout or plan.get("containers_sha256") != _digest(units):
-        return None
-    fs, path = st.pyarrow_fs(inputs_uri, cfg.storage)
-    table = pq.read_table(path, filesystem=fs).to_pydict()
-    return [Entry(*row) for row in zip(*(table[f] for f in Entry._fields), strict=True)]
-
-
 def _is_dir(uri: str, storage: StorageConfig | None) -> bool:
     fs, path = st.filesystem(uri, storage)
     return fs.isdir(path)
 
 
-def read_manifest(uri: str, column: str, storage: StorageConfig | None = None) -> list[str]:
-    """Image URIs from a parquet/CSV manifest; relative entries are relative to its folder."""
-    fs, path = st.pyarrow_fs(uri, storage)
+def read_manifest(cfg: LabelConfig) -> Units:
+    """Image URIs from a parquet/CSV manifest (deduplicated and sorted in Arrow, not as Python
+    strings); relative entries are relative to its folder."""
+    import pyarrow.compute as pc
+
+    uri, column = cfg.input, cfg.manifest_column
+    fs, path = st.pyarrow_fs(uri, cfg.storage)
     if uri.lower().endswith(".csv"):
         import pyarrow.csv as pacsv
 
@@ -219,21 +303,105 @@ def read_manifest(uri: str, column: str, storage: StorageConfig | None = None) -
         raise ConfigError(
             f"manifest_column: {uri} has no column {column!r} (columns: {table.column_names})"
         )
+    col = pc.utf8_trim_whitespace(pc.cast(table.column(name), pa.string()))
+    col = pc.drop_null(col)
+    col = col.filter(pc.not_equal(col, ""))
     base = uri.rsplit("/", 1)[0]
-    entries = [
-        str(u).strip() for u in table.column(name).to_pylist() if u is not None and str(u).strip()
-    ]
-    resolved = [u if st.is_remote(u) or os.path.isabs(u) else st.join(base, u) for u in entries]
-    return sorted(set(resolved))
+    relative = pc.invert(
+        pc.or_(
+            pc.match_substring_regex(col, r"^[a-zA-Z][a-zA-Z0-9+.-]+://"), pc.starts_with(col, "/")
+        )
+    )
+    joined = pc.binary_join_element_wise(base.rstrip("/"), col, "/")
+    col = pc.unique(pc.if_else(relative, joined, col))
+    col = col.take(pc.sort_indices(col))
+    del table
+    writer = ListingWriter(st.join(cfg.output, LISTING_NAME), cfg.storage)
+    for p in col.to_pylist():
+        writer.add(p, -1)
+    writer.close()
+    return Units(writer.uri, writer.count)
 
 
-def plan_chunks(inputs: list[Any], chunk_size: int) -> list[list[Any]]:
-    """The sorted inputs cut into consecutive chunks: the same list always gives the same plan."""
-    return [inputs[i : i + chunk_size] for i in range(0, len(inputs), chunk_size)]
+# --------------------------------------------------------------------------- containers
+
+
+def member_path(container: str, name: str) -> str:
+    """A tar member's identity: ``<tar uri>/<member name>`` (``./`` prefixes dropped)."""
+    return f"{container}/{posixpath.normpath(name).lstrip('/')}"
+
+
+def tar_index(uri: str, storage: StorageConfig | None) -> tuple[list[tuple[str, int, int]], str]:
+    """(name, data offset, size) of a tar's regular-file members in tar order, and an error
+    ("" when the tar was read to its end). Local tars are read by seeking over member data
+    (headers only); object-store tars are streamed once, since each seek would be a request."""
+    members: list[tuple[str, int, int]] = []
+    compressed = uri.lower().endswith((".gz", ".tgz"))
+    try:
+        if not st.is_remote(uri):
+            path = st.strip_scheme(uri)
+            total = os.path.getsize(path)
+            with tarfile.open(path, mode="r:*") as tar:
+                for m in tar:
+                    if m.isfile():
+                        members.append((m.name, -1 if compressed else m.offset_data, m.size))
+            cut = next((n for n, o, s in members if o >= 0 and o + s > total), None)
+            if cut is not None:
+                return members, f"read_failed: truncated: {cut} runs past the end of the tar"
+            return members, ""
+        fs, path = st.pyarrow_fs(uri, storage)
+        with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if m.isfile():
+                    members.append((m.name, -1 if compressed else m.offset_data, m.size))
+        return members, ""
+    except Exception as e:  # keep the members listed before the damage; the tar gets a row
+        return members, f"read_failed: {type(e).__name__}: {e}"[:500]
+
+
+def list_container(
+    uri: str, layout: str, image_column: str, storage: StorageConfig | None
+) -> list[Entry]:
+    """The images inside one tar or parquet file, in its own order (one Ray task per file)."""
+    from beit_ray.data.sources import IMAGE_SUFFIXES, parquet_image_rows
+
+    if layout == "parquet":
+        try:
+            n = parquet_image_rows(uri, image_column, storage)
+        except Exception as e:
+            return [Entry(uri, "error", member=f"read_failed: {type(e).__name__}: {e}"[:500])]
+        return [Entry(f"{uri}#{i}", "parquet", uri, str(i)) for i in range(n)]
+    members, error = tar_index(uri, storage)
+    out, seen = [], set()
+    samples: dict[str, list[tuple[str, int, int]]] = {}  # webdataset: key → members, in order
+    for name, offset, size in members:
+        path = member_path(uri, name)
+        if path in seen or posixpath.basename(name).startswith("."):  # AppleDouble ._x.jpg
+            continue
+        seen.add(path)
+        if layout == "class_tars":
+            out.append(Entry(path, "tar", uri, name, offset, size))
+            continue
+        folder, base = posixpath.split(name)
+        key = posixpath.join(folder, base.partition(".")[0])
+        samples.setdefault(key, []).append((name, offset, size))
+    for key, group in samples.items():
+        image = next((m for m in group if m[0].lower().endswith(IMAGE_SUFFIXES)), None)
+        if image is not None:
+            out.append(Entry(member_path(uri, image[0]), "tar", uri, *image))
+        elif member_path(uri, key) not in seen:
+            exts = sorted(posixpath.basename(m[0]).partition(".")[2] for m in group)
+            reason = f"no_image: sample has only {exts}"
+            out.append(Entry(member_path(uri, key), "error", member=reason))
+    if error:
+        out.append(Entry(uri, "error", member=error))
+    return out
 
 
 def mask_uri(output: str, root: str, uri: str) -> str:
     """Where a segment mask goes: the input's path under the input root, plus ``.png``."""
+    import hashlib
+
     if uri.startswith(root.rstrip("/") + "/"):
         rel = uri[len(root.rstrip("/")) + 1 :]
     else:  # manifest entries from anywhere: a stable, collision-free name
@@ -241,81 +409,101 @@ def mask_uri(output: str, root: str, uri: str) -> str:
     return st.join(output, MASKS_DIR, rel.replace("#", "-row") + ".png")  # '#' reads as a fragment
 
 
-def check_plan(
-    cfg: LabelConfig, layout: str, units: list[str], entries: list[Entry], n_chunks: int
-) -> None:
-    """Write the plan on the first run; refuse to mix results of a different plan."""
-    plan = {
-        "inputs": len(entries),
-        "inputs_sha256": _digest([e.path for e in entries]),
-        "chunk_size": cfg.chunk_size,
-        "chunks": n_chunks,
-        "task": cfg.task,
-        "checkpoint": cfg.checkpoint,
-        "layout": layout,
-    }
-    if layout in CONTAINER_LAYOUTS:
-        plan["containers_sha256"] = _digest(units)
-    uri = st.join(cfg.output, PLAN_NAME)
-    if st.exists(uri, cfg.storage):
-        old = json.loads(st.read_text(uri, cfg.storage))
-        old.setdefault("layout", layout)  # plans written before layouts existed
-        diff = [k for k in plan if old.get(k) != plan[k]]
-        if diff:
-            raise ConfigError(
-                f"output: {cfg.output} holds results of another run ({', '.join(diff)} differ); "
-                "use a new --output, or rerun with the same input, task, checkpoint and chunk_size"
-            )
-        return
-    if layout in CONTAINER_LAYOUTS:  # before the plan: a plan implies its inputs are saved
-        table = pa.table({f: [getattr(e, f) for e in entries] for f in Entry._fields})
-        fs, path = st.pyarrow_fs(st.join(cfg.output, INPUTS_NAME), cfg.storage)
-        if not st.is_remote(cfg.output):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(table, path, filesystem=fs)
-    st.write_text(uri, json.dumps(plan, indent=1), cfg.storage)
+# --------------------------------------------------------------------------- reading (in tasks)
+
+
+def _read_span(uri: str, start: int, end: int, storage: StorageConfig | None) -> bytes:
+    """Bytes [start, end) of a file: one ranged GET on an object store."""
+    if st.is_remote(uri):
+        fs, path = st.filesystem(uri, storage)
+        return fs.cat_file(path, start=start, end=end)
+    with open(st.strip_scheme(uri), "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _read_files(uris: list[str], storage: StorageConfig | None) -> list[bytes | Exception]:
+    """Each file's bytes (or the exception), one GET per object, fetched concurrently."""
+    remote = [u for u in uris if st.is_remote(u)]
+    got: dict[str, bytes | Exception] = {}
+    if remote:
+        fs, _ = st.filesystem(remote[0], storage)
+        keys = [st.strip_scheme(u) for u in remote]
+        found = fs.cat(keys, on_error="return")
+        got.update(
+            {u: found.get(k, FileNotFoundError(k)) for u, k in zip(remote, keys, strict=True)}
+        )
+    out: list[bytes | Exception] = []
+    for u in uris:
+        if u in got:
+            out.append(got[u])
+            continue
+        try:
+            with open(st.strip_scheme(u), "rb") as f:
+                out.append(f.read())
+        except Exception as e:  # missing, permission: the row says so
+            out.append(e)
+    return out
 
 
 def fetch(
-    unit: dict[str, Any], storage: StorageConfig | None, image_column: str
+    entries: list[Entry], storage: StorageConfig | None, image_column: str
 ) -> tuple[list[bytes | None], list[str]]:
-    """The bytes of a read unit's images ("" error when fine); a tar or parquet file is opened
-    once and only the unit's members are extracted."""
+    """The bytes of a chunk's images ("" error when fine). Files: one GET each; tar members:
+    one ranged read per run of consecutive members of a tar; parquet rows: the row groups
+    holding them."""
     from beit_ray.data.sources import read_parquet_rows, read_tar_members
 
-    kind, container, members = unit["kind"], unit["container"], unit["members"]
-    n = len(unit["paths"])
+    n = len(entries)
     blobs: list[bytes | None] = [None] * n
     errors = [""] * n
-    if kind == "error":
-        return blobs, list(members)
-    if kind == "file":
-        filesystems: dict[str, Any] = {}
-        for i, uri in enumerate(unit["paths"]):
-            scheme = uri.split("://", 1)[0] if st.is_remote(uri) else "file"
-            try:
-                if scheme not in filesystems:
-                    filesystems[scheme] = st.filesystem(uri, storage)[0]
-                blobs[i] = filesystems[scheme].cat_file(st.strip_scheme(uri))
-            except Exception as e:  # missing, permission, network: the row says so
-                errors[i] = f"read_failed: {type(e).__name__}: {e}"[:500]
-        return blobs, errors
-    got: dict[str, bytes | None] = {}
-    failure = f"not found in {container}"
-    try:
-        if kind == "tar":
-            for name, data in read_tar_members(container, members, storage):
-                got[name] = data
+    files = [i for i, e in enumerate(entries) if e.kind == "file"]
+    for i, data in zip(files, _read_files([entries[i].path for i in files], storage), strict=True):
+        if isinstance(data, Exception):
+            errors[i] = f"read_failed: {type(data).__name__}: {data}"[:500]
         else:
-            rows = read_parquet_rows(container, image_column, [int(m) for m in members], storage)
-            got = {str(r): data for r, data in rows.items()}
-    except Exception as e:  # a damaged tar keeps the members read before the damage
-        failure = f"{type(e).__name__}: {e}"
-    for i, m in enumerate(members):
-        if m not in got:
-            errors[i] = f"read_failed: {failure}"[:500]
-        elif got[m] is None:
-            errors[i] = "empty: null image"
-        else:
-            blobs[i] = got[m]
+            blobs[i] = data
+    groups: list[list[int]] = []  # runs of consecutive members of one container
+    for i, e in enumerate(entries):
+        if e.kind == "error":
+            errors[i] = e.member
+        elif e.kind in ("tar", "parquet"):
+            last = groups[-1] if groups else None
+            if last and entries[last[-1]].container == e.container and last[-1] == i - 1:
+                last.append(i)
+            else:
+                groups.append([i])
+    for g in groups:
+        first = entries[g[0]]
+        got: dict[str, bytes | None] = {}
+        failure = f"not found in {first.container}"
+        try:
+            if first.kind == "parquet":
+                rows = [int(entries[i].member) for i in g]
+                found = read_parquet_rows(first.container, image_column, rows, storage)
+                got = {str(r): data for r, data in found.items()}
+            elif all(entries[i].offset >= 0 for i in g):
+                start = min(entries[i].offset for i in g)
+                end = max(entries[i].offset + entries[i].size for i in g)
+                span = _read_span(first.container, start, end, storage)
+                for i in g:
+                    e = entries[i]
+                    data = span[e.offset - start : e.offset - start + e.size]
+                    if len(data) == e.size:
+                        got[e.member] = data
+                failure = "truncated: the member runs past the end of the tar"
+            else:  # compressed tars cannot seek: one streamed pass that stops at the last one
+                got = dict(
+                    read_tar_members(first.container, [entries[i].member for i in g], storage)
+                )
+        except Exception as e:  # a damaged container keeps the members read before the damage
+            failure = f"{type(e).__name__}: {e}"
+        for i in g:
+            m = entries[i].member
+            if m not in got:
+                errors[i] = f"read_failed: {failure}"[:500]
+            elif got[m] is None:
+                errors[i] = "empty: null image"
+            else:
+                blobs[i] = got[m]
     return blobs, errors

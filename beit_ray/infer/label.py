@@ -1,24 +1,33 @@
-"""The labelling graph: list → read + decode + preprocess → predict (actor pool) → parquet.
+"""The labelling graph: plan (parquet) → per chunk: read + decode → predict + write (actors).
 
 Inputs (``LabelConfig.layout``): loose files (path = the file's URI), a .parquet/.csv manifest
 of URIs, or the data pipeline's containers: per-class tars and WebDataset shards (one input per
 image member, path = ``<tar uri>/<member>``) and parquet files of image bytes (one input per row,
-path = ``<parquet uri>#<row index>``). Tar members are listed from their headers in one Ray task
-per tar (parquet row counts come from footers): no image is read on the driver.
+path = ``<parquet uri>#<row index>``). See :mod:`beit_ray.infer.inputs`.
 
-Resumable and exact: the input list (containers sorted, members in their own order) is cut into
-fixed chunks; each chunk becomes one ``part-NNNNN.parquet`` written atomically (temp + rename
-locally; an S3 PUT is atomic), and a rerun of the same command skips chunks whose file exists.
-A read task opens a tar or parquet file once per chunk and extracts just that chunk's members.
-Every input gives exactly one row; unreadable, corrupt, non-image and oversized files or members
+Scales out: the input list lives in parquet (``_INPUTS.parquet``, one row per chunk), never in
+driver memory. Each chunk is one Ray Data row: a read task fetches its images (one GET per
+object; a tar's members by their listed offsets, one ranged read per run of members, so a tar
+is never re-read from its start) and decodes them; a predictor actor labels them and writes the
+chunk's ``part-NNNNN.parquet`` itself (atomically: temp + rename locally; an S3 PUT is
+atomic), returning only its counts. The driver appends those counts to the ledger
+(:mod:`beit_ray.infer.plan`), so a rerun checks coverage from a listing of the output and the
+ledger, without reading any part.
+
+Resumable and exact: the input list (sorted; container members in their own order) is cut into
+fixed chunks, and a rerun of the same command writes only chunks whose part is missing. Every
+input gives exactly one row; unreadable, corrupt, non-image and oversized files or members
 give a row whose ``error`` says why; a tar that cannot be listed (to its end) gives one more row
 whose path is the tar's URI; a parquet file without a binary image column gives one row.
 
 Output under ``--output``:
-    part-NNNNN.parquet   path, error, height, width + the task's columns (see ``task_schema``)
+    part-NNNNN.parquet   path, error, height, width + the task's columns (see ``task_schema``),
+                         sorted by path; footer key ``beit_ray.part``: its rows/errors/reasons
     _masks/...png        segment: class ids at the original size (``mask_uri`` points here)
     _PLAN.json           what the chunks were made of (a rerun must match it)
-    _INPUTS.parquet      container layouts: the listed members, so a rerun need not list again
+    _INPUTS.parquet      the chunks' inputs (containers: the listed members, never listed again)
+    _LISTING.parquet     the input listing of this run (path, size)
+    _PARTS/              the ledger of written parts (chunk, rows, errors, reasons)
     _SUMMARY.json        counts, error reasons, images/s, checkpoint
 Names starting with ``_`` keep ``pandas.read_parquet(output)`` / pyarrow datasets reading
 only the parts.
@@ -32,7 +41,7 @@ import os
 import re
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,14 +52,15 @@ import pyarrow.parquet as pq
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig, to_dict
 from beit_ray.infer.config import LabelConfig
-from beit_ray.infer.inputs import (
-    Entry,
-    check_plan,
-    fetch,
-    mask_uri,
-    plan_chunks,
-    plan_entries,
-    resolve_layout,
+from beit_ray.infer.inputs import fetch, input_root, mask_uri, resolve_layout
+from beit_ray.infer.plan import (
+    PART_META_KEY,
+    Ledger,
+    Plan,
+    build_plan,
+    coverage,
+    part_counts,
+    read_chunk,
 )
 from beit_ray.runtime import print0
 
@@ -67,7 +77,8 @@ def part_name(chunk: int) -> str:
 
 
 def done_chunks(output: str, storage: StorageConfig | None) -> set[int]:
-    """Chunk ids whose part file exists (complete by construction: written atomically)."""
+    """Chunk ids whose part file exists (complete by construction: written atomically); one
+    listing of the output's top level (1,000 names a request on S3)."""
     fs, path = st.filesystem(output, storage)
     if not fs.exists(path):
         return set()
@@ -137,55 +148,35 @@ def decode_batch(
 def read_decode(
     batch: dict[str, np.ndarray],
     *,
+    plan_uri: str,
+    plan_version: str,
+    chunk_size: int,
     preprocessor: Any,
     max_pixels: int,
     storage: StorageConfig | None,
     image_column: str,
-    batch_size: int,
+    output: str,
+    root: str,
+    masks: bool,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data task: read units (JSON) → decoded rows, ``batch_size`` at a time."""
-    for chunk, text in zip(batch["chunk"], batch["unit"], strict=True):
-        unit = json.loads(str(text))
-        blobs, errors = fetch(unit, storage, image_column)
-        for s in range(0, len(blobs), batch_size):
-            part = slice(s, s + batch_size)
-            out = decode_batch(blobs[part], errors[part], preprocessor, max_pixels)
-            yield {
-                "path": np.array(unit["paths"][part], dtype=object),
-                "chunk": np.full(len(out["error"]), int(chunk), dtype=np.int64),
-                "mask_uri": np.array(unit["masks"][part], dtype=object),
-                **out,
-            }
-
-
-def read_units(
-    plan: list[list[Entry]], pending: list[int], cfg: LabelConfig
-) -> list[dict[str, Any]]:
-    """The read tasks of the pending chunks: one per (chunk, tar/parquet file), so a container
-    is opened once per chunk; loose files and error entries go ``batch_size`` at a time."""
-    root, bs = cfg.input.rstrip("/"), cfg.predict.batch_size
-    units = []
-    for c in pending:
-        groups: list[list[Entry]] = []
-        for e in plan[c]:
-            last = groups[-1] if groups else None
-            same = last is not None and (last[0].kind, last[0].container) == (e.kind, e.container)
-            if same and (e.kind in ("tar", "parquet") or len(last) < bs):  # type: ignore[arg-type]
-                last.append(e)  # type: ignore[union-attr]
-            else:
-                groups.append([e])
-        for g in groups:
-            unit = {
-                "kind": g[0].kind,
-                "container": g[0].container,
-                "paths": [e.path for e in g],
-                "members": [e.member for e in g],
-                "masks": [
-                    mask_uri(cfg.output, root, e.path) if cfg.task == "segment" else "" for e in g
-                ],
-            }
-            units.append({"chunk": c, "unit": json.dumps(unit)})
-    return units
+    """Ray Data task: chunk ids → one row per chunk holding its decoded images and their paths
+    (a chunk never splits across blocks, so one actor sees all of it)."""
+    for chunk in batch["chunk"]:
+        entries = read_chunk(plan_uri, int(chunk), chunk_size, storage, plan_version)
+        blobs, errors = fetch(entries, storage, image_column)
+        out = decode_batch(blobs, errors, preprocessor, max_pixels)
+        meta = {
+            "path": [e.path for e in entries],
+            "mask_uri": [mask_uri(output, root, e.path) if masks else "" for e in entries],
+            "error": [str(x) for x in out["error"]],
+            "height": out["height"].tolist(),
+            "width": out["width"].tolist(),
+        }
+        yield {
+            "chunk": np.array([int(chunk)], dtype=np.int64),
+            "meta": np.array([json.dumps(meta)], dtype=object),
+            "pixels": out["pixels"][None],  # [1, n, 3, h, w]
+        }
 
 
 class PredictorActor:
@@ -201,6 +192,8 @@ class PredictorActor:
         threads: int | None,
         num_gpus: float,
         dtype: str = "float32",
+        output: str | None = None,
+        batch_size: int = 16,
     ) -> None:
         from beit_ray.infer.predictor import Predictor, actor_threads
 
@@ -209,7 +202,7 @@ class PredictorActor:
 
             threads = actor_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
         device = "cuda" if num_gpus > 0 else "cpu"
-        self.task, self.storage = task, storage
+        self.task, self.storage, self.output, self.batch_size = task, storage, output, batch_size
         self.predictor = Predictor(
             checkpoint,
             task,
@@ -221,7 +214,40 @@ class PredictorActor:
             dtype=dtype,  # type: ignore[arg-type]
         )  # type: ignore[arg-type]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Chunk rows (from :func:`read_decode`) → each chunk's part written → its counts."""
+        out: dict[str, list[Any]] = defaultdict(list)
+        for chunk, text, pixels in zip(batch["chunk"], batch["meta"], batch["pixels"], strict=True):
+            meta = json.loads(str(text))
+            n, bs = len(meta["path"]), self.batch_size
+            tables = [
+                self.rows(
+                    {
+                        "path": np.array(meta["path"][s : s + bs], dtype=object),
+                        "mask_uri": np.array(meta["mask_uri"][s : s + bs], dtype=object),
+                        "error": np.array(meta["error"][s : s + bs], dtype=object),
+                        "height": np.array(meta["height"][s : s + bs], np.int32),
+                        "width": np.array(meta["width"][s : s + bs], np.int32),
+                        "pixels": pixels[s : s + bs],  # [b, 3, h, w]
+                        "chunk": np.full(min(bs, n - s), int(chunk), np.int64),
+                    }
+                )
+                for s in range(0, n, bs)
+            ]
+            counts = write_part(pa.concat_tables(tables), self.output, int(chunk), self.storage)  # type: ignore[arg-type]
+            out["chunk"].append(int(chunk))
+            out["rows"].append(counts["rows"])
+            out["errors"].append(counts["errors"])
+            out["reasons"].append(json.dumps(counts["reasons"]))
+        return {
+            "chunk": np.array(out["chunk"], np.int64),
+            "rows": np.array(out["rows"], np.int64),
+            "errors": np.array(out["errors"], np.int64),
+            "reasons": np.array(out["reasons"], dtype=object),
+        }
+
+    def rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Decoded rows → the part's rows (predictions, or the error of each failed row)."""
         n = len(batch["path"])
         errors: list[str | None] = [str(e) if e else None for e in batch["error"]]
         ok = [i for i in range(n) if errors[i] is None]
@@ -270,18 +296,24 @@ def png_bytes(mask: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- writing
 
 
-def write_part(table: pa.Table, output: str, chunk: int, storage: StorageConfig | None) -> None:
-    """Write one chunk's rows atomically: a reader never sees a half-written part."""
+def write_part(
+    table: pa.Table, output: str, chunk: int, storage: StorageConfig | None
+) -> dict[str, Any]:
+    """Write one chunk's rows atomically (a reader never sees a half-written part), its counts
+    in the footer; returns the counts."""
     table = table.drop_columns(["chunk"]).sort_by("path")
+    counts = part_counts(table)
+    table = table.replace_schema_metadata({PART_META_KEY: json.dumps(counts)})
     fs, root = st.pyarrow_fs(output, storage)
     final = f"{root.rstrip('/')}/{part_name(chunk)}"
     if st.is_remote(output):  # one PUT / a completed multipart upload: atomic
         pq.write_table(table, final, filesystem=fs)
-        return
+        return counts
     os.makedirs(root, exist_ok=True)
     tmp = f"{root.rstrip('/')}/.{part_name(chunk)}.tmp-{uuid.uuid4().hex[:8]}"
     pq.write_table(table, tmp, filesystem=fs)
     os.replace(tmp, final)
+    return counts
 
 
 def read_parts(
@@ -325,75 +357,44 @@ def check_checkpoint(cfg: LabelConfig) -> Any:
 def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str, Any]:
     """Label every input not yet written; returns (and writes) the summary.
 
-    ``stop_after_chunks`` raises :class:`LabelInterrupted` after writing that many chunks (a
-    crash stand-in for tests); rerunning finishes the rest.
+    ``stop_after_chunks`` writes only that many of the pending chunks, then raises
+    :class:`LabelInterrupted` (a crash stand-in for tests); rerunning finishes the rest.
     """
-    import ray
-
-    from beit_ray.runtime import init_ray
-
     cfg.require()
     start = time.perf_counter()
     preprocessor = check_checkpoint(cfg)  # before any cluster work
     layout, units = resolve_layout(cfg)
-    if not units:
+    if not units.count:
         raise ConfigError(f"input: no {layout} inputs found under {cfg.input}")
-    entries = plan_entries(cfg, layout, units)
-    inputs = [e.path for e in entries]
-    if not inputs:
-        raise ConfigError(f"input: no images inside the {len(units)} {layout} files")
-    plan = plan_chunks(entries, cfg.chunk_size)
-    check_plan(cfg, layout, units, entries, len(plan))
+    plan = build_plan(cfg, layout, units)
     done = done_chunks(cfg.output, cfg.storage)
-    pending = [c for c in range(len(plan)) if c not in done]
-    print0(
-        f"label: {len(inputs)} images ({layout}, {len(units)} files) in {len(plan)} chunks; "
-        f"{len(plan) - len(pending)} already written"
-    )
+    ledger = Ledger(cfg.output, cfg.storage).load()
 
+    def part_uri(c: int) -> str:
+        return st.join(cfg.output, part_name(c))
+
+    coverage(plan, done, ledger, part_uri, cfg.storage)  # the parts present are whole
+    pending = [c for c in range(plan.chunks) if c not in done]
+    resumed = plan.chunks - len(pending)
+    print0(
+        f"label: {plan.inputs} images ({layout}, {units.count} files) in {plan.chunks} chunks; "
+        f"{resumed} already written"
+    )
+    if stop_after_chunks is not None:
+        pending = pending[:stop_after_chunks]
     processed, run_seconds, timing = 0, 0.0, {}
     if pending:
-        init_ray(cfg.ray, cfg.storage)
         run_start = time.perf_counter()  # images/s counts the pipeline, not Ray's start-up
-        items = read_units(plan, pending, cfg)
-        bs = cfg.predict.batch_size
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-        ds = ds.map_batches(
-            read_decode,
-            fn_kwargs={
-                "preprocessor": preprocessor,
-                "max_pixels": cfg.predict.max_pixels,
-                "storage": cfg.storage,
-                "image_column": cfg.image_column,
-                "batch_size": bs,
-            },
-            batch_size=1,
-            num_cpus=cfg.actors.decode_cpus,
-        )
-        a = cfg.actors
-        ds = ds.map_batches(
-            PredictorActor,
-            fn_constructor_kwargs={
-                "checkpoint": cfg.checkpoint,
-                "task": cfg.task,
-                "storage": cfg.storage,
-                "top_k": cfg.predict.top_k,
-                "embed_pool": cfg.predict.embed_pool,
-                "threads": a.threads,
-                "num_gpus": a.num_gpus,
-                "dtype": cfg.predict.dtype,
-            },
-            compute=ray.data.ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
-            batch_size=bs,
-            num_cpus=a.num_cpus,
-            num_gpus=a.num_gpus,
-            batch_format="numpy",
-        )
-        processed, timing = _collect(
-            ds, cfg, {c: len(plan[c]) for c in pending}, stop_after_chunks, run_start
-        )
+        ds = _graph(cfg, plan, pending, preprocessor)
+        try:
+            processed, timing = _collect(ds, ledger, run_start)
+        finally:
+            ledger.flush()
         run_seconds = time.perf_counter() - run_start
-    summary = _summarize(cfg, inputs, processed, run_seconds, resumed=len(plan) - len(pending))
+    ledger.compact()
+    if stop_after_chunks is not None:
+        raise LabelInterrupted(f"stopped after {len(pending)} chunks (stop_after_chunks)")
+    summary = _summarize(cfg, plan, ledger, processed, run_seconds, resumed, part_uri)
     summary.update(timing)
     summary["seconds_total"] = round(time.perf_counter() - start, 3)
     st.write_text(st.join(cfg.output, SUMMARY_NAME), json.dumps(summary, indent=1), cfg.storage)
@@ -404,73 +405,112 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     return summary
 
 
-def _collect(
-    ds: Any,
-    cfg: LabelConfig,
-    expected: dict[int, int],
-    stop_after: int | None,
-    start: float,
-) -> tuple[int, dict[str, float | None]]:
-    """Stream results; write each chunk as soon as all its rows have arrived. Returns the rows
-    written and the timing: seconds to the first result (actor start-up: model load) and the
-    steady images/s after it (what a long run converges to; None when all rows came at once)."""
-    buffers: dict[int, list[pa.Table]] = defaultdict(list)
-    counts: Counter[int] = Counter()
-    written = processed = arrived = first_rows = 0
+def _graph(cfg: LabelConfig, plan: Plan, pending: list[int], preprocessor: Any) -> Any:
+    """Pending chunk ids → read/decode tasks → predictor actors that write the parts."""
+    import ray
+
+    from beit_ray.runtime import init_ray
+
+    init_ray(cfg.ray, cfg.storage)
+    items = [{"chunk": c} for c in pending]  # ints only: the inputs stay in the plan file
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
+    ds = ds.map_batches(
+        read_decode,
+        fn_kwargs={
+            "plan_uri": plan.uri,
+            "plan_version": plan.inputs_sha256,
+            "chunk_size": plan.chunk_size,
+            "preprocessor": preprocessor,
+            "max_pixels": cfg.predict.max_pixels,
+            "storage": cfg.storage,
+            "image_column": cfg.image_column,
+            "output": cfg.output,
+            "root": input_root(cfg),
+            "masks": cfg.task == "segment",
+        },
+        batch_size=1,
+        num_cpus=cfg.actors.decode_cpus,
+    )
+    a = cfg.actors
+    return ds.map_batches(
+        PredictorActor,
+        fn_constructor_kwargs={
+            "checkpoint": cfg.checkpoint,
+            "task": cfg.task,
+            "storage": cfg.storage,
+            "top_k": cfg.predict.top_k,
+            "embed_pool": cfg.predict.embed_pool,
+            "threads": a.threads,
+            "num_gpus": a.num_gpus,
+            "dtype": cfg.predict.dtype,
+            "output": cfg.output,
+            "batch_size": cfg.predict.batch_size,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
+        batch_size=1,  # one chunk: the actor runs it in predict.batch_size forward passes
+        num_cpus=a.num_cpus,
+        num_gpus=a.num_gpus,
+        batch_format="numpy",
+    )
+
+
+def _collect(ds: Any, ledger: Ledger, start: float) -> tuple[int, dict[str, float | None]]:
+    """Stream the written parts' counts into the ledger. Returns the rows written and the
+    timing: seconds to the first part (worker/actor start-up, model load) and the steady
+    images/s after it (None when every part came at once)."""
+    processed = first_rows = 0
     first = last = 0.0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         last = time.perf_counter()
-        if not arrived:
-            first, first_rows = last, batch.num_rows
-        arrived += batch.num_rows
-        chunk_col = batch.column("chunk").to_numpy()
-        for c in np.unique(chunk_col):
-            c = int(c)
-            part = batch.filter(pa.array(chunk_col == c))
-            buffers[c].append(part)
-            counts[c] += part.num_rows
-            if counts[c] == expected[c]:
-                write_part(pa.concat_tables(buffers.pop(c)), cfg.output, c, cfg.storage)
-                written += 1
-                processed += expected[c]
-                if stop_after is not None and written >= stop_after:
-                    raise LabelInterrupted(f"stopped after {written} chunks (stop_after_chunks)")
-    if buffers:  # a row went missing: never write a partial chunk
-        raise RuntimeError(f"chunks {sorted(buffers)} are incomplete; rerun to finish them")
-    # undefined (None) when every row came in the first batch
+        rows = int(np.sum(batch["rows"]))
+        if not processed:
+            first, first_rows = last, rows
+        processed += rows
+        for c, r, e, why in zip(
+            batch["chunk"], batch["rows"], batch["errors"], batch["reasons"], strict=True
+        ):
+            ledger.add(int(c), int(r), int(e), json.loads(str(why)))
+        ledger.maybe_flush()
     steady = (
-        (arrived - first_rows) / (last - first) if last > first and arrived > first_rows else None
+        (processed - first_rows) / (last - first)
+        if last > first and processed > first_rows
+        else None
     )
     return processed, {
-        "seconds_to_first_result": round(first - start, 3) if arrived else 0.0,
+        "seconds_to_first_result": round(first - start, 3) if processed else 0.0,
         "images_per_s_after_first": None if steady is None else round(steady, 3),
     }
 
 
 def _summarize(
-    cfg: LabelConfig, inputs: list[str], processed: int, seconds: float, resumed: int
+    cfg: LabelConfig,
+    plan: Plan,
+    ledger: Ledger,
+    processed: int,
+    seconds: float,
+    resumed: int,
+    part_uri: Any,
 ) -> dict[str, Any]:
-    """Counts over every part file, checked against the input list (nothing lost or duplicated)."""
-    table = read_parts(cfg.output, cfg.storage, columns=["path", "error"])
-    paths = table.column("path").to_pylist() if table.num_rows else []
-    errors = [e for e in (table.column("error").to_pylist() if table.num_rows else []) if e]
-    if len(paths) != len(set(paths)) or set(paths) != set(inputs):
-        missing, extra = len(set(inputs) - set(paths)), len(set(paths) - set(inputs))
-        raise RuntimeError(
-            f"output does not match the input list: {missing} missing, {extra} unexpected, {len(paths) - len(set(paths))} duplicated"
-        )
-    reasons = Counter(e.split(":", 1)[0] for e in errors)
+    """Counts over every part (from the ledger), each part checked against its chunk's size."""
+    done = done_chunks(cfg.output, cfg.storage)
+    if len(done) != plan.chunks:
+        missing = sum(plan.chunk_rows(c) for c in range(plan.chunks) if c not in done)
+        raise RuntimeError(f"output does not match the input list: {missing} missing")
+    totals = coverage(plan, done, ledger, part_uri, cfg.storage)
+    if totals["recovered"]:
+        ledger.compact()
+    reasons = totals["reasons"]
     return {
         "input": cfg.input,
         "output": cfg.output,
         "checkpoint": cfg.checkpoint,
         "task": cfg.task,
         "layout": cfg.layout,
-        "files": len(inputs),
-        "ok": len(paths) - len(errors),
-        "errors": len(errors),
+        "files": plan.inputs,
+        "ok": totals["rows"] - totals["errors"],
+        "errors": totals["errors"],
         "error_reasons": dict(reasons.most_common()),
-        "chunks": -(-len(inputs) // cfg.chunk_size),
+        "chunks": plan.chunks,
         "chunks_resumed": resumed,
         "processed_this_run": processed,
         "seconds": round(seconds, 3),

@@ -1,0 +1,356 @@
+"""The labelling plan and the ledger of written parts, both parquet, neither in driver memory.
+
+``_INPUTS.parquet`` holds one row per chunk (``chunk`` + list columns of its :class:`Entry`
+fields), in row groups of ~4k inputs: a read task loads just its chunk's row group. The plan is
+streamed from the listing; a rerun recomputes only its digest (files, manifest) or reuses it
+outright (container layouts: the containers' digest matches), so tars are listed once.
+
+``_PARTS/seg-*.parquet`` is the ledger: (chunk, rows, errors, reasons) of every written part,
+appended by the driver as parts complete and compacted at the end of a run. A part also keeps
+its counts in its own footer (key ``beit_ray.part``), so a part written after the last ledger
+flush (a crash) costs one footer read; a rerun never reads the parts' rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from beit_ray import storage as st
+from beit_ray.config import ConfigError, StorageConfig
+from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.inputs import CONTAINER_LAYOUTS, Entry, Units, list_container
+from beit_ray.runtime import print0
+
+PLAN_NAME, INPUTS_NAME, LEDGER_DIR = "_PLAN.json", "_INPUTS.parquet", "_PARTS"
+PART_META_KEY = b"beit_ray.part"
+INPUTS_PER_ROW_GROUP = 4096
+PLAN_SCHEMA = pa.schema(
+    [("chunk", pa.int64())]
+    + [(f, pa.list_(pa.int64() if f in ("offset", "size") else pa.string())) for f in Entry._fields]
+)
+LEDGER_SCHEMA = pa.schema(
+    [("chunk", pa.int64()), ("rows", pa.int64()), ("errors", pa.int64()), ("reasons", pa.string())]
+)
+
+
+def chunks_per_group(chunk_size: int) -> int:
+    return max(1, INPUTS_PER_ROW_GROUP // chunk_size)
+
+
+class Digest:
+    """sha256 of the lines joined by newlines, fed one line at a time."""
+
+    def __init__(self) -> None:
+        self._h, self._first = hashlib.sha256(), True
+
+    def add(self, line: str) -> None:
+        self._h.update(line.encode() if self._first else b"\n" + line.encode())
+        self._first = False
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@dataclass
+class Plan:
+    """What the chunks are made of (the parquet holds the entries)."""
+
+    uri: str
+    inputs: int
+    chunks: int
+    inputs_sha256: str
+    chunk_size: int
+
+    def chunk_rows(self, c: int) -> int:
+        return min(self.chunk_size, self.inputs - c * self.chunk_size)
+
+
+class PlanWriter:
+    """Entries in plan order → chunk rows, written a row group at a time."""
+
+    def __init__(self, uri: str | None, chunk_size: int, storage: StorageConfig | None) -> None:
+        self.chunk_size, self.inputs, self.digest = chunk_size, 0, Digest()
+        self.group = chunks_per_group(chunk_size)
+        self._chunk: list[Entry] = []
+        self._rows: list[list[Entry]] = []
+        self._chunks = 0
+        self._writer = None
+        if uri is not None:  # None: only count and digest (a rerun's check)
+            fs, path = st.pyarrow_fs(uri, storage)
+            if not st.is_remote(uri):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._writer = pq.ParquetWriter(path, PLAN_SCHEMA, filesystem=fs)
+
+    def add(self, e: Entry) -> None:
+        self.inputs += 1
+        self.digest.add(e.path)
+        if self._writer is None:
+            return
+        self._chunk.append(e)
+        if len(self._chunk) == self.chunk_size:
+            self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        if self._chunk:
+            self._rows.append(self._chunk)
+            self._chunk = []
+        if len(self._rows) >= self.group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        cols: dict[str, list[Any]] = {
+            "chunk": list(range(self._chunks, self._chunks + len(self._rows)))
+        }
+        for k, f in enumerate(Entry._fields):
+            cols[f] = [[e[k] for e in row] for row in self._rows]
+        self._writer.write_table(pa.table(cols, schema=PLAN_SCHEMA), row_group_size=self.group)  # type: ignore[union-attr]
+        self._chunks += len(self._rows)
+        self._rows = []
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._end_chunk()
+            self._flush()
+            self._writer.close()
+
+    def plan(self, uri: str) -> Plan:
+        chunks = -(-self.inputs // self.chunk_size)
+        return Plan(uri, self.inputs, chunks, self.digest.hexdigest(), self.chunk_size)
+
+
+def _units_digest(units: Units, storage: StorageConfig | None) -> str:
+    d = Digest()
+    for batch in units.batches(storage):
+        for p in batch.column("path").to_pylist():
+            d.add(p)
+    return d.hexdigest()
+
+
+def _old_plan(cfg: LabelConfig) -> dict[str, Any] | None:
+    uri = st.join(cfg.output, PLAN_NAME)
+    return json.loads(st.read_text(uri, cfg.storage)) if st.exists(uri, cfg.storage) else None
+
+
+def _inputs_ok(uri: str, storage: StorageConfig | None) -> bool:
+    """The chunk-row plan file exists (an older run's entry-per-row file does not count)."""
+    if not st.exists(uri, storage):
+        return False
+    fs, path = st.pyarrow_fs(uri, storage)
+    return "chunk" in pq.read_schema(path, filesystem=fs).names
+
+
+def _refuse(cfg: LabelConfig, diff: list[str]) -> None:
+    if diff:
+        raise ConfigError(
+            f"output: {cfg.output} holds results of another run ({', '.join(diff)} differ); "
+            "use a new --output, or rerun with the same input, task, checkpoint and chunk_size"
+        )
+
+
+def build_plan(cfg: LabelConfig, layout: str, units: Units) -> Plan:
+    """The plan of ``units`` (listing containers in Ray tasks when needed); writes ``_PLAN.json``
+    on the first run and refuses to mix results of a different plan."""
+    inputs_uri = st.join(cfg.output, INPUTS_NAME)
+    head = {"chunk_size": cfg.chunk_size, "task": cfg.task, "checkpoint": cfg.checkpoint}
+    head["layout"] = layout
+    if layout in CONTAINER_LAYOUTS:
+        head["containers_sha256"] = _units_digest(units, cfg.storage)
+    old = _old_plan(cfg)
+    if old is not None:
+        old.setdefault("layout", layout)  # plans written before layouts existed
+        _refuse(cfg, [k for k in head if old.get(k) != head[k]])
+    have_inputs = old is not None and _inputs_ok(inputs_uri, cfg.storage)
+    if layout in CONTAINER_LAYOUTS and have_inputs:  # the saved listing: no tar is read again
+        return Plan(inputs_uri, old["inputs"], old["chunks"], old["inputs_sha256"], cfg.chunk_size)  # type: ignore[index]
+    source = _entries(cfg, layout, units, old)
+    if layout in CONTAINER_LAYOUTS and old is not None and st.exists(inputs_uri, cfg.storage):
+        source = list(source)  # an older run's file: read whole before the writer replaces it
+    writer = PlanWriter(None if have_inputs else inputs_uri, cfg.chunk_size, cfg.storage)
+    for e in source:
+        writer.add(e)
+    writer.close()
+    plan = writer.plan(inputs_uri)
+    if plan.inputs == 0:
+        raise ConfigError(f"input: no images inside the {units.count} {layout} files")
+    record = {"inputs": plan.inputs, "inputs_sha256": plan.inputs_sha256, "chunks": plan.chunks}
+    if old is not None:
+        _refuse(cfg, [k for k in record if old.get(k) != record[k]])
+    else:  # after the inputs file: a plan implies its inputs are saved
+        record.update(head)
+        st.write_text(st.join(cfg.output, PLAN_NAME), json.dumps(record, indent=1), cfg.storage)
+    return plan
+
+
+def _entries(cfg: LabelConfig, layout: str, units: Units, old: dict[str, Any] | None):  # noqa: ANN202
+    """Every input in plan order: the listing itself, or each container's members."""
+    if layout not in CONTAINER_LAYOUTS:
+        for batch in units.batches(cfg.storage):
+            for p, s in zip(
+                batch.column("path").to_pylist(), batch.column("size").to_pylist(), strict=True
+            ):
+                yield Entry(p, size=s)
+        return
+    legacy = st.join(cfg.output, INPUTS_NAME)
+    if old is not None and st.exists(legacy, cfg.storage):  # an older run's entry-per-row file
+        fs, path = st.pyarrow_fs(legacy, cfg.storage)
+        table = pq.read_table(path, filesystem=fs, columns=["path", "kind", "container", "member"])
+        rows = table.to_pydict()
+        del table
+        for t in zip(*(rows[f] for f in ("path", "kind", "container", "member")), strict=True):
+            yield Entry(*t)
+        return
+    import ray
+
+    from beit_ray.runtime import init_ray
+
+    init_ray(cfg.ray, cfg.storage)
+    print0(f"label: listing the images in {units.count} {layout} files")
+    task = ray.remote(list_container).options(num_cpus=cfg.actors.decode_cpus)
+    refs = [
+        task.remote(p, layout, cfg.image_column, cfg.storage)
+        for batch in units.batches(cfg.storage)
+        for p in batch.column("path").to_pylist()
+    ]
+    for i, ref in enumerate(refs):  # in order, one container's members in memory at a time
+        for e in ray.get(ref):
+            yield Entry(*e)
+        refs[i] = None  # type: ignore[call-overload]
+
+
+def read_chunk(
+    plan_uri: str, chunk: int, chunk_size: int, storage: StorageConfig | None, version: str = ""
+) -> list[Entry]:
+    """One chunk's entries (reads the row group holding it, cached per process; ``version``,
+    the plan's digest, keeps a long-lived worker from reusing rows of a replaced plan)."""
+    g = chunks_per_group(chunk_size)
+    key = (plan_uri, version, chunk // g)
+    if _GROUP_CACHE.get("key") != key:
+        fs, path = st.pyarrow_fs(plan_uri, storage)
+        _GROUP_CACHE.update(
+            key=key, rows=pq.ParquetFile(path, filesystem=fs).read_row_group(chunk // g).to_pylist()
+        )
+    row = _GROUP_CACHE["rows"][chunk % g]
+    assert row["chunk"] == chunk, (row["chunk"], chunk)
+    return [Entry(*t) for t in zip(*(row[f] for f in Entry._fields), strict=True)]
+
+
+_GROUP_CACHE: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+def part_counts(table: pa.Table) -> dict[str, Any]:
+    """A part's counts: rows, errors and error reasons (the text before the first colon)."""
+    errors = [e for e in table.column("error").to_pylist() if e]
+    reasons = Counter(e.split(":", 1)[0] for e in errors)
+    return {"rows": table.num_rows, "errors": len(errors), "reasons": dict(reasons)}
+
+
+class Ledger:
+    """chunk → (rows, errors, reasons) of the written parts, appended as segment files."""
+
+    def __init__(self, output: str, storage: StorageConfig | None) -> None:
+        self.output, self.storage = output, storage
+        self.dir = st.join(output, LEDGER_DIR)
+        self.entries: dict[int, tuple[int, int, str]] = {}
+        self._new: list[tuple[int, int, int, str]] = []
+        self._segments: list[str] = []
+        self._flushed = time.monotonic()
+
+    def load(self) -> Ledger:
+        fs, path = st.filesystem(self.dir, self.storage)
+        if not fs.exists(path):
+            return self
+        pfs, _ = st.pyarrow_fs(self.dir, self.storage)
+        names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+        for p in names:  # in time order: a later count of a rewritten chunk wins
+            t = pq.read_table(p, filesystem=pfs).to_pydict()
+            for c, r, e, why in zip(t["chunk"], t["rows"], t["errors"], t["reasons"], strict=True):
+                self.entries[c] = (r, e, why)
+            self._segments.append(p)
+        return self
+
+    def add(self, chunk: int, rows: int, errors: int, reasons: dict[str, int]) -> None:
+        why = json.dumps(reasons) if reasons else ""
+        self.entries[chunk] = (rows, errors, why)
+        self._new.append((chunk, rows, errors, why))
+
+    def maybe_flush(self, every_s: float = 30.0, every_n: int = 1000) -> None:
+        if len(self._new) >= every_n or (self._new and time.monotonic() - self._flushed > every_s):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._new:
+            self._segments.append(self._write(self._new))
+            self._new = []
+        self._flushed = time.monotonic()
+
+    def _write(self, rows: list[tuple[int, int, int, str]]) -> str:
+        table = pa.table(list(zip(*rows, strict=True)), schema=LEDGER_SCHEMA)
+        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
+        fs, root = st.pyarrow_fs(self.dir, self.storage)
+        if not st.is_remote(self.dir):
+            os.makedirs(root, exist_ok=True)
+            tmp = f"{root}/.{name}.tmp"
+            pq.write_table(table, tmp, filesystem=fs)
+            os.replace(tmp, f"{root}/{name}")
+        else:
+            pq.write_table(table, f"{root}/{name}", filesystem=fs)
+        return f"{root}/{name}"
+
+    def compact(self) -> None:
+        """One segment for everything (the old ones deleted after it is written)."""
+        self.flush()
+        if len(self._segments) <= 1:
+            return
+        rows = [(c, *v) for c, v in sorted(self.entries.items())]
+        old, self._segments = self._segments, [self._write(rows)]  # type: ignore[arg-type]
+        fs, _ = st.filesystem(self.dir, self.storage)
+        fs.rm(old)
+
+
+def part_footer_counts(uri: str, storage: StorageConfig | None) -> dict[str, Any]:
+    """A part's counts from its footer (or its path/error columns, for parts of older runs)."""
+    fs, path = st.pyarrow_fs(uri, storage)
+    meta = pq.read_metadata(path, filesystem=fs).metadata or {}
+    if PART_META_KEY in meta:
+        return json.loads(meta[PART_META_KEY])
+    return part_counts(pq.read_table(path, filesystem=fs, columns=["error"]))
+
+
+def coverage(
+    plan: Plan, done: set[int], ledger: Ledger, part_uri: Any, storage: StorageConfig | None
+) -> dict[str, Any]:
+    """Totals over the written parts, each checked against its chunk's size in the plan."""
+    extra = sorted(c for c in done if c >= plan.chunks)
+    if extra:
+        raise RuntimeError(f"output holds parts {extra[:5]} beyond the plan's {plan.chunks} chunks")
+    missing = [c for c in done if c not in ledger.entries]
+    for c in missing:  # written after the last ledger flush (a crash): one footer each
+        n = part_footer_counts(part_uri(c), storage)
+        ledger.add(c, n["rows"], n["errors"], n["reasons"])
+    rows = errors = 0
+    reasons: Counter[str] = Counter()
+    for c in done:
+        r, e, why = ledger.entries[c]
+        if r != plan.chunk_rows(c):
+            raise RuntimeError(
+                f"output does not match the input list: part {c} has {r} rows, its chunk {plan.chunk_rows(c)}"
+            )
+        rows, errors = rows + r, errors + e
+        if why:
+            reasons.update(json.loads(why))
+    return {"rows": rows, "errors": errors, "reasons": reasons, "recovered": len(missing)}

@@ -1,0 +1,384 @@
+"""Scale bench (issue #16): driver memory, time and S3 requests as the input count grows.
+
+    python bench/scale.py                       # 10k, 100k local; 10k, 100k on moto S3
+    python bench/scale.py --big                 # + 1M local files
+    python bench/scale.py --sizes 10000 --s3-sizes 10000 --label-n 2000   # quick
+
+Synthetic inputs: one tiny JPEG's bytes under many names (class folders of 1,000 files),
+written once per size under --root; on S3 the objects go straight into the loopback moto
+server's backend (no upload requests), and every HTTP request the server answers is counted
+by a WSGI wrapper (method, bytes sent). Each measurement runs in a child process, so the
+driver's peak RSS (``ru_maxrss``) is that step's alone. Steps:
+
+- ``listing``: :func:`beit_ray.infer.inputs.list_inputs` (streamed, sorted, to parquet).
+- ``label``: a full :func:`~beit_ray.infer.label.label` run (tiny ``debug`` classifier) at
+  ``--label-n`` inputs (through a model, 2 cores: 100k would take too long here).
+- ``noop``: the same command rerun on a finished output: at every N, the output is first
+  completed by writing each chunk's part directly (the rows a run would write, minus the model).
+- ``tars``: class tars on S3: bytes the listing and the labelling reads fetch, over the tars' size.
+- ``bench_pretraining_first_batch`` / ``bench_finetune_build``: placeholders for the data
+  pipeline's rewrite (they time ``pretraining_data`` / ``finetuning_data`` to a first batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+PER_FOLDER = 1000
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def tiny_jpeg() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def local_tree(root: str, n: int) -> str:
+    """``root/n<N>/c<k>/<i>.jpg``: n copies of one JPEG (reused when already there)."""
+    folder = os.path.join(root, f"n{n}")
+    done = os.path.join(folder, ".complete")
+    if os.path.exists(done):
+        return folder
+    data = tiny_jpeg()
+    for i in range(n):
+        d = os.path.join(folder, f"c{i // PER_FOLDER:05d}")
+        if i % PER_FOLDER == 0:
+            os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{i:08d}.jpg"), "wb") as f:
+            f.write(data)
+    open(done, "w").close()
+    return folder
+
+
+class Counting:
+    """WSGI wrapper: counts the requests moto answers and the bytes it sends, by method."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.lock = app, threading.Lock()
+        self.requests: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        method = environ["REQUEST_METHOD"]
+        body = list(self.app(environ, start_response))
+        with self.lock:
+            self.requests[method] += 1
+            self.bytes[method] += sum(len(b) for b in body)
+        return body
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {"requests": dict(self.requests), "bytes": dict(self.bytes)}
+
+
+def start_moto() -> tuple[str, Counting]:
+    import logging
+
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app = Counting(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing-secret", AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )  # fmt: skip
+    return endpoint, app
+
+
+def s3_objects(bucket: str, prefix: str, objects: dict[str, bytes] | tuple[int, bytes]) -> None:
+    """Objects put straight into moto's backend (this process serves them): no requests."""
+    import boto3
+    from moto.s3.models import s3_backends
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    backend = s3_backends["123456789012"]["aws"]
+    if isinstance(objects, tuple):
+        n, data = objects
+        objects = {f"c{i // PER_FOLDER:05d}/{i:08d}.jpg": data for i in range(n)}
+    for key, data in objects.items():
+        backend.put_object(bucket, f"{prefix}/{key}", data)
+
+
+# --------------------------------------------------------------------------- child steps
+
+
+def _cfg(src: str, out: str, ckpt: str, chunk_size: int = 256) -> Any:
+    from beit_ray.config import parse_args
+    from beit_ray.infer.config import LabelConfig
+
+    return parse_args(
+        LabelConfig,
+        ["--input", src, "--output", out, "--checkpoint", ckpt, "--chunk_size", str(chunk_size),
+         "--ray.num_cpus", "4", "--actors.num_cpus", "1", "--actors.max_actors", "1",
+         "--predict.batch_size", "64", "--actors.decode_cpus", "0.5"],
+    )  # fmt: skip
+
+
+def step_listing(a: dict[str, Any]) -> dict[str, Any]:
+    from beit_ray.infer.inputs import list_inputs
+
+    cfg = _cfg(a["src"], a["out"], "x")
+    t = time.perf_counter()
+    units = list_inputs(cfg)
+    return {"seconds": time.perf_counter() - t, "count": units.count}
+
+
+def step_label(a: dict[str, Any]) -> dict[str, Any]:
+    from beit_ray.infer.label import label
+
+    cfg = _cfg(a["src"], a["out"], a["ckpt"])
+    t = time.perf_counter()
+    summary = label(cfg)
+    return {"seconds": time.perf_counter() - t, "files": summary["files"],
+            "ok": summary["ok"], "images_per_s": summary["images_per_s"]}  # fmt: skip
+
+
+def step_fill(a: dict[str, Any]) -> dict[str, Any]:
+    """Complete an output without the model: plan, then each chunk's part (rows as a run
+    writes them, errors null), then the ledger; what a finished labelling run leaves."""
+    import pyarrow as pa
+
+    from beit_ray.infer.inputs import resolve_layout
+    from beit_ray.infer.label import check_checkpoint, done_chunks, task_schema, write_part
+    from beit_ray.infer.plan import Ledger, build_plan, read_chunk
+
+    cfg = _cfg(a["src"], a["out"], a["ckpt"])
+    check_checkpoint(cfg)
+    layout, units = resolve_layout(cfg)
+    plan = build_plan(cfg, layout, units)
+    done, ledger = done_chunks(cfg.output, cfg.storage), Ledger(cfg.output, cfg.storage)
+    schema = task_schema("classify").append(pa.field("chunk", pa.int64()))
+    for c in range(plan.chunks):
+        if c in done:
+            continue
+        paths = [e.path for e in read_chunk(plan.uri, c, plan.chunk_size, cfg.storage)]
+        n = len(paths)
+        cols = {"path": paths, "error": [None] * n, "height": [32] * n, "width": [32] * n,
+                "top_ids": [[0]] * n, "top_labels": [["x"]] * n, "top_scores": [[1.0]] * n,
+                "chunk": [c] * n}  # fmt: skip
+        counts = write_part(pa.table(cols, schema=schema), cfg.output, c, cfg.storage)
+        ledger.add(c, counts["rows"], counts["errors"], counts["reasons"])
+    ledger.compact()
+    return {"chunks": plan.chunks}
+
+
+def step_noop(a: dict[str, Any]) -> dict[str, Any]:
+    from beit_ray.infer.label import label
+
+    cfg = _cfg(a["src"], a["out"], a["ckpt"])
+    import beit_ray.models.load  # noqa: F401 - imports are not the rerun's cost
+
+    t = time.perf_counter()
+    summary = label(cfg)
+    assert summary["processed_this_run"] == 0, summary
+    return {"seconds": time.perf_counter() - t, "files": summary["files"]}
+
+
+def step_tars(a: dict[str, Any]) -> dict[str, Any]:
+    """List class tars (Ray tasks), then fetch every chunk's members as the read tasks do."""
+    from beit_ray.infer.inputs import fetch, resolve_layout
+    from beit_ray.infer.plan import build_plan, read_chunk
+
+    cfg = _cfg(a["src"], a["out"], "x")
+    layout, units = resolve_layout(cfg)
+    plan = build_plan(cfg, layout, units)
+    print("PHASE listed", flush=True)
+    sys.stdin.readline()  # the parent snapshots its counters between the phases
+    t = time.perf_counter()
+    for c in range(plan.chunks):
+        _, errors = fetch(read_chunk(plan.uri, c, plan.chunk_size, cfg.storage), cfg.storage, "")
+        assert not any(errors), errors[:3]
+    return {"seconds": time.perf_counter() - t, "inputs": plan.inputs, "layout": layout}
+
+
+STEPS = {f.__name__[5:]: f for f in (step_listing, step_label, step_fill, step_noop, step_tars)}
+
+
+def child_main(step: str, args: dict[str, Any]) -> None:
+    import resource
+
+    out = STEPS[step](args)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(step: str, counter: Counting | None = None, **args: Any) -> dict[str, Any]:
+    """One step in a fresh process; with a counter, the S3 requests it made (per phase)."""
+    before = counter.snapshot() if counter else None
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", step, json.dumps(args)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    lines, phases = [], {}
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if line.startswith("PHASE "):
+            phases[line.split()[1]] = counter.snapshot() if counter else None
+            proc.stdin.write("\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+    proc.wait()
+    result = [x for x in lines if x.startswith("RESULT ")]
+    if proc.returncode or not result:
+        raise RuntimeError(f"{step} failed:\n" + "".join(lines[-30:]))
+    out = json.loads(result[-1][7:])
+    if counter:
+        out["s3"] = _diff(counter.snapshot(), before)  # type: ignore[arg-type]
+        for name, snap in phases.items():
+            out[f"s3_{name}"] = _diff(snap, before)  # type: ignore[arg-type]
+            out["s3_after_" + name] = _diff(counter.snapshot(), snap)  # type: ignore[arg-type]
+    return out
+
+
+def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: {m: after[k].get(m, 0) - before[k].get(m, 0) for m in after[k]} for k in after
+    }
+
+
+# --------------------------------------------------------------------------- data pipeline (todo)
+
+
+def bench_pretraining_first_batch(n: int) -> dict[str, Any]:
+    """TODO(data pipeline rewrite): time ``beit_ray.train.data.pretraining_data(cfg)`` to its
+    first batch on an n-file tree (another developer finishes this with the new builders)."""
+    raise NotImplementedError("filled in with the lazy per-epoch pretraining data (issue #16)")
+
+
+def bench_finetune_build(n: int) -> dict[str, Any]:
+    """TODO(data pipeline rewrite): time ``beit_ray.train.data.finetuning_data(cfg)`` to its
+    first batch on an n-file tree (another developer finishes this with the new builders)."""
+    raise NotImplementedError("filled in with the single-listing fine-tuning data (issue #16)")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def checkpoint(root: str) -> str:
+    import torch
+
+    from beit_ray.models.build import build_model
+    from beit_ray.models.load import export_hf
+
+    path = os.path.join(root, "ckpt")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        export_hf(build_model("debug", "classification", num_labels=10), path,
+                  id2label={i: f"c{i}" for i in range(10)})  # fmt: skip
+    return path
+
+
+def fmt(rows: list[dict[str, Any]]) -> str:
+    out = ["| where | N | step | seconds | driver peak RSS (MB) | S3 requests / image |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        per = r.get("requests_per_image")
+        per = "" if per is None else f"{per:.4f}"
+        out.append(f"| {r['where']} | {r['n']:,} | {r['step']} | {r['seconds']:.2f} | "
+                   f"{r['peak_rss_mb']:.0f} | {per} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", default="10000,100000", help="local file counts")
+    p.add_argument("--big", action="store_true", help="also 1,000,000 local files")
+    p.add_argument("--s3-sizes", default="10000,100000", help="S3 object counts ('' for none)")
+    p.add_argument("--label-n", type=int, default=10000, help="inputs of the full labelling run")
+    p.add_argument("--tars", default="4x2500", help="class tars on S3: <tars>x<members>")
+    p.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "beit_scale"))
+    p.add_argument("--json", default="", help="also write the rows here")
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s] + ([1_000_000] if args.big else [])
+    s3_sizes = [int(s) for s in args.s3_sizes.split(",") if s]
+    os.makedirs(args.root, exist_ok=True)
+    ckpt = checkpoint(args.root)
+    run = os.path.join(args.root, f"run-{os.getpid()}")
+    rows: list[dict[str, Any]] = []
+
+    def add(where: str, n: int, step: str, res: dict[str, Any]) -> None:
+        reqs = sum(res["s3"]["requests"].values()) if "s3" in res else None
+        rows.append({"where": where, "n": n, "step": step, "seconds": res["seconds"],
+                     "peak_rss_mb": res["peak_rss_mb"],
+                     "requests_per_image": None if reqs is None else reqs / n, **res})  # fmt: skip
+        print(fmt(rows[-1:]).splitlines()[-1], flush=True)
+
+    label_src = local_tree(args.root, args.label_n)
+    add("local", args.label_n, "label", run_child("label", src=label_src, out=f"{run}/lab", ckpt=ckpt))
+    add("local", args.label_n, "noop rerun", run_child("noop", src=label_src, out=f"{run}/lab", ckpt=ckpt))
+    for n in sizes:
+        src = local_tree(args.root, n)
+        add("local", n, "listing", run_child("listing", src=src, out=f"{run}/l{n}"))
+        run_child("fill", src=src, out=f"{run}/o{n}", ckpt=ckpt)
+        add("local", n, "noop rerun", run_child("noop", src=src, out=f"{run}/o{n}", ckpt=ckpt))
+    if s3_sizes or args.tars:
+        _, counter = start_moto()
+        data = tiny_jpeg()
+        if args.label_n and s3_sizes:
+            n = min(s3_sizes)
+            s3_objects("scale", f"lab{n}", (n, data))
+            src, out = f"s3://scale/lab{n}", f"s3://scale/out-lab{n}"
+            add("s3", n, "label", run_child("label", counter, src=src, out=out, ckpt=ckpt))
+            add("s3", n, "noop rerun", run_child("noop", counter, src=src, out=out, ckpt=ckpt))
+        for n in s3_sizes:
+            s3_objects("scale", f"in{n}", (n, data))
+            src = f"s3://scale/in{n}"
+            add("s3", n, "listing", run_child("listing", counter, src=src, out=f"{run}/s{n}"))
+            run_child("fill", counter, src=src, out=f"s3://scale/out{n}", ckpt=ckpt)
+            add("s3", n, "noop rerun",
+                run_child("noop", counter, src=src, out=f"s3://scale/out{n}", ckpt=ckpt))  # fmt: skip
+        if args.tars:
+            from tests.test_scale_label import _tar  # noqa: PLC0415 - the same tar writer
+
+            k, m = (int(x) for x in args.tars.split("x"))
+            tars = {f"n{t:04d}.tar": _tar([(f"n{t:04d}_{i}.JPEG", data) for i in range(m)])
+                    for t in range(k)}  # fmt: skip
+            s3_objects("scale", "tars", tars)
+            res = run_child("tars", counter, src="s3://scale/tars", out=f"{run}/tars")
+            size = sum(len(v) for v in tars.values())
+            res["tar_bytes_listing"] = res["s3_listed"]["bytes"].get("GET", 0) / size
+            res["tar_bytes_labelling"] = res["s3_after_listed"]["bytes"].get("GET", 0) / size
+            res["requests_labelling"] = sum(res["s3_after_listed"]["requests"].values())
+            add("s3", k * m, f"class tars ({k}x{m}) fetch", res)
+            print(f"tar bytes read / tar size: listing {res['tar_bytes_listing']:.3f}, "
+                  f"labelling reads {res['tar_bytes_labelling']:.3f}; "
+                  f"{res['requests_labelling']} requests for {k * m} members", flush=True)  # fmt: skip
+    print()
+    print(fmt(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()
