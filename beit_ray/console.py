@@ -38,8 +38,13 @@ ALERT_RE = re.compile(
     r"\[(WARNING|ERROR|CRITICAL)\]|\b(WARNING|ERROR|CRITICAL) \S+:\d+|\w+Warning: "
 )
 STAMP_RE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T][\d:,.]+\]?\s*")
-# Warnings that say nothing a person can act on here (DeepSpeed on a CPU-only machine).
-BENIGN = ("Setting accelerator to CPU",)
+# Warnings that say nothing a person can act on here (DeepSpeed on a CPU-only machine), and
+# Ray Data's announcements of a task failure that run_job reports once, unwrapped.
+BENIGN = (
+    "Setting accelerator to CPU",
+    "An exception was raised from a task of operator",
+    "Exception occurred in user code",
+)
 
 
 class _State:
@@ -136,8 +141,10 @@ class _ConsoleGate(logging.Filter):
     one ``data: rows, rate, ETA`` line every PROGRESS_EVERY_S."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _s.verbose or record.levelno >= logging.WARNING:
+        if _s.verbose:
             return True
+        if record.levelno >= logging.WARNING:
+            return not any(b in str(record.msg) for b in BENIGN)
         m = DATA_PROGRESS_RE.match(str(record.msg))
         if m and record.name.endswith("logging_progress"):
             data_progress(int(m.group(1)), None if m.group(2) == "?" else int(m.group(2)))
@@ -358,7 +365,7 @@ def original_error(exc: BaseException) -> tuple[BaseException, str, str]:
     RayTaskError (``.cause``), Train's worker-group and controller errors, Ray Data's
     UserCodeException, and ``raise ... from`` chains that those use."""
     where: list[str] = []
-    frame = ""
+    frame = text = ""
     seen: set[int] = set()
     while id(exc) not in seen:
         seen.add(id(exc))
@@ -386,10 +393,25 @@ def original_error(exc: BaseException) -> tuple[BaseException, str, str]:
             exc = exc.__cause__
             continue
         break
+    if _is_ray_error(exc) and text:
+        # A wrapper made in the worker (Ray Data's UserCodeException) arrives without its
+        # __cause__; the original is the first exception of the remote traceback's chain.
+        first = re.search(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.*)$", text, re.M)
+        if first and first.group(1).split(".")[-1] != type(exc).__name__:
+            exc = RemoteError(first.group(1).split(".")[-1], first.group(2))
+            frame = _last_frame(text[: first.start()]) or frame
     if not frame and exc.__traceback__ is not None:
         last = traceback.extract_tb(exc.__traceback__)[-1]
         frame = f"{last.filename}:{last.lineno} in {last.name}"
     return exc, " in ".join(reversed(where)), frame
+
+
+class RemoteError(Exception):
+    """An exception known only from a remote traceback's text (its class is not importable)."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
 
 
 def _is_ray_error(exc: BaseException) -> bool:
@@ -415,10 +437,8 @@ def report_error(exc: BaseException) -> int:
     full = "".join(traceback.format_exception(exc))
     write_log(full)
     message = str(orig).strip().splitlines()
-    head = f"error: {type(orig).__name__}: {message[0] if message else ''}"
-    print(head, file=sys.stderr)
-    for extra in message[1:6]:  # a multi-line message keeps its first lines
-        print(f"  {extra}", file=sys.stderr)
+    name = getattr(orig, "type_name", None) or type(orig).__name__
+    print(f"error: {name}: {message[0] if message else ''}", file=sys.stderr)
     context = ", ".join(x for x in (where and f"in {where}", frame and f"at {frame}") if x)
     tail = f"full traceback: {_s.path}" if _s.path else ""
     if _s.verbose or not _s.path:

@@ -141,7 +141,7 @@ def fail(batch):
 
 def main(argv):
     console.start({str(tmp_path / "job.log")!r})
-    init_ray(RayConfig(num_cpus=1, temp_dir={str(tmp_path)!r}))
+    init_ray(RayConfig(num_cpus=1))
     ray.data.range(4).map_batches(fail).materialize()
 
 raise SystemExit(run_job(main))
