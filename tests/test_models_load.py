@@ -257,7 +257,7 @@ def test_google_vit_in21k_style_folder(tmp_path):
     with torch.no_grad():
         assert torch.equal(feats(x).last_hidden_state, vit(x).last_hidden_state)
     clf = load_model(str(tmp_path), "classification", id2label={0: "cat", 1: "dog"})
-    assert clf.beit_ray_load_report["newly_initialised"] == ["classifier.bias", "classifier.weight"]
+    assert "classifier.weight" in clf.beit_ray_load_report["newly_initialised"]
     assert torch.equal(clf.vit.embeddings.position_embeddings, vit.embeddings.position_embeddings)
     big = load_model(str(tmp_path), "classification", num_labels=2, image_size=48)
     assert big.vit.embeddings.position_embeddings.shape == (1, 37, 64)
@@ -297,3 +297,19 @@ def test_export_and_load_through_s3(s3_bucket, tmp_path):
     again = load_model(f"s3://{s3_bucket}/plain")
     for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_drop_path_overrides_a_checkpoints_rate(tmp_path):
+    """unilm fine-tuning sets its own --drop_path whatever the checkpoint was trained with."""
+    from beit_ray.models.load import build_or_load
+
+    export_hf(build_model("debug", "mim"), str(tmp_path))  # debug: drop path 0
+    kept = load_model(str(tmp_path), "classification", num_labels=3)
+    assert kept.config.drop_path_rate == 0.0
+    clf = build_or_load(
+        "debug", "classification", init_from=str(tmp_path), num_labels=3, drop_path=0.3
+    )
+    assert clf.config.drop_path_rate == 0.3
+    rates = [layer.drop_path.drop_prob for layer in clf.beit.layers[1:]]  # linear 0 → 0.3
+    assert rates == pytest.approx([0.1, 0.2, 0.3])
+    assert "classifier.weight" in clf.beit_ray_load_report["newly_initialised"]
