@@ -55,24 +55,29 @@ ENV = {
 # ----------------------------------------------------------------------------- the jobs
 
 
-def run_child(script: str, args: list[str], log: str) -> float:
-    """Run ``jobs/<script>`` with ``args`` (output to ``log``); seconds taken. Raises on failure."""
+def run_child(script: str, args: list[str], log: str, tries: int = 3) -> float:
+    """Run ``jobs/<script>`` with ``args`` (output to ``log``); seconds taken. Raises on failure.
+    A local Ray that times out starting (an overloaded shared machine) is retried."""
     env = {**ENV, **os.environ}
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.call(
-            [sys.executable, os.path.join(ROOT, "jobs", script), *args],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    secs = time.perf_counter() - t0
-    if rc != 0:
+    for attempt in range(tries):
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            rc = subprocess.call(
+                [sys.executable, os.path.join(ROOT, "jobs", script), *args],
+                cwd=ROOT,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        secs = time.perf_counter() - t0
+        if rc == 0:
+            return secs
         with open(log) as f:
             tail = f.read()[-3000:]
-        raise RuntimeError(f"jobs/{script} exited {rc} after {secs:.0f} s; log {log}:\n{tail}")
-    return secs
+        if "timed out during startup" not in tail or attempt == tries - 1:
+            raise RuntimeError(f"jobs/{script} exited {rc} after {secs:.0f} s; log {log}:\n{tail}")
+        print(f"  jobs/{script}: Ray timed out starting; retrying", flush=True)
+    raise AssertionError("unreachable")
 
 
 def data_fields() -> set[str]:
@@ -95,7 +100,12 @@ def finetune_args(
         "--data.color_jitter", "0", "--optim.mixup", "0", "--optim.cutmix", "0",
         "--optim.reprob", "0",
     ]  # fmt: skip
-    flip = [f for f in data_fields() if "flip" in f]
+    fields = data_fields()
+    if "crop_pct" in fields:  # the eval view: the whole image, as the reference evaluates
+        args += ["--data.crop_pct", str(a.crop_pct)]
+    else:
+        print("  note: the job has no data.crop_pct: it evaluates at 0.875 (resize + centre crop)")
+    flip = [f for f in fields if "flip" in f]
     if flip:
         args += [f"--data.{flip[0]}", str(a.flip)]
     elif a.flip != 0.5:
@@ -266,27 +276,31 @@ def pretrain(a: argparse.Namespace, train: str, out: str) -> tuple[str, float]:
     """Fit a codebook and pretrain the debug flavour on ``train`` (labels unused): (run, secs)."""
     book = os.path.join(out, "codebook.safetensors")
     size, patch, vocab = 32, 8, a.vocab
-    secs = run_child(
-        "fit_tokenizer.py",
-        [
-            "--input",
-            train,
-            "--output",
-            book,
-            "--ray.num_cpus",
-            "4",
-            "--data.image_size",
-            str(size),
-            "--data.patch_size",
-            str(patch),
-            "--data.tokenizer_image_size",
-            str(size),
-            "--codebook.vocab_size",
-            str(vocab),
-            "--codebook.sample_images",
-            "1400",
-        ],  # fmt: skip
-        os.path.join(out, "fit_tokenizer.log"),
+    secs = (
+        0.0
+        if os.path.exists(book)
+        else run_child(
+            "fit_tokenizer.py",
+            [
+                "--input",
+                train,
+                "--output",
+                book,
+                "--ray.num_cpus",
+                "4",
+                "--data.image_size",
+                str(size),
+                "--data.patch_size",
+                str(patch),
+                "--data.tokenizer_image_size",
+                str(size),
+                "--codebook.vocab_size",
+                str(vocab),
+                "--codebook.sample_images",
+                "1400",
+            ],  # fmt: skip
+            os.path.join(out, "fit_tokenizer.log"),
+        )
     )
     args = [
         "--ray.num_cpus", "4", "--data.source", train, "--data.tokenizer", "codebook",
@@ -323,6 +337,9 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--flip", type=float, default=0.5, help="flip probability (both sides)")
+    p.add_argument(
+        "--crop-pct", type=float, default=1.0, help="job's eval crop (data.crop_pct, if a field)"
+    )
     p.add_argument("--skip-job", action="store_true", help="reference loop only")
     p.add_argument("--skip-label", action="store_true")
     p.add_argument("--skip-pretrain", action="store_true")
