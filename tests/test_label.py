@@ -166,7 +166,9 @@ def test_classify_s3_matches_transformers(ray_session, bucket, checkpoints, phot
 
 
 def test_embed_and_segment(ray_session, bucket, checkpoints, photos):
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+    from transformers import AutoImageProcessor, AutoModel
+
+    from beit_ray.models.load import load_model
 
     files = make_files(photos)
     subset = ["photos/coffee.jpg", "photos/rocket.jpg", "odd/exif_rotated.jpg", "bad/notes.txt"]
@@ -200,7 +202,8 @@ def test_embed_and_segment(ray_session, bucket, checkpoints, photos):
     )
     seg = read_parts(out).to_pandas().set_index("path")
     processor = AutoImageProcessor.from_pretrained(checkpoints["segmentation"])
-    segmenter = AutoModelForSemanticSegmentation.from_pretrained(checkpoints["segmentation"]).eval()
+    # load_model, not transformers' class: that one feeds UperNet one block earlier (README)
+    segmenter = load_model(checkpoints["segmentation"])
     for rel in subset[:3]:
         row = seg.loc[f"s3://{bucket}/in/{rel}"]
         mask = np.asarray(Image.open(io.BytesIO(st.read_bytes(row["mask_uri"]))))
