@@ -233,8 +233,9 @@ class ShardConfig:
     """Folder/parquet layouts: input images per shard (a shard is the unit of resume)."""
     tars_per_shard: int = 1
     """Tar layouts: input tars per shard."""
-    shards_per_wave: int = 16
-    """Shards written per Ray Data execution; each wave commits its shards to the manifest."""
+    shards_per_wave: int = 256
+    """Shards written per Ray Data execution (one graph over all their inputs: with one tar a
+    shard, hundreds of tars a wave); each wave appends one commit to the manifest."""
     epochs: int = 1
     """Augmented copies (epochs 0..N-1) written per image, each with its own crop and mask."""
     limit: int | None = None
