@@ -23,6 +23,7 @@ driver's peak RSS (``ru_maxrss``) is that step's alone. Steps:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -115,10 +116,8 @@ def s3_objects(bucket: str, prefix: str, objects: dict[str, bytes] | tuple[int, 
     from moto.s3.models import s3_backends
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    try:
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=bucket)
-    except s3.exceptions.BucketAlreadyOwnedByYou:
-        pass
     backend = s3_backends["123456789012"]["aws"]
     if isinstance(objects, tuple):
         n, data = objects
@@ -258,9 +257,7 @@ def run_child(step: str, counter: Counting | None = None, **args: Any) -> dict[s
 
 
 def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: {m: after[k].get(m, 0) - before[k].get(m, 0) for m in after[k]} for k in after
-    }
+    return {k: {m: after[k].get(m, 0) - before[k].get(m, 0) for m in after[k]} for k in after}
 
 
 # --------------------------------------------------------------------------- data pipeline (todo)
@@ -312,6 +309,7 @@ def main() -> None:
     p.add_argument("--big", action="store_true", help="also 1,000,000 local files")
     p.add_argument("--s3-sizes", default="10000,100000", help="S3 object counts ('' for none)")
     p.add_argument("--label-n", type=int, default=10000, help="inputs of the full labelling run")
+    p.add_argument("--s3-label-n", type=int, default=2000, help="inputs of the S3 labelling run")
     p.add_argument("--tars", default="4x2500", help="class tars on S3: <tars>x<members>")
     p.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "beit_scale"))
     p.add_argument("--json", default="", help="also write the rows here")
@@ -331,8 +329,18 @@ def main() -> None:
         print(fmt(rows[-1:]).splitlines()[-1], flush=True)
 
     label_src = local_tree(args.root, args.label_n)
-    add("local", args.label_n, "label", run_child("label", src=label_src, out=f"{run}/lab", ckpt=ckpt))
-    add("local", args.label_n, "noop rerun", run_child("noop", src=label_src, out=f"{run}/lab", ckpt=ckpt))
+    add(
+        "local",
+        args.label_n,
+        "label",
+        run_child("label", src=label_src, out=f"{run}/lab", ckpt=ckpt),
+    )
+    add(
+        "local",
+        args.label_n,
+        "noop rerun",
+        run_child("noop", src=label_src, out=f"{run}/lab", ckpt=ckpt),
+    )
     for n in sizes:
         src = local_tree(args.root, n)
         add("local", n, "listing", run_child("listing", src=src, out=f"{run}/l{n}"))
@@ -341,27 +349,26 @@ def main() -> None:
     if s3_sizes or args.tars:
         _, counter = start_moto()
         data = tiny_jpeg()
-        if args.label_n and s3_sizes:
-            n = min(s3_sizes)
-            s3_objects("scale", f"lab{n}", (n, data))
-            src, out = f"s3://scale/lab{n}", f"s3://scale/out-lab{n}"
+        if args.s3_label_n:
+            n = args.s3_label_n
+            s3_objects(f"lab{n}", "in", (n, data))  # a bucket each: moto lists a bucket whole
+            src, out = f"s3://lab{n}/in", f"s3://lab{n}/out"
             add("s3", n, "label", run_child("label", counter, src=src, out=out, ckpt=ckpt))
             add("s3", n, "noop rerun", run_child("noop", counter, src=src, out=out, ckpt=ckpt))
         for n in s3_sizes:
-            s3_objects("scale", f"in{n}", (n, data))
-            src = f"s3://scale/in{n}"
+            s3_objects(f"in{n}", "in", (n, data))
+            src, out = f"s3://in{n}/in", f"s3://in{n}/out"
             add("s3", n, "listing", run_child("listing", counter, src=src, out=f"{run}/s{n}"))
-            run_child("fill", counter, src=src, out=f"s3://scale/out{n}", ckpt=ckpt)
-            add("s3", n, "noop rerun",
-                run_child("noop", counter, src=src, out=f"s3://scale/out{n}", ckpt=ckpt))  # fmt: skip
+            run_child("fill", counter, src=src, out=out, ckpt=ckpt)
+            add("s3", n, "noop rerun", run_child("noop", counter, src=src, out=out, ckpt=ckpt))
         if args.tars:
             from tests.test_scale_label import _tar  # noqa: PLC0415 - the same tar writer
 
             k, m = (int(x) for x in args.tars.split("x"))
             tars = {f"n{t:04d}.tar": _tar([(f"n{t:04d}_{i}.JPEG", data) for i in range(m)])
                     for t in range(k)}  # fmt: skip
-            s3_objects("scale", "tars", tars)
-            res = run_child("tars", counter, src="s3://scale/tars", out=f"{run}/tars")
+            s3_objects("tars", "in", tars)
+            res = run_child("tars", counter, src="s3://tars/in", out=f"{run}/tars")
             size = sum(len(v) for v in tars.values())
             res["tar_bytes_listing"] = res["s3_listed"]["bytes"].get("GET", 0) / size
             res["tar_bytes_labelling"] = res["s3_after_listed"]["bytes"].get("GET", 0) / size

@@ -422,6 +422,26 @@ def _read_span(uri: str, start: int, end: int, storage: StorageConfig | None) ->
         return f.read(end - start)
 
 
+async def _get_objects(fs: Any, keys: list[str], concurrency: int = 32) -> list[Any]:
+    """GetObject for each key, concurrently: exactly one request per object (s3fs's own
+    ``cat`` sends a HEAD before each GET)."""
+    import asyncio
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def get(key: str) -> bytes:
+        bucket, name, _ = fs.split_path(key)
+        async with gate:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=name)
+            body = resp["Body"]
+            try:
+                return await body.read()
+            finally:
+                body.close()
+
+    return await asyncio.gather(*(get(k) for k in keys), return_exceptions=True)
+
+
 def _read_files(uris: list[str], storage: StorageConfig | None) -> list[bytes | Exception]:
     """Each file's bytes (or the exception), one GET per object, fetched concurrently."""
     remote = [u for u in uris if st.is_remote(u)]
@@ -429,10 +449,14 @@ def _read_files(uris: list[str], storage: StorageConfig | None) -> list[bytes | 
     if remote:
         fs, _ = st.filesystem(remote[0], storage)
         keys = [st.strip_scheme(u) for u in remote]
-        found = fs.cat(keys, on_error="return")
-        got.update(
-            {u: found.get(k, FileNotFoundError(k)) for u, k in zip(remote, keys, strict=True)}
-        )
+        if hasattr(fs, "_call_s3"):
+            from fsspec.asyn import sync
+
+            found = sync(fs.loop, _get_objects, fs, keys)
+        else:  # other object stores: fsspec's concurrent cat
+            cat = fs.cat(keys, on_error="return")
+            found = [cat.get(k, FileNotFoundError(k)) for k in keys]
+        got.update(dict(zip(remote, found, strict=True)))
     out: list[bytes | Exception] = []
     for u in uris:
         if u in got:
