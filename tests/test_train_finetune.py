@@ -44,7 +44,14 @@ def test_classification_on_digits_beats_chance_and_exports(ray_session, tmp_path
             # for 6 epochs of 32-px digits; tests/test_augment_classify.py covers it.
             "data": {"source": source, "crop_scale": [0.7, 1.0], "rand_augment": ""},
             "val_fraction": 0.2,
-            "optim": {"lr": 1e-2, "layer_decay": 0.9, "warmup_steps": 10, "reprob": 0.0},
+            "optim": {
+                "lr": 1e-2,
+                "layer_decay": 0.9,
+                "warmup_steps": 10,
+                "reprob": 0.0,
+                "mixup": 0.0,  # BEiT's recipe mixes; too strong here as well
+                "cutmix": 0.0,
+            },
             "deepspeed": {"micro_batch_size": 16, "zero_stage": 2},
             "run": {"epochs": 6, "log_every": 30},
             "checkpoint": {
@@ -107,7 +114,7 @@ def test_segmentation_learns_above_constant_predictor(ray_session, tmp_path) -> 
             "task": "segmentation",
             "num_labels": 3,
             "data": {"source": source},
-            "optim": {"lr": 3e-3, "warmup_steps": 3},
+            "optim": {"lr": 3e-3, "warmup_steps": 3, "layer_decay": 0.9},
             "deepspeed": {"micro_batch_size": 8, "zero_stage": 3},
             "run": {"epochs": 6, "log_every": 5},
             "checkpoint": {
