@@ -9,8 +9,12 @@ transformers BEiT classes takes seconds, and this package does nothing at import
 - ``build``: ``build_model`` / ``build_from_config``, ZeRO-3-safe.
 - ``load``: ``load_model`` (HF folders, beit-ray runs, s3://; task changes as BEiT fine-tuning
   does), ``export_hf``, ``model_dir``, ``task_of``, ``build_or_load``.
+- ``checkpoint``: where a checkpoint's files are and its tensors in transformers 5 names.
+- ``unilm``: microsoft/unilm BEiT ``.pth`` state dicts → transformers names and config.
+- ``segmentation``: ``BeitForSemanticSegmentation`` tapping 1-based blocks (unilm's UperNet taps).
+- ``init``: unilm's from-scratch init (trunc-normal 0.02, output projections / sqrt(2 l)).
 - ``posembed``: relative position tables (BEiT's geometric resize) and absolute embeddings.
-- ``layer_decay``: ``param_groups`` with layer-wise lr decay and the no-weight-decay set.
+- ``layer_decay``: ``param_groups`` with layer-wise lr decay and unilm's weight-decay set.
 - ``preprocess``: ``Preprocessor``, equal to BeitImageProcessor / ViTImageProcessor.
 - ``mim``: ``mim_forward``, the vocabulary head on masked patches only; ``mlm_accuracy``.
 """
