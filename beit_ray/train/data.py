@@ -1,8 +1,10 @@
 """The Ray datasets a training job feeds to ``TorchTrainer(datasets=...)``.
 
-Pretraining streams the masked-patch pipeline (every epoch laid out in one dataset, each with
-its own crops and masks: one pass) or reads shards materialized by jobs/tokenize_shards.py (iterated
-once per epoch). Fine-tuning reads labelled rows and a validation split.
+Each dataset is one epoch; Ray Train runs it once per pass, and the epoch clock that rank 0
+sets before each pass makes every pass a new epoch: its own input order, crops, flips,
+RandAugment ops and masks (``beit_ray.data.plan``). Pretraining streams the masked-patch
+pipeline or reads shards materialized by jobs/tokenize_shards.py; fine-tuning reads labelled
+rows and a validation split. The source is listed once per run, into ``<run>/listing``.
 """
 
 from __future__ import annotations
@@ -24,53 +26,72 @@ class TrainData:
     passes: int
     id2label: dict[int, str] = field(default_factory=dict)
     rows_per_pass: int | None = None
-    """Known without reading the data (listed image files); unset: counted, which runs the pipeline."""
+    """Known without reading the data (the listing, parquet footers, tar headers, a manifest);
+    unset: counted (materialized shards: from parquet footers)."""
     ray_data_cpus: float = 1.0
     """CPUs Ray Data holds on to while training (actor pools) plus one for read tasks."""
+    clock: Any = None
+    """The :class:`~beit_ray.data.plan.EpochClock` of "train": rank 0 sets the epoch of each
+    pass (a pass is one epoch, with its own order, crops, flips and masks)."""
 
 
 def pretraining_data(cfg: PretrainConfig) -> TrainData:
+    from beit_ray.data.listing import list_parts
     from beit_ray.data.materialize import read_materialized
     from beit_ray.data.pipeline import pretraining_dataset, with_reservation
+    from beit_ray.data.plan import make_clock
 
     if cfg.shards:
         shards = with_reservation(read_materialized(cfg.shards, cfg.storage), cfg.data)
         return TrainData({"train": shards}, cfg.run.epochs)
-    from beit_ray.data.sources import list_source
-
-    listing = list_source(cfg.data, cfg.storage)
-    ds = pretraining_dataset(
-        cfg.data, epoch=0, epochs=cfg.run.epochs, storage_cfg=cfg.storage, listing=listing
-    )
-    rows = len(listing.units) * cfg.run.epochs if listing.layout == "folders" else None
+    listing = list_parts(cfg.data, cfg.storage, uri=_listing_uri(cfg, "listing"))
+    clock = make_clock()
+    ds = pretraining_dataset(cfg.data, storage_cfg=cfg.storage, listing=listing, clock=clock)
     actors = (
         cfg.data.tokenizer_actors[0] * cfg.data.tokenizer_num_cpus
         if cfg.data.tokenizer != "none"
         else 0.0
     )
-    return TrainData({"train": ds}, 1, rows_per_pass=rows, ray_data_cpus=1.0 + actors)
+    return TrainData(
+        {"train": ds}, cfg.run.epochs, rows_per_pass=cfg.data.images_per_epoch or listing.images(),
+        ray_data_cpus=1.0 + actors, clock=clock,
+    )  # fmt: skip
 
 
 def finetuning_data(cfg: FinetuneConfig) -> TrainData:
-    """Classification: labelled rows, validation from val_source or a key-hash split."""
+    """Classification: labelled rows, validation from val_source or a key-hash split; the
+    source is listed once (into <run>/listing) and every dataset reads that listing."""
     if cfg.task == "segmentation":
         return segmentation_data(cfg)
+    from beit_ray.data.listing import list_parts
     from beit_ray.data.pipeline import classes_for, labelled_dataset
+    from beit_ray.data.plan import make_clock
 
     classes_uri = storage.join(_run(cfg), "classes.json")
+    clock = make_clock()
     common: dict[str, Any] = {"storage_cfg": cfg.storage, "classes_write_to": classes_uri}
+    frac = None if cfg.val_source else cfg.val_fraction
+    listing = list_parts(cfg.data, cfg.storage, uri=_listing_uri(cfg, "listing"), val_fraction=frac)
+    train = labelled_dataset(
+        cfg.data, "train", val_fraction=frac, listing=listing, clock=clock, **common
+    )
     if cfg.val_source:
-        train = labelled_dataset(cfg.data, "train", **common)
-        val = labelled_dataset(cfg.data, "val", source=cfg.val_source, **common)
+        val_listing = list_parts(
+            cfg.data, cfg.storage, cfg.val_source, uri=_listing_uri(cfg, "listing-val")
+        )
+        val = labelled_dataset(cfg.data, "val", listing=val_listing, **common)
     else:
-        train = labelled_dataset(cfg.data, "train", val_fraction=cfg.val_fraction, **common)
-        val = labelled_dataset(cfg.data, "val", val_fraction=cfg.val_fraction, **common)
-    names = classes_for(cfg.data, cfg.storage, classes_uri) or []
+        val = labelled_dataset(cfg.data, "val", val_fraction=frac, listing=listing, **common)
+    names = classes_for(cfg.data, cfg.storage, classes_uri, listing=listing) or []
     if len(names) < 2:
         raise ValueError(
             f"data.source {cfg.data.source}: classification needs at least 2 classes, found {names}"
         )
-    return TrainData({"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)))
+    rows = cfg.data.images_per_epoch or listing.images("train" if frac else None)
+    return TrainData(
+        {"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)),
+        rows_per_pass=rows, clock=clock,
+    )  # fmt: skip
 
 
 def segmentation_data(cfg: FinetuneConfig) -> TrainData:
@@ -111,3 +132,12 @@ def _run(cfg: Any) -> str:
     return storage.join(
         base if storage.is_remote(base) else os.path.abspath(base), cfg.checkpoint.name
     )
+
+
+def _listing_uri(cfg: Any, name: str) -> str:
+    """The run's listing folder (reused on resume), unless data.listing_uri says otherwise."""
+    if cfg.data.listing_uri:
+        return (
+            storage.join(cfg.data.listing_uri, name) if name != "listing" else cfg.data.listing_uri
+        )
+    return storage.join(_run(cfg), name)

@@ -25,10 +25,12 @@ from beit_ray.train.tasks import Task, make_task
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``; ``config`` = {cfg, extra, total_steps, passes, run_uri}.
+    """Ray Train's ``train_loop_per_worker``; ``config`` = {cfg, extra, total_steps, passes,
+    run_uri, clock}.
 
-    A pass is one iteration of the "train" dataset (the pretraining stream lays every epoch out
-    in one pass); validation, when the task has one, runs after each pass and at the end.
+    A pass is one iteration of the "train" dataset and one epoch: rank 0 sets the epoch clock
+    (``beit_ray.data.plan``) before it, so each pass reads a new order with new crops and masks.
+    Validation, when the task has one, runs after each pass and at the end.
     """
     import deepspeed
     import ray.train
@@ -85,6 +87,7 @@ class Loop:
             rank,
         )
         self.total, self.run_uri = config["total_steps"], config["run_uri"]
+        self.clock = config.get("clock")
         self.last_ckpt = time.monotonic()
 
     def train_pass(self) -> bool:
@@ -97,19 +100,30 @@ class Loop:
             self.engine,
             self.cfg.deepspeed.micro_batch_size,
         )
+        clock = self.clock
+        world = cfg.scaling.num_workers
+        if clock is not None and self.rank == 0:
+            # This pass reads epoch `state.epoch`; a resumed one skips the rows already trained
+            # on. Every worker starts the pass together (Ray Data's split barrier), after this.
+            ray.get(clock.set.remote(state.epoch, state.micro_in_pass * micro * world))
         shard = ray.train.get_dataset_shard("train")
+        buffer = getattr(getattr(cfg, "data", None), "shuffle_buffer", 0)
         batches = timed(
             iter(
                 shard.iter_torch_batches(
                     batch_size=micro,
                     dtypes=self.task.dtypes,
                     drop_last=True,
+                    # Mixes the rows of the inputs read at once: batches span many classes.
+                    local_shuffle_buffer_size=buffer or None,
+                    local_shuffle_seed=(cfg.run.seed * 7919 + state.epoch) * 131 + self.rank,
                     **feed_options(cfg.scaling.use_gpu),  # pinned, 4 ahead on GPU
                 )
             )
         )
-        for _ in range(state.micro_in_pass):  # resume mid-pass: skip what was trained on
-            next(batches)
+        if clock is None:  # materialized shards: resume mid-pass by skipping what was trained on
+            for _ in range(state.micro_in_pass):
+                next(batches)
         seen = 0
         for batch, wait in batches:
             seen += 1

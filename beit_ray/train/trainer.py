@@ -96,6 +96,7 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
             "total_steps": total,
             "passes": passes,
             "run_uri": uri,
+            "clock": data.clock,
         },
         torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ScalingConfig(
@@ -169,6 +170,8 @@ def steps_per_pass(cfg: TrainConfig, train_ds: Any, rows: int | None = None) -> 
     """Optimizer steps per pass: each worker gets an equal share and drops its last partial batch."""
     if cfg.run.steps_per_epoch:
         return cfg.run.steps_per_epoch
+    # Streams know their rows from the listing; count() is left for materialized shards, whose
+    # parquet footers answer it without running anything.
     rows = rows if rows is not None else train_ds.count()
     micro_batches = rows // cfg.scaling.num_workers // cfg.deepspeed.micro_batch_size
     steps = micro_batches // cfg.deepspeed.grad_accum_steps
