@@ -252,7 +252,12 @@ def _read_pair(
     max_pixels: int,
     errors_uri: str | None,
     st: StorageConfig | None,
+    clock: Any = None,
 ) -> dict[str, Any]:
+    if clock is not None and train:  # the pass's epoch: new crops, flips, distortions each epoch
+        import ray
+
+        epoch = ray.get(clock.get.remote())[0]
     pix, labs, valid, keys, errors = [], [], [], [], []
     for key, img_uri, ann_uri in zip(
         batch["key"], batch["image"], batch["annotation"], strict=True
@@ -310,8 +315,10 @@ def segmentation_dataset(
     storage_cfg: StorageConfig | None = None,
     errors_uri: str | None = None,
     train_augment: bool | None = None,
+    clock: Any = None,
 ):  # noqa: ANN201 - ray.data.Dataset
-    """ADE20k-format rows of ``split`` ("training" or "validation"); see the module docstring."""
+    """ADE20k-format rows of ``split`` ("training" or "validation"); see the module docstring.
+    With an epoch ``clock`` (:mod:`beit_ray.data.plan`) each pass draws that epoch's crops."""
     import ray
 
     st = storage_cfg
@@ -339,7 +346,7 @@ def segmentation_dataset(
         _read_pair,
         fn_kwargs=dict(
             train=train, crop_size=crop_size, scale=scale, reduce_zero_label=reduce_zero_label, seed=seed,
-            epoch=epoch, max_pixels=max_pixels, errors_uri=errors_uri, st=st,
+            epoch=epoch, max_pixels=max_pixels, errors_uri=errors_uri, st=st, clock=clock,
         ),
         batch_size=16,
     )  # fmt: skip

@@ -108,12 +108,18 @@ def segmentation_data(cfg: FinetuneConfig) -> TrainData:
         "errors_uri": cfg.data.errors_uri,
     }
     # data.reserve_per_operator holds here too (the other layouts' builders apply it themselves)
-    train = with_reservation(segmentation_dataset(cfg.data.source, "training", **common), cfg.data)
+    from beit_ray.data.plan import make_clock
+
+    clock = make_clock()
+    train = segmentation_dataset(cfg.data.source, "training", clock=clock, **common)
+    train = with_reservation(train, cfg.data)
     val = with_reservation(
         segmentation_dataset(cfg.val_source or cfg.data.source, "validation", **common), cfg.data
     )
     names = _seg_names(cfg)
-    return TrainData({"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)))
+    return TrainData(
+        {"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)), clock=clock
+    )
 
 
 def _seg_names(cfg: FinetuneConfig) -> list[str]:
