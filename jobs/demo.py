@@ -19,7 +19,7 @@ import sys
 import time
 
 from beit_ray import console, plan
-from beit_ray.config import RayConfig, job_flags, parse_args, run_job
+from beit_ray.config import ConfigError, RayConfig, job_flags, parse_args, run_job
 from beit_ray.runtime import init_ray
 
 IMAGES = os.path.join("runs", "demo-data", "images")
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from beit_ray.train.trainer import run_finetuning, run_pretraining, run_uri
 
     flags, argv = job_flags(argv)
-    parse_args(RayConfig, argv)  # the demo takes no options besides --dry-run and --verbose
+    if argv:
+        raise ConfigError(f"{argv[0]}: the demo takes only --dry-run and --verbose")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     pre_cfg = parse_args(
         PretrainConfig,
