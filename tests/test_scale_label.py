@@ -169,3 +169,28 @@ def test_errors_written_once_per_task(ray_session, tmp_path):
     st.write_text(str(tmp_path / "direct" / "x"), "")  # outside a task: written at once
     write_errors([{"key": "k", "path": "p", "reason": "r"}], str(tmp_path / "direct"), None)
     assert len(read_errors(str(tmp_path / "direct"))) == 1
+
+
+def test_manifest_commits_append_and_fold(tmp_path):
+    from beit_ray.data import materialize as m
+
+    out = str(tmp_path / "shards")
+    manifest = {"format": "x", "plan_hash": "h", "shards": {}}
+    st.makedirs(out)
+    m._save_manifest(out, manifest, None)
+    before = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
+    for wave in range(3):  # each wave adds one small file; manifest.json is left alone
+        shard = {str(wave): {"wave": f"w{wave}", "files": [], "rows": 10, "errors": wave}}
+        m._append_commit(out, manifest, shard, None)
+    assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == before
+    assert len(list((tmp_path / "shards" / "manifest.d").glob("commit-*.json"))) == 3
+    loaded = m.load_manifest(out)
+    assert sorted(loaded["shards"]) == ["0", "1", "2"] and loaded["rows"] == 30
+    assert loaded["errors"] == 3 and loaded["compacted_through"] == 2
+    m._compact(out, manifest, None)  # once per run: folded in, the commit files dropped
+    assert not list((tmp_path / "shards" / "manifest.d").glob("commit-*.json"))
+    assert m.load_manifest(out) == loaded
+    del loaded["shards"]["2"]  # an edited manifest.json wins over commits it already holds
+    m._save_manifest(out, loaded, None)
+    m._append_commit(out, loaded, {"3": {"wave": "w3", "files": [], "rows": 1, "errors": 0}}, None)
+    assert sorted(m.load_manifest(out)["shards"]) == ["0", "1", "3"]
