@@ -144,6 +144,30 @@ def test_batches_mix_classes_like_the_dataset(ray_session, tree: str, tmp_path: 
 
 
 @pytest.mark.integration
+def test_class_tars_are_interleaved_by_the_read_tasks(
+    ray_session, tree: str, tmp_path: Path
+) -> None:
+    """One class per tar: without any shuffle buffer a batch still spans several classes."""
+    import tarfile
+
+    from beit_ray.data.pipeline import labelled_dataset
+
+    src = tmp_path / "tars"
+    src.mkdir()
+    for name in CLASSES:
+        with tarfile.open(src / f"{name}.tar", "w") as tar:
+            for f in sorted(Path(tree, name).iterdir()):
+                tar.add(f, arcname=f.name)
+    cfg = DataConfig(source=str(src), rand_augment=None, shuffle_buffer=0, **TINY)
+    listing = list_parts(cfg, uri=str(tmp_path / "l"))
+    assert listing.layout == "class_tars" and listing.images() == 300  # counted from headers
+    ds = labelled_dataset(cfg, "train", listing=listing)
+    batches = list(ds.iter_batches(batch_size=32, drop_last=True))
+    mean = np.mean([_entropy(b["label"].tolist()) for b in batches])
+    assert mean >= 2.0, mean  # 8 tars a task: ~3 bits; one tar a task would give 0
+
+
+@pytest.mark.integration
 def test_val_split_reads_only_val_files_and_on_s3_one_get_each(
     ray_session, tree: str, tmp_path: Path, s3_bucket: str
 ) -> None:

@@ -34,6 +34,9 @@ MAX_SLICES_PER_EPOCH = 4096
 """Read slices (tasks) per epoch at most: enough for a large cluster, few enough that the
 executor's queue of slices stays small on the driver; slices grow past ~64 files instead."""
 FILES_PER_SLICE = 64
+TARS_PER_TASK = 8
+"""Class tars one read task interleaves, row by row: its blocks then hold 8 classes, and the
+consumer's shuffle buffer mixes the blocks of the tasks running at once."""
 
 
 class EpochClock:
@@ -97,17 +100,21 @@ def epoch_slices(
     plan = slices(listing, cfg, split)
     order = unit_order(len(plan), cfg.seed, epoch) if shuffle else np.arange(len(plan))
     per_row = _rows_per_slice(listing, plan, split)
-    done = 0
+    done, todo = 0, []
     for j in order:
-        unit, start, count = plan[j]
         if skip and done + per_row[j] <= skip:
             done += per_row[j]
             continue
+        todo.append(plan[j])
+    # A class tar holds one class: a read task interleaves several (drawn anew each epoch).
+    group = TARS_PER_TASK if listing.layout == "class_tars" and shuffle else 1
+    for g in range(0, len(todo), group):
+        units, starts, counts = zip(*todo[g : g + group], strict=True)
         yield {
-            "unit": np.array([listing.units[unit]], dtype=object),
-            "start": np.array([start], np.int64),
-            "count": np.array([count], np.int64),
-            "epoch": np.array([epoch], np.int64),
+            "unit": np.array([listing.units[u] for u in units], dtype=object),
+            "start": np.array(starts, np.int64),
+            "count": np.array(counts, np.int64),
+            "epoch": np.full(len(units), epoch, np.int64),
         }
 
 
@@ -143,6 +150,8 @@ def read_slices(
     def wanted(key: str) -> bool:
         return split is None or frac is None or in_val_split(key, frac, seed) == (split == "val")
 
+    streams: list[Any] = []
+    epochs: list[int] = []
     for uri, start, count, epoch in zip(
         batch["unit"], batch["start"], batch["count"], batch["epoch"], strict=True
     ):
@@ -158,17 +167,31 @@ def read_slices(
                 rows = read_folder_files(paths[j : j + FILES_PER_READ_TASK], listing.root, ids, st)
                 yield _with_epoch(_rows(rows), int(epoch))
             continue
-        keyed = listing.layout == "class_tars" and split is not None and frac is not None
-        chunk: list[dict[str, Any]] = []
-        for r in iter_unit(str(uri), listing.root, listing.layout, ids, cfg, st):
-            if keyed and not wanted(r["key"]):
-                continue
-            chunk.append(r)
-            if len(chunk) >= FILES_PER_READ_TASK:
-                yield _with_epoch(_rows(chunk), int(epoch))
-                chunk = []
-        if chunk:
-            yield _with_epoch(_rows(chunk), int(epoch))
+        streams.append(iter_unit(str(uri), listing.root, listing.layout, ids, cfg, st))
+        epochs.append(int(epoch))
+    keyed = listing.layout == "class_tars" and split is not None and frac is not None
+    chunk: list[dict[str, Any]] = []
+    for r in _round_robin(streams):
+        if keyed and not wanted(r["key"]):
+            continue
+        chunk.append(r)
+        if len(chunk) >= FILES_PER_READ_TASK:
+            yield _with_epoch(_rows(chunk), epochs[0])
+            chunk = []
+    if chunk:
+        yield _with_epoch(_rows(chunk), epochs[0])
+
+
+def _round_robin(streams: list[Any]):  # noqa: ANN202 - generator of rows
+    """Rows of several streams, one from each in turn, until all are done."""
+    live = list(streams)
+    while live:
+        for it in list(live):
+            row = next(it, None)
+            if row is None:
+                live.remove(it)
+            else:
+                yield row
 
 
 def _with_epoch(batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
@@ -206,5 +229,5 @@ def epoch_raw(
     return plan.map_batches(
         read_slices,
         fn_kwargs=dict(listing=listing, cfg=cfg, st=st, classes=classes, split=split),
-        batch_size=1,
+        batch_size=None,  # a whole block: one slice, or a group of class tars
     )
