@@ -272,12 +272,12 @@ def ray_rate(
     import ray
 
     from beit_ray.config import RayConfig
+    from beit_ray.data.listing import list_parts
     from beit_ray.data.pipeline import pretraining_dataset
-    from beit_ray.data.sources import list_source
     from beit_ray.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=num_cpus))  # as the jobs start it (workers at nice 0)
-    listing = list_source(cfg, None)  # once, as the training job lists before its epochs
+    listing = list_parts(cfg, None)  # once, as the training job lists before its epochs
     cfg = dataclasses.replace(cfg, reserve_per_operator=reservation)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
