@@ -90,6 +90,9 @@ def start(path: str, verbose: bool = False) -> str:
         + ("" if verbose else "  (Ray, DeepSpeed and worker output; --verbose shows it here)")
     )
     _quiet_deepspeed()
+    with contextlib.suppress(ImportError):  # Ray's loggers exist from its import: adopt them
+        import ray  # noqa: F401  before ray.init logs its start-up
+
     adopt_loggers()
     return path
 
