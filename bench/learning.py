@@ -450,7 +450,7 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
             f"few-label seed {s}: scratch {r0['top1']:.4f} pretrained {r1['top1']:.4f}", flush=True
         )
     res["few_plain"] = {"scratch": sc, "pretrained": pr}
-    rows += [(f"pretraining seconds ({a.pt_epochs} epochs, tokenizer fit included)", f"{pt_secs:.0f}"),
+    rows += [(f"pretraining seconds ({a.pt_epochs} epochs, + codebook fit unless reused)", f"{pt_secs:.0f}"),
              ("10% labels, plain loop: scratch top-1", spread(sc)),
              ("10% labels, plain loop: pretrained top-1", spread(pr)),
              ("10% labels, plain loop: pretrained - scratch", spread(diffs))]  # fmt: skip
