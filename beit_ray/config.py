@@ -53,6 +53,10 @@ def run_job(main: typing.Callable[[list[str] | None], Any], argv: list[str] | No
         from beit_ray.console import report_error
 
         return report_error(e)
+    finally:
+        from beit_ray import console
+
+        console.finish()
     return code if isinstance(code, int) else 0
 
 

@@ -97,6 +97,17 @@ def start(path: str, verbose: bool = False) -> str:
     return path
 
 
+def finish() -> None:
+    """Close the job's log (``run_job`` does it when the job ends): from then on worker output
+    and library logging reach the console as without a log, e.g. in a test process."""
+    close_bar()
+    if _s.log is not None:
+        _s.log.close()
+    _s.log = _s.path = None
+    _s.alerts.clear()
+    _s.last_progress, _s.data_t0 = 0.0, None
+
+
 def log_file() -> str | None:
     """The open log file's path (None before :func:`start`)."""
     return _s.path
@@ -144,7 +155,7 @@ class _ConsoleGate(logging.Filter):
     one ``data: rows, rate, ETA`` line every PROGRESS_EVERY_S."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _s.verbose:
+        if _s.verbose or _s.log is None:
             return True
         if record.levelno >= logging.WARNING:
             return not any(b in str(record.msg) for b in BENIGN)
@@ -220,6 +231,8 @@ class _DeepSpeedDivert(logging.Filter):
     and logs at import time, so the filter sits on the logger before that happens."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if _s.log is None:
+            return True
         _FILE.handle(record)
         if any(b in str(record.msg) for b in BENIGN):
             return _s.verbose
@@ -251,6 +264,10 @@ def route_worker_output() -> None:
 
     def route(data: dict[str, Any]) -> None:
         try:
+            if _s.log is None:  # the job's log is closed: print as Ray does
+                if original is not None:
+                    original(data)
+                return
             _route(data, original if _s.verbose else None)
         except Exception as e:  # never lose the log thread to a formatting bug
             write_log(f"console: could not route worker output: {e!r}")

@@ -26,11 +26,7 @@ def job_log(tmp_path, monkeypatch):
     yield out, path
     root.setLevel(level)
     root.handlers[:] = handlers
-    console.close_bar()
-    console._s.log.close()
-    console._s.log = console._s.path = None
-    console._s.alerts.clear()
-    console._s.last_progress = 0.0
+    console.finish()
 
 
 def read(path: str) -> str:
