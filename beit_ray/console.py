@@ -170,8 +170,8 @@ def data_progress(done: int, total: int | None) -> None:
     now = time.monotonic()
     if _s.data_t0 is None or done < _s.data_n0:
         _s.data_t0, _s.data_n0 = now, done
-    if _s.last_progress and now - _s.last_progress < PROGRESS_EVERY_S:
-        return
+    if done == 0 or (_s.last_progress and now - _s.last_progress < PROGRESS_EVERY_S):
+        return  # nothing done yet says nothing
     rate = (done - _s.data_n0) / max(now - _s.data_t0, 1e-9)
     eta = f", eta {_duration((total - done) / rate)}" if total and rate > 0 else ""
     print(f"data: {done}/{total or '?'} rows, {rate:.1f} rows/s{eta}", file=_s.out, flush=True)
