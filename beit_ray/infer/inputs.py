@@ -33,6 +33,7 @@ from beit_ray.infer.config import LabelConfig
 LISTING_NAME, MASKS_DIR = "_LISTING.parquet", "_masks"
 CONTAINER_LAYOUTS = ("class_tars", "webdataset", "parquet")
 LISTING_BATCH = 65_536  # rows per listing row group: bounded driver memory at any input size
+TAR_READ_BUFFER = 8 << 20  # bytes per GET when a tar is streamed to list its members
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64())])
 
 
@@ -350,7 +351,9 @@ def tar_index(uri: str, storage: StorageConfig | None) -> tuple[list[tuple[str, 
                 return members, f"read_failed: truncated: {cut} runs past the end of the tar"
             return members, ""
         fs, path = st.pyarrow_fs(uri, storage)
-        with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        # buffered: tarfile reads 512-byte headers, and each unbuffered read would be a GET
+        stream = fs.open_input_stream(path, buffer_size=TAR_READ_BUFFER)
+        with stream as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:
                 if m.isfile():
                     members.append((m.name, -1 if compressed else m.offset_data, m.size))
