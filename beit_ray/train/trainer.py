@@ -106,6 +106,7 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
             placement_strategy=cfg.scaling.placement,
         ),
         datasets=datasets,
+        dataset_config=_val_config(),
         run_config=RunConfig(
             name=cfg.checkpoint.name,
             storage_path=ray_path,
@@ -192,6 +193,31 @@ def _final_checkpoint(result: Any, score: str | None) -> tuple[Any, dict[str, An
     if result.checkpoint is None:
         raise RuntimeError("the run reported no checkpoint")
     return result.checkpoint, dict(result.metrics or {})
+
+
+def _val_config() -> Any:
+    """Ray Train's DataConfig, but "val" split without dropping rows: Train splits every
+    dataset with ``equal=True``, which drops the remainder so that workers get equal shares;
+    evaluation sums its counts over ranks and must see every validation image once."""
+    from ray.train import DataConfig
+
+    class _EveryValRow(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):  # noqa: ANN001, ANN003, ANN202
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kw)
+            if "val" in datasets:
+                ds = datasets["val"].copy(datasets["val"])
+                ds.context.execution_options = self._resolve_execution_options("val")
+                if ds.name is None:
+                    ds.set_name("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for i, split in enumerate(
+                    ds.streaming_split(world_size, equal=False, locality_hints=hints)
+                ):
+                    out[i]["val"] = split
+            return out
+
+    return _EveryValRow()
 
 
 def _worker_env() -> dict[str, str]:
