@@ -236,7 +236,17 @@ def _list_folders(
     ]
     tasks = [(k, g, top if k == 0 else []) for k, g in enumerate(groups)] or [(0, [], top)]
     args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
-    written = _run_tasks(_list_group, tasks, args)
+    return _from_parts(_run_tasks(_list_group, tasks, args), root, uri, cfg.seed, val_fraction)
+
+
+def _from_parts(
+    written: list[list[tuple[str, int, int, list[str]]]],
+    root: str,
+    uri: str,
+    seed: int,
+    val_fraction: float | None,
+) -> PartsListing:
+    """The listing of the parts the listing tasks wrote ((name, rows, val rows, classes) each)."""
     parts = sorted(p for chunk in written for p in chunk)
     if not parts:
         raise ValueError(f"data.source: no image files found under {root}")
@@ -244,7 +254,7 @@ def _list_folders(
     return PartsListing(
         "folders", root, [storage.join(uri, name) for name, *_ in parts],
         rows=[r for _, r, _, _ in parts], val_rows=[v for _, _, v, _ in parts],
-        classes=classes or None, val_fraction=val_fraction, seed=cfg.seed,
+        classes=classes or None, val_fraction=val_fraction, seed=seed,
     )  # fmt: skip
 
 
@@ -335,14 +345,7 @@ def _list_manifest(
         raise ValueError(f"data.manifest: no parquet or CSV files at {cfg.manifest}")
     tasks = list(enumerate(files))
     args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
-    written = _run_tasks(_manifest_task, tasks, args)
-    parts = sorted(p for chunk in written for p in chunk)
-    classes = sorted({c for *_, cls in parts for c in cls})
-    return PartsListing(
-        "folders", root, [storage.join(uri, name) for name, *_ in parts],
-        rows=[r for _, r, _, _ in parts], val_rows=[v for _, _, v, _ in parts],
-        classes=classes or None, val_fraction=val_fraction, seed=cfg.seed,
-    )  # fmt: skip
+    return _from_parts(_run_tasks(_manifest_task, tasks, args), root, uri, cfg.seed, val_fraction)
 
 
 def _manifest_task(

@@ -142,7 +142,13 @@ def read_slices(
     split: str | None,
 ):  # noqa: ANN201 - generator of raw-row blocks
     """Ray Data fn: read slices → raw rows (``sources.RAW_COLUMNS`` + ``epoch``) in chunks."""
-    from beit_ray.data.sources import FILES_PER_READ_TASK, _rows, iter_unit, read_folder_files
+    from beit_ray.data.sources import (
+        FILES_PER_READ_TASK,
+        _rows,
+        chunked,
+        iter_unit,
+        read_folder_files,
+    )
 
     ids = {c: i for i, c in enumerate(classes or [])}
     frac, seed = listing.val_fraction, listing.seed
@@ -170,16 +176,9 @@ def read_slices(
         streams.append(iter_unit(str(uri), listing.root, listing.layout, ids, cfg, st))
         epochs.append(int(epoch))
     keyed = listing.layout == "class_tars" and split is not None and frac is not None
-    chunk: list[dict[str, Any]] = []
-    for r in _round_robin(streams):
-        if keyed and not wanted(r["key"]):
-            continue
-        chunk.append(r)
-        if len(chunk) >= FILES_PER_READ_TASK:
-            yield _with_epoch(_rows(chunk), epochs[0])
-            chunk = []
-    if chunk:
-        yield _with_epoch(_rows(chunk), epochs[0])
+    rows = (r for r in _round_robin(streams) if not keyed or wanted(r["key"]))
+    for block in chunked(rows):
+        yield _with_epoch(block, epochs[0])
 
 
 def _round_robin(streams: list[Any]):  # noqa: ANN202 - generator of rows

@@ -29,7 +29,7 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,15 +327,19 @@ def read_units(
         yield _rows(read_folder_files(paths, root, ids, st))
         return
     for uri in paths:
-        it = iter_unit(uri, root, lay, ids, cfg, st)
-        chunk: list[dict[str, Any]] = []
-        for r in it:
-            chunk.append(r)
-            if len(chunk) >= FILES_PER_READ_TASK:
-                yield _rows(chunk)
-                chunk = []
-        if chunk:
+        yield from chunked(iter_unit(uri, root, lay, ids, cfg, st))
+
+
+def chunked(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
+    """Raw rows as column batches of FILES_PER_READ_TASK rows (a tar is never held whole)."""
+    chunk: list[dict[str, Any]] = []
+    for r in rows:
+        chunk.append(r)
+        if len(chunk) >= FILES_PER_READ_TASK:
             yield _rows(chunk)
+            chunk = []
+    if chunk:
+        yield _rows(chunk)
 
 
 def read_raw(
