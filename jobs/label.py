@@ -33,7 +33,7 @@ import sys
 from beit_ray import console, plan
 from beit_ray.config import job_flags, parse_args, run_job, save_config
 from beit_ray.infer.config import LabelConfig
-from beit_ray.infer.label import SUMMARY_NAME, label
+from beit_ray.infer.label import SUMMARY_NAME, check_outputs, label
 from beit_ray.storage import join
 
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     console.start(console.log_path_for(cfg.output, "label", "_job.log"), flags.verbose)
     for line in lines:
         console.show(line)
+    check_outputs(cfg)  # shared storage on a multi-node cluster, before anything is written
     save_config(cfg, join(cfg.output, "_CONFIG.yaml"))  # the resolved config, secrets redacted
     console.stage("labelling")
     summary = label(cfg)

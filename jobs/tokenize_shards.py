@@ -22,7 +22,7 @@ import sys
 from beit_ray import console, plan
 from beit_ray.config import job_flags, parse_args, run_job, save_config
 from beit_ray.data.config import TokenizeConfig
-from beit_ray.data.materialize import materialize
+from beit_ray.data.materialize import check_outputs, materialize
 from beit_ray.runtime import init_ray
 from beit_ray.storage import join
 
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         console.show(line)
     init_ray(cfg.ray, cfg.storage)
+    check_outputs(cfg)  # shared storage on a multi-node cluster, before anything is written
     save_config(cfg, join(cfg.output, "tokenize_config.yaml"))
     console.stage("tokenizing")
     counts = materialize(cfg)

@@ -179,6 +179,75 @@ def test_local_outputs_refused_on_multi_node_clusters(tmp_path):
         resources.check_shared_storage({"x": "./runs"}, None, coming)
 
 
+def _joined_cluster(monkeypatch, view: Cluster) -> list[str]:
+    """A job joining ``view`` (RAY_ADDRESS set) without Ray: init_ray recorded, Cluster.read faked."""
+    from beit_ray import runtime
+
+    joined: list[str] = []
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setattr(runtime, "init_ray", lambda cfg, st=None, env=None: joined.append("x"))
+    monkeypatch.setattr(Cluster, "read", classmethod(lambda cls, ray_cfg=None: view))
+    return joined
+
+
+def test_labelling_and_tokenizing_refuse_local_outputs_before_any_ray_work(monkeypatch, tmp_path):
+    """label() and materialize() check their output on a joined 2-node cluster before reading the
+    checkpoint or listing the input (both missing here: reaching them would raise otherwise)."""
+    from beit_ray.data.config import TokenizeConfig
+    from beit_ray.data.materialize import materialize
+    from beit_ray.infer.config import LabelConfig
+    from beit_ray.infer.label import label
+
+    joined = _joined_cluster(monkeypatch, Cluster(cpus=4, gpus=0, nodes=2))
+    missing = str(tmp_path / "missing")
+    lab = LabelConfig(input=missing, output=str(tmp_path / "labels"), checkpoint=missing)
+    with pytest.raises(ValueError, match=r"^output: .*2 nodes.*storage.shared_paths"):
+        label(lab)
+    tok = TokenizeConfig(input=missing, output=str(tmp_path / "shards"))
+    with pytest.raises(ValueError, match=r"^output: .*2 nodes.*s3://"):
+        materialize(tok, progress=False)
+    assert joined == ["x", "x"]  # Ray joined (the job's own address) to read the cluster
+    assert not (tmp_path / "labels").exists() and not (tmp_path / "shards").exists()
+    # A path declared shared passes the check: the runs go on and fail at their missing inputs.
+    lab.storage = tok.storage = StorageConfig(shared_paths=[str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="no Hugging Face model"):
+        label(lab)
+    with pytest.raises(FileNotFoundError, match="data.source"):
+        materialize(tok, progress=False)
+
+
+def test_labelling_output_check_warns_when_an_unknown_autoscaler_may_add_nodes(
+    monkeypatch, tmp_path, capsys
+):
+    from beit_ray.infer.config import LabelConfig
+    from beit_ray.infer.label import check_outputs
+
+    _joined_cluster(monkeypatch, Cluster(cpus=4, gpus=0, nodes=1, fixed=False))
+    check_outputs(LabelConfig(input="s3://b/in", output=str(tmp_path / "labels"), checkpoint="c"))
+    assert "output: " in capsys.readouterr().out
+
+
+def test_local_jobs_check_outputs_without_starting_ray(monkeypatch, tmp_path):
+    """No address and no Ray up: the job's own local Ray is one node, so nothing is started."""
+    from beit_ray import runtime
+    from beit_ray.data.config import TokenizeConfig
+    from beit_ray.data.materialize import check_outputs as tokenize_check
+    from beit_ray.infer.config import LabelConfig
+    from beit_ray.infer.label import check_outputs as label_check
+
+    if "ray" in sys.modules:
+        monkeypatch.setattr(sys.modules["ray"], "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started for a local job's output check")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    monkeypatch.setattr(Cluster, "read", classmethod(no_ray))
+    label_check(LabelConfig(input="in", output=str(tmp_path / "labels"), checkpoint="c"))
+    tokenize_check(TokenizeConfig(input="in", output=str(tmp_path / "shards")))
+
+
 def test_training_refused_on_a_real_two_node_cluster(tmp_path):
     """ray.cluster_utils.Cluster: two raylets on loopback, in a child process (own Ray)."""
     from tests.conftest import run_child
@@ -232,6 +301,31 @@ def test_replicas_and_tokenizer_actors_use_cuda_only_with_an_assigned_gpu(monkey
     assert replica_dtype("auto", "cuda") == "bfloat16"
     assert replica_dtype("auto", "cpu") == "float32"
     assert replica_dtype("float16", "cuda") == "float16"
+
+
+def test_labelling_dtype_auto_is_bfloat16_on_gpu_actors_and_float32_on_cpu(monkeypatch):
+    from beit_ray.infer import predictor
+    from beit_ray.infer.config import LabelConfig, resolve_dtype
+    from beit_ray.infer.label import PredictorActor
+    from beit_ray.serve.app import replica_dtype
+
+    assert replica_dtype is resolve_dtype  # one rule for Serve's replicas and labelling
+    assert LabelConfig().predict.dtype == "auto"
+    built: list[tuple[str, str]] = []
+
+    class FakePredictor:
+        def __init__(self, *args, device, dtype, **kwargs):
+            built.append((device, dtype))
+
+    monkeypatch.setattr(predictor, "Predictor", FakePredictor)
+    for num_gpus, dtype in ((1.0, "auto"), (0.0, "auto"), (0.5, "float16"), (0.0, "bfloat16")):
+        PredictorActor("ckpt", "classify", None, 5, "pooled", 1, num_gpus, dtype=dtype)
+    assert built == [
+        ("cuda", "bfloat16"),
+        ("cpu", "float32"),
+        ("cuda", "float16"),
+        ("cpu", "bfloat16"),
+    ]
 
 
 # ----------------------------------------------------------------------------- fast path

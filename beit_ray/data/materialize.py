@@ -175,9 +175,18 @@ def relpath(uri: str, base: str) -> str:
     return posixpath.relpath(storage.strip_scheme(uri), storage.strip_scheme(base))
 
 
+def check_outputs(cfg: TokenizeConfig) -> None:
+    """On a multi-node cluster the shards, commits and error logs go to shared storage: tasks on
+    every node write there. Joins Ray only when the job joins a cluster."""
+    from beit_ray.train.resources import check_job_outputs
+
+    check_job_outputs({"output": cfg.output}, cfg.ray, cfg.storage)
+
+
 def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
     """Write every unfinished shard; returns counts (read, written, failed, shards...)."""
     d, st, out = cfg.data, cfg.storage, cfg.output.rstrip("/")
+    check_outputs(cfg)
     listing = list_source(d, st, cfg.input or d.source)
     if cfg.shards.limit:
         listing.units = sorted(listing.units)[: cfg.shards.limit]

@@ -14,6 +14,8 @@ from beit_ray.config import RayConfig, StorageConfig, check
 InferTask = Literal["classify", "segment", "embed"]
 InferDtype = Literal["float32", "bfloat16", "float16"]
 """Model dtype for labelling and serving (``torch.<name>``)."""
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+"""A configured model dtype: an :data:`InferDtype`, or auto (see :func:`resolve_dtype`)."""
 INFER_TASKS: tuple[str, ...] = ("classify", "segment", "embed")
 InputLayout = Literal["auto", "files", "class_tars", "webdataset", "parquet", "manifest"]
 INPUT_LAYOUTS: tuple[str, ...] = (
@@ -24,6 +26,14 @@ INPUT_LAYOUTS: tuple[str, ...] = (
     "parquet",
     "manifest",
 )
+
+
+def resolve_dtype(dtype: str, device: str) -> InferDtype:
+    """A configured dtype on ``device``: auto is bfloat16 on a GPU (tensor cores), float32 on
+    CPU (equal to transformers' forward). Labelling's actors and Serve's replicas both use it."""
+    if dtype != "auto":
+        return dtype  # type: ignore[return-value]
+    return "bfloat16" if device == "cuda" else "float32"
 
 
 @dataclass
@@ -38,10 +48,11 @@ class PredictConfig:
     """Images per forward pass in each actor."""
     max_pixels: int = 50_000_000
     """Images with more pixels than this become error rows (decompression bombs, huge scans)."""
-    dtype: InferDtype = "float32"
-    """Model weights and activations. float32 equals transformers' forward (scores within 1e-4);
-    bfloat16 is ~5x faster on CPUs with AMX (Intel Sapphire Rapids and later) and fast on recent
-    GPUs, with scores within ~1e-2; float16 is for GPUs."""
+    dtype: DtypeChoice = "auto"
+    """Model weights and activations. auto: bfloat16 on actors with a GPU (actors.num_gpus > 0),
+    else float32. float32 equals transformers' forward (scores within 1e-4); bfloat16 is ~5x
+    faster on CPUs with AMX (Intel Sapphire Rapids and later) and fast on recent GPUs, with
+    scores within ~1e-2; float16 is for GPUs."""
 
     def __post_init__(self) -> None:
         check(self.top_k >= 1, "predict.top_k", "must be >= 1")

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig, to_dict
-from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.config import LabelConfig, resolve_dtype
 from beit_ray.infer.inputs import fetch, input_root, mask_uri, resolve_layout
 from beit_ray.infer.plan import (
     PART_META_KEY,
@@ -191,7 +191,7 @@ class PredictorActor:
         embed_pool: str,
         threads: int | None,
         num_gpus: float,
-        dtype: str = "float32",
+        dtype: str = "auto",
         output: str | None = None,
         batch_size: int = 16,
     ) -> None:
@@ -202,6 +202,7 @@ class PredictorActor:
 
             threads = actor_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
         device = "cuda" if num_gpus > 0 else "cpu"
+        dtype = resolve_dtype(dtype, device)  # predict.dtype auto: bfloat16 on a GPU actor
         self.task, self.storage, self.output, self.batch_size = task, storage, output, batch_size
         self.predictor = Predictor(
             checkpoint,
@@ -354,6 +355,14 @@ def check_checkpoint(cfg: LabelConfig) -> Any:
     return preprocessor
 
 
+def check_outputs(cfg: LabelConfig) -> None:
+    """On a multi-node cluster, parts, masks (``_masks/``) and the plan go to shared storage:
+    actors on every node write there. Joins Ray only when the job joins a cluster."""
+    from beit_ray.train.resources import check_job_outputs
+
+    check_job_outputs({"output": cfg.output}, cfg.ray, cfg.storage)
+
+
 def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str, Any]:
     """Label every input not yet written; returns (and writes) the summary.
 
@@ -362,6 +371,7 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     """
     cfg.require()
     start = time.perf_counter()
+    check_outputs(cfg)
     preprocessor = check_checkpoint(cfg)  # before any cluster work
     layout, units = resolve_layout(cfg)
     if not units.count:

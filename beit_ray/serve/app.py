@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beit_ray.config import StorageConfig, build
+from beit_ray.infer.config import resolve_dtype as replica_dtype  # shared with labelling
 from beit_ray.serve.config import ReplicaConfig, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,6 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
 
 
 # --------------------------------------------------------------------------- model replicas
-
-
-def replica_dtype(dtype: str, device: str) -> str:
-    """replicas.dtype resolved: auto is bfloat16 on a GPU (tensor cores), float32 on CPU."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device == "cuda" else "float32"
 
 
 class ModelServer:

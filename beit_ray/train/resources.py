@@ -248,6 +248,27 @@ def check_shared_storage(
         )
 
 
+def check_job_outputs(
+    uris: dict[str, str | None],
+    ray_cfg: RayConfig,
+    st: StorageConfig | None,
+    cluster: Cluster | None = None,
+) -> None:
+    """:func:`check_shared_storage` for jobs that start Ray only when they need it (labelling,
+    tokenizing). A local Ray such a job would start is one node, so Ray is joined here only
+    when the job joins a cluster (ray.address, RAY_ADDRESS) or Ray is already up."""
+    if cluster is None:
+        joining = bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+        up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        if not (joining or up):
+            return
+        from beit_ray import runtime
+
+        runtime.init_ray(ray_cfg, st)
+        cluster = Cluster.read(ray_cfg)
+    check_shared_storage(uris, st, cluster)
+
+
 def streams_tokens(cfg: Any) -> bool:
     """The training data runs tokenizer actors (pretraining streamed, not from shards)."""
     return getattr(cfg, "shards", "") is None and cfg.data.tokenizer != "none"
