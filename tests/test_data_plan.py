@@ -19,7 +19,7 @@ from PIL import Image
 from beit_ray import storage
 from beit_ray.data.config import DataConfig
 from beit_ray.data.listing import PART_ROWS, in_val_split, list_parts, read_part
-from beit_ray.data.plan import slices
+from beit_ray.data.plan import MAX_SLICES_PER_EPOCH, epoch_groups, slices
 
 TINY = dict(image_size=32, patch_size=8, tokenizer_image_size=32, tokenizer="none")
 CLASSES = [f"c{i}" for i in range(10)]
@@ -90,11 +90,13 @@ def test_slices_cover_each_file_once_and_stay_few(tree: str, tmp_path: Path) -> 
     listing = list_parts(cfg, uri=str(tmp_path / "l"))
     plan = slices(listing, cfg, None)
     assert sum(c for _, _, c in plan) == 300 and all(c <= 64 for _, _, c in plan)
-    # Huge sources get bigger slices, never more than the cap.
+    # A huge source (20M files) still has at most MAX_SLICES_PER_EPOCH read tasks an epoch,
+    # each reading several slices, every file once.
     listing.rows = [PART_ROWS] * 20_000
     listing.units = listing.units * 20_000
-    big = slices(listing, DataConfig(source=tree, **TINY), None)
-    assert len(big) <= 4096 + 20_000 and sum(c for _, _, c in big) == 20_000 * PART_ROWS
+    big = epoch_groups(listing, cfg, None, epoch=3)
+    assert len(big) <= MAX_SLICES_PER_EPOCH
+    assert sum(c for g in big for _, _, c in g) == 20_000 * PART_ROWS
 
 
 # --------------------------------------------------------------------------- on Ray

@@ -4,18 +4,20 @@ A training dataset is *one epoch* of raw rows. Ray Train runs it again for every
 what makes each pass a new epoch comes from an :class:`EpochClock`, a small actor that rank 0
 sets before each pass (the epoch, and on resume the rows already trained on)::
 
-    range(1) ─ epoch_slices: clock → (epoch, skip) → the epoch's units in a (seed, epoch) order,
-             │                cut into read slices; one block per slice
-             └ read_slices:  a slice of a listing part / a tar / a parquet file → raw rows
-                             (+ ``epoch``), which decide every crop, flip, RandAugment op and mask
+    n positions ─ read_positions: position p of the epoch → clock → (epoch, skip) → the epoch's
+                                read slices in a (seed, epoch) order (a slice of a listing part,
+                                or 8 class tars interleaved, or one tar / parquet file) → slice
+                                p → raw rows (+ ``epoch``), which decide every crop, flip,
+                                RandAugment op and mask
 
 Nothing here grows with epochs × files: the driver holds the listing's units (parts of 1,024
-files, or the tars themselves) and one plan of O(1) operators; slices are made in a task.
-A resumed epoch skips the slices whose rows were already consumed instead of reading and
-dropping them (rows of slices in flight at the checkpoint may be read again: at most the
-prefetch window). Batches mix classes three ways: listing parts are shuffled across up to 64
-class folders, slices run in a new order each epoch, and the consumer's local shuffle buffer
-(``data.shuffle_buffer``) mixes the rows of the slices read at once.
+files, or the tars themselves) and ``n`` read positions, n ≤ MAX_SLICES_PER_EPOCH (slices grow
+past 64 files instead); each read task computes the epoch's order itself. A resumed epoch skips
+the slices whose rows were already consumed instead of reading and dropping them (rows of
+slices in flight at the checkpoint may be read again: at most the prefetch window). Batches
+mix classes three ways: listing parts are shuffled across up to 64 class folders (a read task
+interleaves 8 class tars), slices run in a new order each epoch, and the consumer's local
+shuffle buffer (``data.shuffle_buffer``) mixes the rows of the slices read at once.
 
 Without a clock (library use, tests) the epoch is fixed: ``epoch_raw(..., epoch=3)``.
 """
@@ -30,10 +32,14 @@ from beit_ray.config import StorageConfig
 from beit_ray.data.config import DataConfig
 from beit_ray.data.listing import PartsListing, in_val_split, read_part, unit_order
 
-MAX_SLICES_PER_EPOCH = 4096
-"""Read slices (tasks) per epoch at most: enough for a large cluster, few enough that the
-executor's queue of slices stays small on the driver; slices grow past ~64 files instead."""
+MAX_SLICES_PER_EPOCH = 512
+"""Read tasks per epoch at most (``data.read_tasks`` overrides); slices grow past 64 files
+instead. Each is a block the driver puts and schedules: 1,563 of them took the first batch of a
+100k-file epoch from 12 s to 23 s here, 294 left it at 12 s. 512 concurrent reads are plenty
+for a large cluster (decoding is a separate stage with its own parallelism)."""
 FILES_PER_SLICE = 64
+READ_CPUS = 0.5
+"""CPUs a read task reserves."""
 TARS_PER_TASK = 8
 """Class tars one read task interleaves, row by row: its blocks then hold 8 classes, and the
 consumer's shuffle buffer mixes the blocks of the tasks running at once."""
@@ -42,9 +48,9 @@ consumer's shuffle buffer mixes the blocks of the tasks running at once."""
 class EpochClock:
     """The epoch the next pass reads, and the rows of it to skip (a resumed epoch).
 
-    A Ray actor (:func:`make_clock`); rank 0 calls ``set`` before each pass, the epoch's plan
-    task calls ``get`` once when the pass starts. Ray Train starts a pass on every worker
-    together, so the plan always sees the value set for it.
+    A Ray actor (:func:`make_clock`); rank 0 calls ``set`` before each pass, each read task
+    calls ``get`` once. Ray Train starts a pass on every worker together, after rank 0's set,
+    so the pass's tasks all see the value set for it.
     """
 
     def __init__(self, epoch: int = 0, skip_rows: int = 0) -> None:
@@ -81,41 +87,40 @@ def slices(listing: PartsListing, cfg: DataConfig, split: str | None) -> list[tu
     return [(i, s, min(per, n - s)) for i, n in enumerate(rows) for s in range(0, n, per)]
 
 
-def epoch_slices(
-    batch: dict[str, np.ndarray],
+def epoch_groups(
     listing: PartsListing,
     cfg: DataConfig,
     split: str | None,
-    clock: Any,
     epoch: int,
-    shuffle: bool,
-):  # noqa: ANN201 - generator of blocks
-    """Ray Data fn (one input row): the epoch's read slices, one block each, in the epoch's
-    order, minus the slices a resumed epoch has consumed."""
-    import ray
-
-    skip = 0
-    if clock is not None:
-        epoch, skip = ray.get(clock.get.remote())
+    skip: int = 0,
+    shuffle: bool = True,
+) -> list[list[tuple[int, int, int]]]:
+    """The epoch's read tasks in order: each a list of (unit, start, count) slices (one, or
+    ``TARS_PER_TASK`` class tars), the slices in a (seed, epoch) order, minus the slices whose
+    ``skip`` rows a resumed epoch has consumed."""
+    key = (listing.uri, listing.root, split, epoch, skip, shuffle, cfg.seed)
+    if key in _GROUPS:
+        return _GROUPS[key]
     plan = slices(listing, cfg, split)
     order = unit_order(len(plan), cfg.seed, epoch) if shuffle else np.arange(len(plan))
     per_row = _rows_per_slice(listing, plan, split)
-    done, todo = 0, []
+    done, todo = 0.0, []
     for j in order:
         if skip and done + per_row[j] <= skip:
             done += per_row[j]
             continue
         todo.append(plan[j])
     # A class tar holds one class: a read task interleaves several (drawn anew each epoch).
-    group = TARS_PER_TASK if listing.layout == "class_tars" and shuffle else 1
-    for g in range(0, len(todo), group):
-        units, starts, counts = zip(*todo[g : g + group], strict=True)
-        yield {
-            "unit": np.array([listing.units[u] for u in units], dtype=object),
-            "start": np.array(starts, np.int64),
-            "count": np.array(counts, np.int64),
-            "epoch": np.full(len(units), epoch, np.int64),
-        }
+    # Past the cap on read tasks, a task reads several slices.
+    size = TARS_PER_TASK if listing.layout == "class_tars" and shuffle else 1
+    size = max(size, -(-len(plan) // (cfg.read_tasks or MAX_SLICES_PER_EPOCH)))
+    groups = [todo[g : g + size] for g in range(0, len(todo), size)]
+    _GROUPS.clear()  # one epoch at a time per worker process
+    _GROUPS[key] = groups
+    return groups
+
+
+_GROUPS: dict[tuple[Any, ...], list[list[tuple[int, int, int]]]] = {}
 
 
 def _rows_per_slice(
@@ -133,52 +138,72 @@ def _rows_per_slice(
     return out
 
 
-def read_slices(
+def read_positions(
     batch: dict[str, np.ndarray],
     listing: PartsListing,
     cfg: DataConfig,
     st: StorageConfig | None,
     classes: list[str] | None,
     split: str | None,
+    clock: Any,
+    epoch: int,
+    shuffle: bool,
 ):  # noqa: ANN201 - generator of raw-row blocks
-    """Ray Data fn: read slices → raw rows (``sources.RAW_COLUMNS`` + ``epoch``) in chunks."""
-    from beit_ray.data.sources import (
-        FILES_PER_READ_TASK,
-        _rows,
-        chunked,
-        iter_unit,
-        read_folder_files,
-    )
+    """Ray Data fn: read task positions (``id``) of the pass's epoch → raw rows
+    (``sources.RAW_COLUMNS`` + ``epoch``), in chunks of 64."""
+    from beit_ray.data.sources import chunked, iter_unit
 
+    skip = 0
+    if clock is not None:
+        import ray
+
+        epoch, skip = ray.get(clock.get.remote())
+    groups = epoch_groups(listing, cfg, split, epoch, skip, shuffle)
     ids = {c: i for i, c in enumerate(classes or [])}
     frac, seed = listing.val_fraction, listing.seed
 
     def wanted(key: str) -> bool:
         return split is None or frac is None or in_val_split(key, frac, seed) == (split == "val")
 
-    streams: list[Any] = []
-    epochs: list[int] = []
-    for uri, start, count, epoch in zip(
-        batch["unit"], batch["start"], batch["count"], batch["epoch"], strict=True
-    ):
-        if listing.parts:
-            part = read_part(str(uri), st)
-            stop = len(part["path"]) if count < 0 else int(start + count)
-            paths = [
-                p
-                for p, k in zip(part["path"][start:stop], part["key"][start:stop], strict=True)
-                if wanted(k)
-            ]
-            for j in range(0, len(paths), FILES_PER_READ_TASK):
-                rows = read_folder_files(paths[j : j + FILES_PER_READ_TASK], listing.root, ids, st)
-                yield _with_epoch(_rows(rows), int(epoch))
+    for pos in batch["id"]:
+        if pos >= len(groups):  # a resumed epoch has fewer tasks left than positions
             continue
-        streams.append(iter_unit(str(uri), listing.root, listing.layout, ids, cfg, st))
-        epochs.append(int(epoch))
-    keyed = listing.layout == "class_tars" and split is not None and frac is not None
-    rows = (r for r in _round_robin(streams) if not keyed or wanted(r["key"]))
-    for block in chunked(rows):
-        yield _with_epoch(block, epochs[0])
+        group = groups[pos]
+        if listing.parts:
+            rows = (
+                r
+                for unit, start, count in group
+                for r in _read_part_slice(listing, unit, start, count, wanted, ids, st)
+            )
+        else:
+            streams = [
+                iter_unit(listing.units[u], listing.root, listing.layout, ids, cfg, st)
+                for u, _, _ in group
+            ]
+            keyed = listing.layout == "class_tars" and split is not None and frac is not None
+            rows = (r for r in _round_robin(streams) if not keyed or wanted(r["key"]))
+        for block in chunked(rows):
+            yield _with_epoch(block, epoch)
+
+
+def _read_part_slice(
+    listing: PartsListing,
+    unit: int,
+    start: int,
+    count: int,
+    wanted: Any,
+    ids: dict[str, int],
+    st: StorageConfig | None,
+):  # noqa: ANN202 - generator of raw rows
+    """Raw rows of the files of one slice of a listing part (in this split)."""
+    from beit_ray.data.sources import read_folder_files
+
+    part = read_part(listing.units[unit], st)
+    stop = len(part["path"]) if count < 0 else start + count
+    keys = part["key"][start:stop]
+    paths = [p for p, k in zip(part["path"][start:stop], keys, strict=True) if wanted(k)]
+    for j in range(0, len(paths), FILES_PER_SLICE):
+        yield from read_folder_files(paths[j : j + FILES_PER_SLICE], listing.root, ids, st)
 
 
 def _round_robin(streams: list[Any]):  # noqa: ANN202 - generator of rows
@@ -215,18 +240,20 @@ def epoch_raw(
 
     if not listing.units:
         raise ValueError(f"data.source: no {listing.layout} inputs found under {listing.root}")
-    plan = ray.data.range(1, override_num_blocks=1).map_batches(
-        epoch_slices,
+    # One range block per read task of the epoch (positions in the epoch's order): the read
+    # tasks are planned on the driver as these few numbers, their slices made in the tasks.
+    n = max(1, len(epoch_groups(listing, cfg, split, epoch, 0, shuffle)))
+    # from_items: n one-row blocks put by the driver (ray.data.range would run a task each).
+    positions = ray.data.from_items([{"id": i} for i in range(n)], override_num_blocks=n)
+    return positions.map_batches(
+        read_positions,
         fn_kwargs=dict(
-            listing=listing, cfg=cfg, split=split, clock=clock, epoch=epoch, shuffle=shuffle
+            listing=listing, cfg=cfg, st=st, classes=classes, split=split, clock=clock,
+            epoch=epoch, shuffle=shuffle,
         ),
-        batch_size=1,
-        # Its own resources keep Ray Data from fusing the plan into the read tasks: the
-        # slices must reach as many read tasks as there are free CPUs.
-        num_cpus=0.01,
-    )
-    return plan.map_batches(
-        read_slices,
-        fn_kwargs=dict(listing=listing, cfg=cfg, st=st, classes=classes, split=split),
-        batch_size=None,  # a whole block: one slice, or a group of class tars
-    )
+        batch_size=1,  # one position a task
+        # Reading is I/O: half a CPU lets more reads wait on storage at once. Its own resources
+        # also keep Ray Data from fusing it with the decode stage, whose batch size (64 rows)
+        # would then bundle 64 positions into one task and serialize the epoch's reads.
+        num_cpus=READ_CPUS,
+    )  # fmt: skip
