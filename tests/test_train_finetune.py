@@ -42,7 +42,13 @@ def test_classification_on_digits_beats_chance_and_exports(ray_session, tmp_path
         {
             # BEiT's ImageNet augmentation (RandAugment m9, random erasing 0.25) is too strong
             # for 6 epochs of 32-px digits; tests/test_augment_classify.py covers it.
-            "data": {"source": source, "crop_scale": [0.7, 1.0], "rand_augment": ""},
+            # Whole-frame 32-px digits: evaluate (and export) the whole image, crop_pct 1.0.
+            "data": {
+                "source": source,
+                "crop_scale": [0.7, 1.0],
+                "rand_augment": "",
+                "crop_pct": 1.0,
+            },
             "val_fraction": 0.2,
             "optim": {
                 "lr": 1e-2,
@@ -51,9 +57,16 @@ def test_classification_on_digits_beats_chance_and_exports(ray_session, tmp_path
                 "reprob": 0.0,
                 "mixup": 0.0,  # BEiT's recipe mixes; too strong here as well
                 "cutmix": 0.0,
+                # lr 1e-2 for 6 short epochs needs the clipping and betas of the pretraining
+                # recipe; BEiT's fine-tuning recipe (no clipping, beta2 0.999) is for lr 4e-3
+                # over 100 epochs and diverges here.
+                "clip_grad": 3.0,
+                "betas": [0.9, 0.98],
             },
             "deepspeed": {"micro_batch_size": 16, "zero_stage": 2},
-            "run": {"epochs": 6, "log_every": 30},
+            # 15 epochs: each epoch now draws new crops (no replayed epoch to memorise), and
+            # 6 or 10 left the best top-1 at the bound (0.34, 0.35).
+            "run": {"epochs": 15, "log_every": 30},
             "checkpoint": {
                 "storage_path": str(tmp_path / "runs"),
                 "name": "digits",
@@ -68,7 +81,7 @@ def test_classification_on_digits_beats_chance_and_exports(ray_session, tmp_path
         for r in read_metrics(os.path.join(result.logs_uri, "metrics.jsonl"))
         if r["kind"] == "eval"
     ]
-    assert len(evals) >= 6  # after every epoch (and at the end)
+    assert len(evals) >= 10  # after every epoch (and at the end)
     best = max(r["top1"] for r in evals)
     assert best > 0.35, evals  # chance is 0.1
     assert all(r["top5"] >= r["top1"] for r in evals)
@@ -114,9 +127,19 @@ def test_segmentation_learns_above_constant_predictor(ray_session, tmp_path) -> 
             "task": "segmentation",
             "num_labels": 3,
             "data": {"source": source},
-            "optim": {"lr": 3e-3, "warmup_steps": 3, "layer_decay": 0.9},
+            # Fast and short: cosine (not the recipe's poly to 0) and clipping, as this test was tuned.
+            "optim": {
+                "lr": 3e-3,
+                "warmup_steps": 3,
+                "layer_decay": 0.9,
+                "schedule": "cosine",
+                "min_lr": 1e-5,
+                "clip_grad": 3.0,
+            },
             "deepspeed": {"micro_batch_size": 8, "zero_stage": 3},
-            "run": {"epochs": 6, "log_every": 5},
+            # 20 epochs of 3 steps: UperNet's BatchNorm running statistics (momentum 0.1), which
+            # evaluation uses, still hold 15% of their initial values after 18 steps.
+            "run": {"epochs": 20, "log_every": 5},
             "checkpoint": {
                 "storage_path": str(tmp_path / "runs"),
                 "name": "shapes",

@@ -106,7 +106,7 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
             placement_strategy=cfg.scaling.placement,
         ),
         datasets=datasets,
-        dataset_config=_val_config(),
+        dataset_config=_val_config(cfg.deepspeed.zero_stage),
         run_config=RunConfig(
             name=cfg.checkpoint.name,
             storage_path=ray_path,
@@ -195,11 +195,16 @@ def _final_checkpoint(result: Any, score: str | None) -> tuple[Any, dict[str, An
     return result.checkpoint, dict(result.metrics or {})
 
 
-def _val_config() -> Any:
+def _val_config(zero_stage: int) -> Any:
     """Ray Train's DataConfig, but "val" split without dropping rows: Train splits every
     dataset with ``equal=True``, which drops the remainder so that workers get equal shares;
-    evaluation sums its counts over ranks and must see every validation image once."""
+    evaluation sums its counts over ranks and must see every validation image once. Under
+    ZeRO-3 every forward is a collective (parameters are gathered layer by layer), so ranks
+    must run as many: there "val" keeps Train's equal split (up to workers - 1 images unscored)."""
     from ray.train import DataConfig
+
+    if zero_stage == 3:
+        return DataConfig()
 
     class _EveryValRow(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):  # noqa: ANN001, ANN003, ANN202
