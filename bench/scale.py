@@ -16,8 +16,12 @@ driver's peak RSS (``ru_maxrss``) is that step's alone. Steps:
 - ``noop``: the same command rerun on a finished output: at every N, the output is first
   completed by writing each chunk's part directly (the rows a run would write, minus the model).
 - ``tars``: class tars on S3: bytes the listing and the labelling reads fetch, over the tars' size.
-- ``bench_pretraining_first_batch`` / ``bench_finetune_build``: placeholders for the data
-  pipeline's rewrite (they time ``pretraining_data`` / ``finetuning_data`` to a first batch).
+- ``train listing``: :func:`beit_ray.data.listing.list_parts`, the training jobs' listing
+  (parallel Ray tasks, shuffled parquet parts, a 5 % validation split counted).
+- ``pretrain first batch``: pretraining data built from that listing (read back, as a run
+  does) to its first batch of 32 rows.
+- ``finetune build``: fine-tuning data (train + val by key hash, class index, rows per epoch
+  from the listing) to its first training batch.
 """
 
 from __future__ import annotations
@@ -220,13 +224,16 @@ def step_tars(a: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t, "inputs": plan.inputs, "layout": layout}
 
 
-STEPS = {f.__name__[5:]: f for f in (step_listing, step_label, step_fill, step_noop, step_tars)}
+def _steps() -> dict[str, Any]:
+    fns = (step_listing, step_label, step_fill, step_noop, step_tars, step_trainlist,
+           step_pretrain, step_finetune)  # fmt: skip
+    return {f.__name__[5:]: f for f in fns}
 
 
 def child_main(step: str, args: dict[str, Any]) -> None:
     import resource
 
-    out = STEPS[step](args)
+    out = _steps()[step](args)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -262,19 +269,69 @@ def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return {k: {m: after[k].get(m, 0) - before[k].get(m, 0) for m in after[k]} for k in after}
 
 
-# --------------------------------------------------------------------------- data pipeline (todo)
+# --------------------------------------------------------------------------- training data
 
 
-def bench_pretraining_first_batch(n: int) -> dict[str, Any]:
-    """TODO(data pipeline rewrite): time ``beit_ray.train.data.pretraining_data(cfg)`` to its
-    first batch on an n-file tree (another developer finishes this with the new builders)."""
-    raise NotImplementedError("filled in with the lazy per-epoch pretraining data (issue #16)")
+def _train_cfg(src: str, listing: str) -> Any:
+    from beit_ray.data.config import DataConfig
+
+    return DataConfig(source=src, tokenizer="none", image_size=32, patch_size=8,
+                      tokenizer_image_size=32, listing_uri=listing, rand_augment=None)  # fmt: skip
 
 
-def bench_finetune_build(n: int) -> dict[str, Any]:
-    """TODO(data pipeline rewrite): time ``beit_ray.train.data.finetuning_data(cfg)`` to its
-    first batch on an n-file tree (another developer finishes this with the new builders)."""
-    raise NotImplementedError("filled in with the single-listing fine-tuning data (issue #16)")
+def step_trainlist(a: dict[str, Any]) -> dict[str, Any]:
+    """The training jobs' listing (:func:`beit_ray.data.listing.list_parts`): class folders in
+    parallel Ray tasks into shuffled parquet parts, with a 5 % validation split counted."""
+    from beit_ray.config import RayConfig
+    from beit_ray.data.listing import list_parts
+    from beit_ray.runtime import init_ray
+
+    init_ray(RayConfig())  # joins the bench's Ray (RAY_ADDRESS)
+    t = time.perf_counter()
+    listing = list_parts(_train_cfg(a["src"], a["listing"]), val_fraction=0.05)
+    return {"seconds": time.perf_counter() - t, "images": listing.images(),
+            "parts": len(listing.units)}  # fmt: skip
+
+
+def step_pretrain(a: dict[str, Any]) -> dict[str, Any]:
+    """Pretraining data as the job builds it, from its listing, to the first batch."""
+    from beit_ray.config import RayConfig
+    from beit_ray.data.listing import list_parts
+    from beit_ray.data.pipeline import pretraining_dataset
+    from beit_ray.data.plan import make_clock
+    from beit_ray.runtime import init_ray
+
+    init_ray(RayConfig())
+    cfg = _train_cfg(a["src"], a["listing"])
+    t = time.perf_counter()
+    listing = list_parts(cfg, val_fraction=0.05)  # the run's listing, read back
+    ds = pretraining_dataset(cfg, listing=listing, clock=make_clock())
+    batch = next(iter(ds.iter_batches(batch_size=32)))
+    return {"seconds": time.perf_counter() - t, "rows": len(batch["key"])}
+
+
+def step_finetune(a: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuning data as the job builds it (one listing; train and val split by key hash;
+    class index; rows per epoch from the listing), to the first training batch."""
+    from beit_ray.config import RayConfig
+    from beit_ray.data.listing import list_parts
+    from beit_ray.data.pipeline import classes_for, labelled_dataset
+    from beit_ray.data.plan import make_clock
+    from beit_ray.runtime import init_ray
+
+    init_ray(RayConfig())
+    cfg = _train_cfg(a["src"], a["listing"])
+    t = time.perf_counter()
+    listing = list_parts(cfg, val_fraction=0.05)
+    common = {"val_fraction": 0.05, "listing": listing, "classes_write_to": a["classes"]}
+    train = labelled_dataset(cfg, "train", clock=make_clock(), **common)
+    labelled_dataset(cfg, "val", **common)
+    names = classes_for(cfg, None, a["classes"], listing=listing)
+    rows = listing.images("train")
+    built = time.perf_counter() - t
+    batch = next(iter(train.iter_batches(batch_size=32)))
+    return {"seconds": time.perf_counter() - t, "built_s": built, "rows": rows,
+            "classes": len(names or []), "batch": len(batch["key"])}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- main
@@ -331,6 +388,7 @@ def main() -> None:
     p.add_argument("--tars", default="4x2500", help="class tars on S3: <tars>x<members>")
     p.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "beit_scale"))
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--train-only", action="store_true", help="only the training data steps")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s] + ([1_000_000] if args.big else [])
     s3_sizes = [int(s) for s in args.s3_sizes.split(",") if s]
@@ -354,6 +412,13 @@ def main() -> None:
         add("local", args.label_n, "noop rerun", run_child("noop", src=src, out=out, ckpt=ckpt))
     for n in sizes:
         src = local_tree(args.root, n)
+        lst = f"{run}/t{n}"
+        add("local", n, "train listing", run_child("trainlist", src=src, listing=lst))
+        add("local", n, "pretrain first batch", run_child("pretrain", src=src, listing=lst))
+        add("local", n, "finetune build", run_child("finetune", src=src, listing=lst,
+                                                    classes=f"{run}/t{n}.classes.json"))  # fmt: skip
+        if args.train_only:
+            continue
         add("local", n, "listing", run_child("listing", src=src, out=f"{run}/l{n}"))
         run_child("fill", src=src, out=f"{run}/o{n}", ckpt=ckpt)
         add("local", n, "noop rerun", run_child("noop", src=src, out=f"{run}/o{n}", ckpt=ckpt))
