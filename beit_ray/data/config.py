@@ -78,8 +78,9 @@ class DataConfig:
     seed: int = 0
     """Run seed; with the epoch and the image key it fixes every crop, flip and mask."""
     read_tasks: int | None = None
-    """Read parallelism (blocks of inputs); unset: one per tar/parquet file, ~64 images per
-    block for folders."""
+    """Read tasks per epoch at most (training streams); unset: 512. A task reads a slice of
+    ≥ 64 listed files, 8 class tars interleaved, or one tar / parquet file, and more of them
+    once an epoch has more slices than this."""
     batch_size: int = 64
     """Rows per batch in the decode/augment and tokenizer stages."""
     manifest: str | None = None
