@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from beit_ray.infer.label import PART_RE
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,6 +425,8 @@ def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, imag
 
     rows = []
     for part in storage.list_files(f"{bucket}/labels", suffixes=(".parquet",)):
+        if not PART_RE.match(part.rsplit("/", 1)[-1]):  # the plan and listing files beside them
+            continue
         with storage.open_uri(part) as f:
             rows += pq.read_table(f).to_pylist()
     assert len(rows) == 64 and all(r["error"] is None for r in rows), summary

@@ -39,6 +39,8 @@ SCRIPT = textwrap.dedent(
             "run": {"max_steps": 4, "log_every": 1},
             "optim": {"lr": 1e-3},
             "checkpoint": {"storage_path": sys.argv[1], "name": "two-nodes", "every_n_steps": 2},
+            # Both "nodes" are this machine: its temp folder is shared storage, declared so.
+            "storage": {"shared_paths": [os.path.dirname(sys.argv[1])]},
         })
         nodes = len([n for n in ray.nodes() if n["Alive"]])
         result = run_pretraining(cfg, TrainData({"train": ray.data.from_items(rows)}, passes=1))

@@ -27,6 +27,7 @@ ENGINE_CASES = textwrap.dedent(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     from beit_ray.config import build
     from beit_ray.train.config import PretrainConfig
     from beit_ray.train.loop import build_engine
@@ -36,7 +37,9 @@ ENGINE_CASES = textwrap.dedent(
     cases = [
         {"precision": "bf16", "zero_stage": 2},
         {"precision": "bf16", "zero_stage": 3},
-        {"precision": "fp16", "zero_stage": 2, "initial_scale_power": 8},
+        # DeepSpeed runs fp16 on a CPU only where oneDNN has fp16 kernels (not on every x86)
+        *([{"precision": "fp16", "zero_stage": 2, "initial_scale_power": 8}]
+          if get_accelerator().is_fp16_supported() else []),
         {"precision": "fp32", "zero_stage": 2, "offload_optimizer": True},
         {"precision": "fp32", "zero_stage": 3, "offload_optimizer": True, "offload_params": True},
     ]
@@ -79,8 +82,11 @@ def test_bf16_fp16_and_offload_train_on_cpu(tmp_path) -> None:
         assert np.isfinite(r["last"]) and r["last"] < r["first"] - 0.5, r  # it learns
     assert by[("bf16", 2, False)]["module_dtype"] == "torch.bfloat16"
     assert by[("bf16", 3, False)]["module_dtype"] == "torch.bfloat16"
-    fp16 = by[("fp16", 2, False)]
-    assert fp16["module_dtype"] == "torch.float16" and fp16["loss_scale"] >= 1  # dynamic scaling
+    fp16 = by.get(("fp16", 2, False))
+    if fp16 is not None:  # absent where the CPU has no fp16 kernels (DeepSpeed refuses it)
+        assert (
+            fp16["module_dtype"] == "torch.float16" and fp16["loss_scale"] >= 1
+        )  # dynamic scaling
     for key in (("fp32", 2, False), ("fp32", 3, True)):  # offloaded: DeepSpeed's CPU Adam
         assert by[key]["optimizer"] == "DeepSpeedCPUAdam", by[key]
 
