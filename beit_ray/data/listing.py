@@ -42,6 +42,7 @@ from beit_ray import storage
 from beit_ray.config import StorageConfig
 from beit_ray.data.augment import image_rng, stable_hash
 from beit_ray.data.config import DataConfig
+from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES, relative_key
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,11 @@ DIRS_PER_TASK = 64
 """Class folders per listing task: a part then mixes up to this many classes."""
 INDEX = "_index.json"
 VERSION = 1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def in_val_split(key: str, val_fraction: float, seed: int = 0) -> bool:
     """Deterministic train/val assignment by key hash (same answer in every job and run)."""
     return stable_hash(f"{seed}:{key}") % 1_000_000 < val_fraction * 1_000_000
-
-
-def relative_key(uri: str, root: str) -> str:
-    return posixpath.relpath(storage.strip_scheme(uri), storage.strip_scheme(root))
 
 
 @dataclass
@@ -180,9 +175,10 @@ def _counted(
     if listing.rows is not None or not count or cfg.images_per_epoch:
         return listing
     if listing.layout == "parquet":
-        counts = _map_units(_parquet_rows, listing.units, st, listing, cfg)
+        fn = _parquet_rows
     else:
-        counts = _map_units(_tar_rows, listing.units, st, listing, cfg)
+        fn = _tar_rows
+    counts = _run_tasks(fn, listing.units, {"st": st, "listing": listing, "cfg": cfg})
     listing.rows = [c[0] for c in counts]
     listing.val_rows = [c[1] for c in counts]
     return listing
@@ -490,16 +486,6 @@ def _run_tasks(fn: Callable[..., Any], items: Iterable[Any], kwargs: dict[str, A
         for ref in done:
             out[pending.pop(ref)] = ray.get(ref)
     return [out[i] for i in range(len(items))]
-
-
-def _map_units(
-    fn: Callable[..., tuple[int, int]],
-    units: list[str],
-    st: StorageConfig | None,
-    listing: PartsListing,
-    cfg: DataConfig,
-) -> list[tuple[int, int]]:
-    return _run_tasks(fn, units, {"st": st, "listing": listing, "cfg": cfg})
 
 
 def _call_impl(fn: Callable[..., Any], item: Any, kwargs: dict[str, Any]) -> Any:

@@ -31,13 +31,12 @@ from beit_ray.config import StorageConfig
 from beit_ray.data.augment import (
     ClassifyTransform,
     PretrainTransform,
-    image_rng,
     mean_fill,
 )
 from beit_ray.data.config import DataConfig
 from beit_ray.data.decode import DecodeError
 from beit_ray.data.errors import read_errors, write_errors  # noqa: F401 - buffered per task
-from beit_ray.data.listing import PartsListing, in_val_split, list_parts  # noqa: F401 - in_val_split re-exported
+from beit_ray.data.listing import PartsListing, in_val_split, list_parts, unit_order  # noqa: F401 - in_val_split re-exported
 from beit_ray.data.plan import _with_epoch, epoch_raw
 from beit_ray.data.sources import Listing, class_index, read_raw
 
@@ -164,7 +163,7 @@ def _raw_epochs(
     units = listing.units if units is None else units
     out = None
     for e in range(epoch, epoch + epochs):
-        order = image_rng(cfg.seed, e, "<order>").permutation(len(units)).tolist()
+        order = unit_order(len(units), cfg.seed, e).tolist()
         ds = read_raw(listing, cfg, st, classes, [units[i] for i in order])
         ds = ds.map_batches(_with_epoch, fn_kwargs={"epoch": e}, batch_size=None)
         out = ds if out is None else out.union(ds)
