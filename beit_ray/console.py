@@ -72,6 +72,19 @@ def log_path_for(run_dir: str, job: str, name: str = "job.log") -> str:
     return os.path.join("runs", "logs", f"{job}-{time.strftime('%Y%m%d-%H%M%S')}.log")
 
 
+def begin(lines: list[str], flags: Any, log_path: str) -> bool:
+    """A job's opening lines: with ``--dry-run`` print the plan and return False (the job then
+    exits 0); otherwise open the job's log at ``log_path`` (:func:`start`), show the plan on
+    the console and return True."""
+    if flags.dry_run:
+        print("\n".join(lines))
+        return False
+    start(log_path, flags.verbose)
+    for line in lines:
+        show(line)
+    return True
+
+
 def start(path: str, verbose: bool = False) -> str:
     """Open the job's log file (appending: a resumed run keeps its history) and send library
     logging there; warnings and errors stay on the console. Prints the path; returns it."""

@@ -95,12 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         *plan.finetune(ft_cfg, demo=True),
         f"plan: labelling every demo image into {labels_uri}, then serving /classify on loopback",
     ]
-    if flags.dry_run:
-        print("\n".join(lines))
+    if not console.begin(lines, flags, os.path.join("runs", f"demo-{stamp}.log")):
         return 0
-    console.start(os.path.join("runs", f"demo-{stamp}.log"), flags.verbose)
-    for line in lines:
-        console.show(line)
     init_ray(RayConfig(num_cpus=4))
 
     console.stage("== 1/4 pretraining (masked image modelling, ZeRO-2, 2 workers)")

@@ -52,12 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = on_demo_data(argv, ("--data.source",))
     cfg = parse_args(FinetuneConfig, DEMO_ARGS + argv if demo else argv)
     lines = plan.finetune(cfg, demo=demo)
-    if flags.dry_run:
-        print("\n".join(lines))
+    if not console.begin(lines, flags, console.log_path_for(run_uri(cfg), "finetune")):
         return 0
-    console.start(console.log_path_for(run_uri(cfg), "finetune"), flags.verbose)
-    for line in lines:
-        console.show(line)
     init_ray(cfg.ray, cfg.storage)
     if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not os.path.isdir(
         cfg.data.source

@@ -31,16 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     flags, argv = job_flags(argv)
     cfg = parse_args(FitTokenizerConfig, argv)
     lines = plan.fit_tokenizer(cfg)
-    if flags.dry_run:
-        print("\n".join(lines))
-        return 0
     name = os.path.basename(cfg.output) + ".log"
-    console.start(
-        console.log_path_for(os.path.dirname(cfg.output) or ".", "fit_tokenizer", name),
-        flags.verbose,
-    )
-    for line in lines:
-        console.show(line)
+    log = console.log_path_for(os.path.dirname(cfg.output) or ".", "fit_tokenizer", name)
+    if not console.begin(lines, flags, log):
+        return 0
     init_ray(cfg.ray, cfg.storage)
     console.stage("fitting the codebook")
     book = fit_codebook(cfg)

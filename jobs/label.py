@@ -42,12 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(LabelConfig, argv)
     cfg.require()
     lines = plan.label(cfg)
-    if flags.dry_run:
-        print("\n".join(lines))
+    if not console.begin(lines, flags, console.log_path_for(cfg.output, "label", "_job.log")):
         return 0
-    console.start(console.log_path_for(cfg.output, "label", "_job.log"), flags.verbose)
-    for line in lines:
-        console.show(line)
     check_outputs(cfg)  # shared storage on a multi-node cluster, before anything is written
     save_config(cfg, join(cfg.output, "_CONFIG.yaml"))  # the resolved config, secrets redacted
     console.stage("labelling")

@@ -44,12 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = on_demo_data(argv, ("--data.source", "--shards"))
     cfg = parse_args(PretrainConfig, DEMO_ARGS + argv if demo else argv)
     lines = plan.pretrain(cfg, demo=demo)
-    if flags.dry_run:
-        print("\n".join(lines))
+    if not console.begin(lines, flags, console.log_path_for(run_uri(cfg), "pretrain")):
         return 0
-    console.start(console.log_path_for(run_uri(cfg), "pretrain"), flags.verbose)
-    for line in lines:
-        console.show(line)
     init_ray(cfg.ray, cfg.storage)
     if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not cfg.shards:
         from beit_ray.models.flavours import get_flavour

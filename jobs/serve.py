@@ -32,12 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(ServeConfig, argv)
     cfg.require()
     lines = plan.serve(cfg)
-    if flags.dry_run:
-        print("\n".join(lines))
+    if not console.begin(lines, flags, console.log_path_for("", "serve")):
         return 0
-    console.start(console.log_path_for("", "serve"), flags.verbose)
-    for line in lines:
-        console.show(line)
 
     from ray import serve
 

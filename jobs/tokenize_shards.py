@@ -31,12 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     flags, argv = job_flags(argv)
     cfg = parse_args(TokenizeConfig, argv)
     lines = plan.tokenize(cfg)
-    if flags.dry_run:
-        print("\n".join(lines))
+    if not console.begin(lines, flags, console.log_path_for(cfg.output, "tokenize", "_job.log")):
         return 0
-    console.start(console.log_path_for(cfg.output, "tokenize", "_job.log"), flags.verbose)
-    for line in lines:
-        console.show(line)
     init_ray(cfg.ray, cfg.storage)
     check_outputs(cfg)  # shared storage on a multi-node cluster, before anything is written
     save_config(cfg, join(cfg.output, "tokenize_config.yaml"))
