@@ -11,7 +11,8 @@ RGB, split stratified 1,400 / 397 and written as class folders of PNGs (bench/_d
    decay and its exclusions, warmup + cosine to min lr, clipping, label smoothing, drop path,
    layer decay 1.0, global batch): shuffled batches every epoch, the job's train view (whole
    image: crop scale and ratio 1, no RandAugment, colour jitter, mixup, cutmix or erasing,
-   flip p 0.5 as the job has no flip field) and the exported model's view at eval (the
+   horizontal flip with probability ``--flip``, passed to the job as ``data.flip`` and read
+   back from the resolved config by the loop) and the exported model's view at eval (the
    image as is). Reported: both top-1s at equal epochs and their ratio (goal ≥ 0.98), then
    ``jobs/label.py`` over the val folder with the exported model: its top-1 next to the run's
    eval top-1 (goal: within 0.5 points).
@@ -105,11 +106,10 @@ def finetune_args(
         args += ["--data.crop_pct", str(a.crop_pct)]
     else:
         print("  note: the job has no data.crop_pct: it evaluates at 0.875 (resize + centre crop)")
-    flip = [f for f in fields if "flip" in f]
-    if flip:
-        args += [f"--data.{flip[0]}", str(a.flip)]
+    if "flip" in fields:
+        args += ["--data.flip", str(a.flip)]
     elif a.flip != 0.5:
-        raise SystemExit(f"--flip {a.flip}: the job has no flip field (it always flips at p 0.5)")
+        raise SystemExit(f"--flip {a.flip}: the job has no data.flip (it always flips at p 0.5)")
     return args
 
 
@@ -213,13 +213,14 @@ def reference(cfg, train: str, val: str, epochs: int, seed: int, init_from: str 
     lr_at = schedule(cfg)
     gen = torch.Generator().manual_seed(seed)
     norm = lambda u: (u.float() / 255 - 0.5) / 0.5  # noqa: E731 - BEiT's mean/std 0.5
+    p_flip = getattr(cfg.data, "flip", 0.5)  # the job's own flip probability
     t0, step, curve = time.perf_counter(), 0, []
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for b in range(steps_per_epoch):
             i = perm[b * batch : (b + 1) * batch]
             xb = x[i].clone()
-            flip = torch.rand(len(i), generator=gen) < 0.5
+            flip = torch.rand(len(i), generator=gen) < p_flip
             xb[flip] = xb[flip].flip(-1)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total)

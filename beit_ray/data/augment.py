@@ -1,10 +1,11 @@
 """BEiT's two-view augmentation (unilm ``DataAugmentationForBEiT``) and the fine-tuning transforms.
 
-Pretraining: horizontal flip (p 0.5), then ONE random-resized crop (torchvision's sampling:
-10 tries, then a centre-crop fallback) resized twice: the patch view (bicubic) and the
-tokenizer view (Lanczos); optional colour jitter (brightness/contrast/saturation in random
-order, same factors on both views; unilm jitters the whole image before cropping, we jitter
-the two small views, which differs only in the contrast mean); then the block mask.
+Pretraining: horizontal flip (p ``data.flip``, 0.5 as unilm), then ONE random-resized crop
+(torchvision's sampling: 10 tries, then a centre-crop fallback) resized twice: the patch view
+(bicubic) and the tokenizer view (Lanczos); optional colour jitter (brightness/contrast/
+saturation in random order, same factors on both views; unilm jitters the whole image before
+cropping, we jitter the two small views, which differs only in the contrast mean); then the
+block mask.
 
 Everything random comes from :func:`image_rng` (seed, epoch, key): the same image gets the same
 crop, flip, jitter and mask however Ray Data partitions the data. The crop is chosen in the
@@ -133,6 +134,12 @@ def decode_region(
     return rgb, (left * fx, top * fy, right * fx, bottom * fy)
 
 
+def draw_flip(rng: np.random.Generator, p: float) -> bool:
+    """A horizontal flip with probability ``p``. Always one draw from ``rng``, whatever ``p``,
+    so the crop, jitter and mask drawn after it are the same with flips on or off."""
+    return bool(rng.random() < p)
+
+
 def to_chw(x: torch.Tensor, flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """torch uint8 [3, H, W] (any strides) → numpy [3, H, W] (mirrored when ``flip``), written
     into ``out`` when given."""
@@ -197,6 +204,8 @@ class PretrainTransform:
     seed: int = 0
     tokenizer_view: str = "patch"
     region_decode: bool = True
+    flip: float = 0.5
+    """Horizontal flip probability (0 never, 1 always)."""
 
     def __post_init__(self) -> None:
         if self.tokenizer_view not in ("patch", "crop"):
@@ -217,7 +226,7 @@ class PretrainTransform:
             cfg.image_size, cfg.tokenizer_image_size, cfg.grid, cfg.masking_patches, cfg.min_patches,
             cfg.max_num_patches, cfg.min_aspect, tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
             cfg.color_jitter, cfg.max_pixels, cfg.draft, cfg.seed,
-            getattr(cfg, "tokenizer_view", "patch"), cfg.region_decode,
+            getattr(cfg, "tokenizer_view", "patch"), cfg.region_decode, cfg.flip,
         )  # fmt: skip
 
     def __call__(
@@ -229,7 +238,7 @@ class PretrainTransform:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(patch [3,S,S] uint8, tokenizer view [3,T,T] uint8, mask [N] bool), into ``out`` if given."""
         rng = image_rng(self.seed, epoch, key)
-        flip = rng.random() < 0.5
+        flip = draw_flip(rng, self.flip)
 
         def box(w: int, h: int) -> tuple[float, float, float, float]:
             i, j, ch, cw = sample_crop(rng, w, h, self.crop_scale, self.crop_ratio)
@@ -279,6 +288,8 @@ class ClassifyTransform:
     fill: tuple[int, int, int] = (124, 116, 104)
     """RandAugment's fill for pixels moved in from outside (the normalization mean, as timm)."""
     region_decode: bool = True
+    flip: float = 0.5
+    """Train: horizontal flip probability (0 never, 1 always)."""
 
     def __post_init__(self) -> None:
         self.ra_spec = parse_rand_augment(self.rand_augment)  # ValueError on a bad spec
@@ -288,7 +299,7 @@ class ClassifyTransform:
         s = self.image_size
         if self.train:
             rng = image_rng(self.seed, epoch, key)
-            flip = rng.random() < 0.5
+            flip = draw_flip(rng, self.flip)
 
             def box(w: int, h: int) -> tuple[float, float, float, float]:
                 i, j, ch, cw = sample_crop(rng, w, h, self.crop_scale, self.crop_ratio)

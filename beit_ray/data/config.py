@@ -65,6 +65,10 @@ class DataConfig:
     """RandomResizedCrop aspect-ratio range."""
     color_jitter: float = 0.4
     """Brightness/contrast/saturation jitter strength (0 disables), as BEiT's default 0.4."""
+    flip: float = 0.5
+    """Horizontal flip probability of training views (pretraining, classification,
+    segmentation), as BEiT's 0.5; 0 disables (e.g. digits or text, where a mirror is no
+    longer the same class)."""
     normalization: Literal["beit", "imagenet"] = "beit"
     """How consumers normalize the uint8 pixels: beit = mean/std 0.5; imagenet = ImageNet stats."""
     max_pixels: int = 89_478_485
@@ -144,6 +148,7 @@ class DataConfig:
             0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio", "needs 0 < min ≤ max"
         )
         check(0 <= self.color_jitter < 1, "data.color_jitter", "must be in [0, 1)")
+        check(0 <= self.flip <= 1, "data.flip", "must be in [0, 1]")
         check(self.max_pixels > 0, "data.max_pixels", "must be positive")
         check(self.batch_size > 0, "data.batch_size", "must be positive")
         check(self.read_tasks is None or self.read_tasks > 0, "data.read_tasks", "must be positive")

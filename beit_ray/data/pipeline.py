@@ -123,7 +123,7 @@ def labelled_batch(
         cfg.image_size, train, crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
         max_pixels=cfg.max_pixels, draft=cfg.draft, seed=cfg.seed,
         rand_augment=cfg.rand_augment, fill=mean_fill(cfg.normalization),
-        region_decode=cfg.region_decode, crop_pct=cfg.crop_pct,
+        region_decode=cfg.region_decode, crop_pct=cfg.crop_pct, flip=cfg.flip,
     )  # fmt: skip
     s = cfg.image_size
     pix, labels, keys, errors = [], [], [], []

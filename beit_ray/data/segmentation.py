@@ -8,7 +8,7 @@ pixels' extent), ``key`` str. With ``reduce_zero_label`` (ADE20k's convention) 0
 (ignored) and k becomes k-1. The scale (long, short) is a field, by default mmseg's
 (4 × crop, crop): ADE20k's (2048, 512) for crop 512, (256, 64) for crop 64.
 Training (mmseg's UperNet pipeline): rescale by a ratio in 0.5–2.0 of the scale (aspect
-kept), random crop (up to 10 redraws while one class covers ≥ 75 %), flip 0.5,
+kept), random crop (up to 10 redraws while one class covers ≥ 75 %), flip (p data.flip, 0.5),
 PhotoMetricDistortion; rows are [3, c, c] with filler past ``valid_hw`` that the worker zeroes
 after normalizing (mmseg pads after Normalize). Validation: images rescaled to the scale
 (aspect kept), labels at the original size; the trainer slides windows and resizes the logits
@@ -28,7 +28,7 @@ from PIL import Image
 
 from beit_ray import storage
 from beit_ray.config import StorageConfig
-from beit_ray.data.augment import image_rng
+from beit_ray.data.augment import draw_flip, image_rng
 from beit_ray.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, open_image
 from beit_ray.data.pipeline import write_errors
 
@@ -165,11 +165,12 @@ def seg_transform(
     scale: tuple[int, int] | None = None,
     ratio_range: tuple[float, float] = (0.5, 2.0),
     photometric: bool = True,
+    flip: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """[H, W, 3] + [H, W] → [3, c, c] + [c, c] + the (h, w) of real pixels (top left).
 
     mmseg's order: Resize (ratio_range × scale, ratio kept), RandomCrop (cat_max_ratio 0.75),
-    RandomFlip 0.5, PhotoMetricDistortion. Rows past (h, w) are filler (image 0, labels 255):
+    RandomFlip (p ``flip``), PhotoMetricDistortion. Rows past (h, w) are filler (image 0, labels 255):
     mmseg pads after Normalize, so the worker sets those pixels to 0 once normalized
     (:func:`pad_normalized`); labels are already final.
     """
@@ -178,7 +179,7 @@ def seg_transform(
     size = rescale_size(*labels.shape, (int(long * r), int(short * r)))
     img, lab = resize_pair(image, labels, size)
     img, lab = random_crop(img, lab, rng, crop_size)
-    if rng.random() < 0.5:
+    if draw_flip(rng, flip):
         img, lab = img[:, ::-1], lab[:, ::-1]
     if photometric:
         img = photo_metric_distortion(np.ascontiguousarray(img), rng)
@@ -253,6 +254,7 @@ def _read_pair(
     errors_uri: str | None,
     st: StorageConfig | None,
     clock: Any = None,
+    flip: float = 0.5,
 ) -> dict[str, Any]:
     if clock is not None and train:  # the pass's epoch: new crops, flips, distortions each epoch
         import ray
@@ -279,7 +281,7 @@ def _read_pair(
             labels = ((labels.astype(np.int16) - 1) % 256).astype(np.uint8)  # 0 → 255
         if train:
             rng = image_rng(seed, epoch, str(key))
-            p, lab, hw = seg_transform(image, labels, rng, crop_size, scale)
+            p, lab, hw = seg_transform(image, labels, rng, crop_size, scale, flip=flip)
         else:  # mmseg's test: rescale to the training scale; labels stay at the original size
             size = rescale_size(*labels.shape, train_scale(crop_size, scale))
             img, _ = resize_pair(image, None, size)
@@ -316,6 +318,7 @@ def segmentation_dataset(
     errors_uri: str | None = None,
     train_augment: bool | None = None,
     clock: Any = None,
+    flip: float = 0.5,
 ):  # noqa: ANN201 - ray.data.Dataset
     """ADE20k-format rows of ``split`` ("training" or "validation"); see the module docstring.
     With an epoch ``clock`` (:mod:`beit_ray.data.plan`) each pass draws that epoch's crops."""
@@ -347,6 +350,7 @@ def segmentation_dataset(
         fn_kwargs=dict(
             train=train, crop_size=crop_size, scale=scale, reduce_zero_label=reduce_zero_label, seed=seed,
             epoch=epoch, max_pixels=max_pixels, errors_uri=errors_uri, st=st, clock=clock,
+            flip=flip,
         ),
         batch_size=16,
     )  # fmt: skip

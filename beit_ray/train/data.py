@@ -106,6 +106,7 @@ def segmentation_data(cfg: FinetuneConfig) -> TrainData:
         "seed": cfg.data.seed,
         "storage_cfg": cfg.storage,
         "errors_uri": cfg.data.errors_uri,
+        "flip": cfg.data.flip,
     }
     # data.reserve_per_operator holds here too (the other layouts' builders apply it themselves)
     from beit_ray.data.plan import make_clock
