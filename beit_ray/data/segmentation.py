@@ -11,8 +11,9 @@ Training (mmseg's UperNet pipeline): rescale by a ratio in 0.5–2.0 of the scal
 kept), random crop (up to 10 redraws while one class covers ≥ 75 %), flip (p data.flip, 0.5),
 PhotoMetricDistortion; rows are [3, c, c] with filler past ``valid_hw`` that the worker zeroes
 after normalizing (mmseg pads after Normalize). Validation: images rescaled to the scale
-(aspect kept), labels at the original size; the trainer slides windows and resizes the logits
-back to the labels (mmseg's slide test).
+(aspect kept) by :func:`eval_preprocessor`, the processor the run exports; labels at the
+original size; the trainer slides windows and resizes the logits back to the labels (mmseg's
+slide test).
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def train_scale(crop_size: int, scale: tuple[int, int] | None = None) -> tuple[i
     if scale is not None:
         return max(scale), min(scale)
     return SCALE_PER_CROP * crop_size, crop_size
+
+
+def eval_preprocessor(crop_size: int, scale: tuple[int, int] | None = None) -> Any:
+    """mmseg's test rescale (ratio kept, to :func:`train_scale`) as the processor a run exports
+    (size {shortest_edge, longest_edge}): the run's eval, labelling and serving resize with this
+    one definition. Rounding is transformers' (an edge can be 1 px under mmcv.rescale_size's),
+    so transformers' BeitImageProcessor reads the export to the same size."""
+    from beit_ray.models.preprocess import Preprocessor
+
+    return Preprocessor.for_model(
+        "beit", crop_size, segmentation=True, seg_scale=train_scale(crop_size, scale)
+    )
 
 
 def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -282,10 +295,9 @@ def _read_pair(
         if train:
             rng = image_rng(seed, epoch, str(key))
             p, lab, hw = seg_transform(image, labels, rng, crop_size, scale, flip=flip)
-        else:  # mmseg's test: rescale to the training scale; labels stay at the original size
-            size = rescale_size(*labels.shape, train_scale(crop_size, scale))
-            img, _ = resize_pair(image, None, size)
-            p, lab, hw = np.ascontiguousarray(img.transpose(2, 0, 1)), labels, size
+        else:  # mmseg's test rescale, by the processor the run exports; labels stay as they are
+            p, lab = eval_preprocessor(crop_size, scale).to_uint8(image), labels
+            hw = (p.shape[1], p.shape[2])
         pix.append(p)
         labs.append(lab)
         valid.append(hw)

@@ -118,13 +118,17 @@ def task_schema(task: str) -> pa.Schema:
 
 def decode_batch(
     blobs: list[bytes | None], errors: list[str], preprocessor: Any, max_pixels: int
-) -> dict[str, np.ndarray]:
-    """Decode robustly and resize to the model's input (uint8); failures become error text."""
+) -> dict[str, Any]:
+    """Decode robustly and resize to the model's input (uint8); failures become error text.
+
+    ``pixels`` is a list of uint8 [3, h, w]: one size for a fixed-size preprocessor, each
+    image's own for a keep-ratio one (segmentation at the training scale); zeros on error rows.
+    """
     from beit_ray.data.decode import DecodeError, decode_image
 
     n = len(blobs)
-    h_out, w_out = preprocessor.output_size(1, 1)
-    pixels = np.zeros((n, 3, h_out, w_out), dtype=np.uint8)  # [B, 3, h, w]; zeros on error rows
+    blank = np.zeros((3, *preprocessor.output_size(1, 1)), dtype=np.uint8)
+    pixels = [blank] * n
     errors, heights, widths = list(errors), np.zeros(n, np.int32), np.zeros(n, np.int32)
     for i, data in enumerate(blobs):
         if errors[i]:
@@ -171,12 +175,25 @@ def read_decode(
             "error": [str(x) for x in out["error"]],
             "height": out["height"].tolist(),
             "width": out["width"].tolist(),
+            "shapes": [list(p.shape) for p in out["pixels"]],
         }
+        # One flat buffer: a row holds one tensor, and keep-ratio images differ in shape.
+        flat = np.concatenate([p.ravel() for p in out["pixels"]])  # [sum of 3·h·w]
         yield {
             "chunk": np.array([int(chunk)], dtype=np.int64),
             "meta": np.array([json.dumps(meta)], dtype=object),
-            "pixels": out["pixels"][None],  # [1, n, 3, h, w]
+            "pixels": flat[None],  # [1, total]
         }
+
+
+def unflatten(flat: np.ndarray, shapes: list[list[int]]) -> list[np.ndarray]:
+    """:func:`read_decode`'s flat buffer → its images, uint8 [3, h, w] views."""
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out
 
 
 class PredictorActor:
@@ -218,8 +235,9 @@ class PredictorActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Chunk rows (from :func:`read_decode`) → each chunk's part written → its counts."""
         out: dict[str, list[Any]] = defaultdict(list)
-        for chunk, text, pixels in zip(batch["chunk"], batch["meta"], batch["pixels"], strict=True):
+        for chunk, text, flat in zip(batch["chunk"], batch["meta"], batch["pixels"], strict=True):
             meta = json.loads(str(text))
+            pixels = unflatten(np.asarray(flat, dtype=np.uint8), meta["shapes"])
             n, bs = len(meta["path"]), self.batch_size
             tables = [
                 self.rows(
@@ -229,7 +247,7 @@ class PredictorActor:
                         "error": np.array(meta["error"][s : s + bs], dtype=object),
                         "height": np.array(meta["height"][s : s + bs], np.int32),
                         "width": np.array(meta["width"][s : s + bs], np.int32),
-                        "pixels": pixels[s : s + bs],  # [b, 3, h, w]
+                        "pixels": pixels[s : s + bs],  # b × [3, h, w]
                         "chunk": np.full(min(bs, n - s), int(chunk), np.int64),
                     }
                 )
@@ -255,7 +273,9 @@ class PredictorActor:
         results: dict[int, dict[str, Any]] = {}
         if ok:
             sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
-            for i, res in zip(ok, self.predictor.forward(batch["pixels"][ok], sizes), strict=True):
+            prepared = [np.asarray(batch["pixels"][i]) for i in ok]  # [3, h, w] each
+            # one forward per shape: keep-ratio (segmentation) images differ
+            for i, res in zip(ok, self.predictor.forward_prepared(prepared, sizes), strict=True):
                 results[i] = res
         cols: dict[str, list[Any]] = defaultdict(list)
         for i in range(n):
@@ -348,9 +368,10 @@ def check_checkpoint(cfg: LabelConfig) -> Any:
             f"checkpoint: {cfg.checkpoint} is a {arch or 'bare encoder'} checkpoint; --task {cfg.task} needs a *For{need} one"
         )
     preprocessor = Preprocessor.from_pretrained(folder, cfg.storage)
-    if "height" not in preprocessor.size and not preprocessor.do_center_crop:
+    # segment slides windows over images of any size; classify and embed need one size
+    if cfg.task != "segment" and not preprocessor.fixed_size:
         raise ConfigError(
-            f"checkpoint: {folder}'s preprocessor gives images of varying sizes (size {preprocessor.size}, no crop); batching needs a fixed size"
+            f"checkpoint: {folder}'s preprocessor gives images of varying sizes (size {preprocessor.size}, no crop); --task {cfg.task} needs a fixed size"
         )
     return preprocessor
 

@@ -136,12 +136,31 @@ class Predictor:
             return self._embed(self.model(pixel_values=x))
         raise AssertionError(self.task)
 
+    def forward_prepared(
+        self,
+        prepared: list[np.ndarray],
+        sizes: list[tuple[int, int]],
+        top_k: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Prepared uint8 [3, h, w] images of any sizes → results in their order: one
+        :meth:`forward` per group of one shape (a keep-ratio preprocessor's images differ)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(tuple(p.shape), []).append(i)
+        results: list[dict[str, Any]] = [{} for _ in prepared]
+        for idx in groups.values():
+            pixels = np.stack([prepared[i] for i in idx])  # [b, 3, h, w] uint8
+            out = self.forward(pixels, [sizes[i] for i in idx], top_k)
+            for i, res in zip(idx, out, strict=True):
+                results[i] = res
+        return results
+
     def predict(self, images: list[np.ndarray], top_k: int | None = None) -> list[dict[str, Any]]:
         """RGB uint8 [H, W, 3] images → one result dict per image (see the task methods)."""
         if not images:
             return []
-        pixels = np.stack([self.prepare(img) for img in images])  # [B, 3, h, w] uint8
-        return self.forward(pixels, [img.shape[:2] for img in images], top_k)
+        prepared = [self.prepare(img) for img in images]  # [3, h, w] uint8 each
+        return self.forward_prepared(prepared, [img.shape[:2] for img in images], top_k)
 
     # ------------------------------------------------------------------ tasks
     def _classify(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
@@ -172,10 +191,12 @@ class Predictor:
         return [{"embedding": e} for e in emb]
 
     def _segment_logits(self, pixels: Any) -> list[torch.Tensor]:
-        """[C, h', w'] logits per prepared image: one forward when the images are one model
-        window (a square-resize preprocessor), else mmseg's slide test with that window over
-        the whole prepared image (a keep-ratio preprocessor, size {shortest_edge, longest_edge}:
-        the training scale, as the training run's eval)."""
+        """[C, h', w'] logits per prepared image: one forward when a square-resize
+        preprocessor makes every image one model window (transformers' way for
+        microsoft/beit-*-finetuned-ade-*), else mmseg's slide test with that window over the
+        whole prepared image. A keep-ratio preprocessor (size {shortest_edge, longest_edge}: the
+        training scale, as a run exports) always slides, also for an image that comes out at
+        exactly one window, so the logits are the run's eval's (``segment_logits``)."""
         from beit_ray.data.segmentation import slide_logits
 
         window = int(self.model.config.image_size)
@@ -194,7 +215,7 @@ class Predictor:
         out: list[torch.Tensor] = []
         for g in groups:
             x = self.preprocessor.normalize(g.to(self.device)).to(self.dtype)  # [b, 3, h, w]
-            if tuple(x.shape[-2:]) == (window, window):
+            if self.preprocessor.fixed_size and tuple(x.shape[-2:]) == (window, window):
                 out.extend(run(x).float())
             else:
                 out.extend(slide_logits(run, x, window, int(self.model.config.num_labels)))

@@ -122,14 +122,18 @@ class Preprocessor:
         *,
         segmentation: bool = False,
         crop_pct: float | None = None,
+        seg_scale: tuple[int, int] | None = None,
         **overrides: Any,
     ) -> Preprocessor:
         """The processor we export, which is also the fine-tuning run's eval transform.
 
         Classification (and MIM / features): BEiT's eval (unilm ``build_transform``): resize
         the shorter side to ``int(image_size / crop_pct)`` (bicubic), center-crop
-        ``image_size``; ``crop_pct`` unset: :func:`eval_crop_pct`. Segmentation: resize to
-        ``image_size`` square (bilinear, as microsoft/beit-*-finetuned-ade-*)."""
+        ``image_size``; ``crop_pct`` unset: :func:`eval_crop_pct`. Segmentation with
+        ``seg_scale`` (long, short): mmseg's test rescale, ratio kept, as large as fits both
+        edges (size {shortest_edge: short, longest_edge: long}, bilinear, no crop; the model
+        then slides ``image_size`` windows); without: resize to ``image_size`` square
+        (bilinear, as microsoft/beit-*-finetuned-ade-*)."""
         family = "vit" if model_type == "vit" else "beit"
         square = {"height": image_size, "width": image_size}
         cfg: dict[str, Any] = {
@@ -149,6 +153,13 @@ class Preprocessor:
             cfg.update(
                 size={"shortest_edge": int(image_size / pct)}, resample=3, do_center_crop=True
             )
+        elif seg_scale is not None:
+            if len(seg_scale) != 2 or min(seg_scale) <= 0:
+                raise ValueError(f"seg_scale must be two positive edges (long, short): {seg_scale}")
+            cfg["size"] = {
+                "shortest_edge": int(min(seg_scale)),
+                "longest_edge": int(max(seg_scale)),
+            }
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(cfg)
 
@@ -168,6 +179,11 @@ class Preprocessor:
             json.dump(self.to_dict(), f, indent=2)
 
     # ------------------------------------------------------------------ geometry
+    @property
+    def fixed_size(self) -> bool:
+        """Every image comes out at one size (square resize or center crop): batches stack."""
+        return self.do_center_crop or (self.do_resize and "height" in self.size)
+
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) after the resize step, with transformers' rounding."""
         if not self.do_resize:

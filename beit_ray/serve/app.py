@@ -104,15 +104,14 @@ class ModelServer:
     async def run(
         self, items: list[tuple[np.ndarray, tuple[int, int], int]]
     ) -> list[dict[str, Any]]:
-        """Items: (uint8 [3, h, w] from prepare, original (H, W), top_k)."""
-        import torch
-
+        """Items: (uint8 [3, h, w] from prepare, original (H, W), top_k). One forward per
+        shape: a segmentation model exported at its training scale keeps each image's ratio."""
         self.batch_sizes.append(len(items))
-        pixels = torch.from_numpy(np.stack([item[0] for item in items]))  # [B, 3, h, w]
+        prepared = [item[0] for item in items]  # [3, h, w] uint8 each
         sizes = [item[1] for item in items]
         top_k = max(item[2] for item in items)
         # off the event loop, so the next batch can gather while this one computes
-        results = await asyncio.to_thread(self.predictor.forward, pixels, sizes, top_k)
+        results = await asyncio.to_thread(self.predictor.forward_prepared, prepared, sizes, top_k)
         for res, (_, _, k) in zip(results, items, strict=True):
             for key in ("top_ids", "top_labels", "top_scores"):
                 if key in res:

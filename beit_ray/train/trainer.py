@@ -156,15 +156,29 @@ def export(
         raise RuntimeError(
             f"consolidated checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
         )
-    data = getattr(cfg, "data", None)  # the run's eval crop, so labelling scores as the run did
-    crop = {"crop_pct": data.crop_pct} if data is not None and data.crop_pct else None
     export_hf(
         model.eval(),
         model_uri,
         id2label=extra.get("id2label"),
         storage=cfg.storage,
-        preprocessor=crop,
+        preprocessor=export_preprocessor(cfg),
     )
+
+
+def export_preprocessor(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Keys of the exported preprocessor_config.json that carry the run's own eval transform,
+    so labelling and serving the export score as the run did: classification's eval crop;
+    segmentation's test rescale to the training scale, ratio kept (size {shortest_edge: crop,
+    longest_edge: 4 crop} by default; :func:`beit_ray.data.segmentation.eval_preprocessor`)."""
+    data = getattr(cfg, "data", None)
+    if isinstance(cfg, FinetuneConfig) and cfg.task == "segmentation":
+        from beit_ray.data.segmentation import train_scale
+
+        return {
+            "seg_scale": train_scale(cfg.data.image_size, cfg.seg_scale),
+            "do_reduce_labels": cfg.reduce_labels,
+        }
+    return {"crop_pct": data.crop_pct} if data is not None and data.crop_pct else None
 
 
 def steps_per_pass(cfg: TrainConfig, train_ds: Any, rows: int | None = None) -> int:
