@@ -169,6 +169,26 @@ def test_label_path_equals_the_runs_eval(run_export, photos, tmp_path, monkeypat
     assert abs(run["pixel_acc"] - labelled["pixel_acc"]) < 1e-3
 
 
+def test_forward_prepared_runs_one_forward_per_shape(run_export, photos, monkeypatch) -> None:
+    """Prepared images of mixed shapes: grouped by shape, results back in input order."""
+    from beit_ray.infer.predictor import Predictor
+
+    pred = Predictor(run_export, "segment")
+    images = list(_images(photos).values())
+    prepared = [pred.prepare(img) for img in images]
+    sizes = [img.shape[:2] for img in images]
+    calls: list[tuple[int, ...]] = []
+    forward = pred.forward
+    monkeypatch.setattr(
+        pred, "forward", lambda p, s, k=None: calls.append(p.shape) or forward(p, s, k)
+    )
+    out = pred.forward_prepared(prepared, sizes)
+    assert len(calls) == len({p.shape for p in prepared}) == 4 < len(images)
+    assert (3, 3, 32, 48) in calls  # 300x451 and both 64x96 images rescale to 32x48: one batch
+    for img, res in zip(images, out, strict=True):
+        assert res["mask"].shape == img.shape[:2]
+
+
 def test_classify_still_needs_a_fixed_size(run_export, tmp_path) -> None:
     """Only segment slides over images of any size; classify/embed keep one fixed shape."""
     from beit_ray.config import ConfigError, parse_args

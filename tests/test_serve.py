@@ -32,6 +32,8 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             build_model("debug", task, num_labels=n),
             str(root / task),
             id2label={i: f"{task[:3]}_{i}" for i in range(n)},
+            # segmentation as a run exports it: ratio kept, at the training scale (128, 32)
+            preprocessor={"seg_scale": (128, 32)} if task == "segmentation" else None,
         )
         out[task] = str(root / task)
     return out
@@ -129,6 +131,31 @@ def test_endpoints_match_batch_predictor(server, checkpoints, photos):
         assert {"/classify", "/segment", "/healthz", "/labels"} <= set(
             client.get(f"{server}/openapi.json").json()["paths"]
         )
+
+
+def test_segment_batches_images_of_different_sizes(server, checkpoints, photos):
+    """Concurrent /segment requests of other sizes and ratios (keep-ratio export): each mask
+    at its image's size, as the predictor's per-image result; one forward per shape."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from beit_ray.infer.predictor import Predictor
+
+    src = photos["coffee"]  # 400x600
+    crops = [src[:300, :451], src[:90, :200], src[:64, :96], src[64:128, 96:192], src[:40, :400]]
+    segmenter = Predictor(checkpoints["segmentation"], "segment")
+
+    def post(img: np.ndarray) -> np.ndarray:
+        with httpx.Client(timeout=60) as client:
+            r = _post(client, f"{server}/segment", _png(Image.fromarray(img)), "image/png",
+                      headers={"Accept": "image/png"})  # fmt: skip
+            assert r.status_code == 200, r.text
+            return np.asarray(Image.open(io.BytesIO(r.content)))
+
+    with ThreadPoolExecutor(len(crops)) as pool:
+        masks = list(pool.map(post, crops))
+    for img, mask in zip(crops, masks, strict=True):
+        assert mask.shape == img.shape[:2]
+        assert (mask == segmenter.predict([img])[0]["mask"]).mean() > 0.999
 
 
 def test_bad_requests_get_4xx_json(server, photos):
