@@ -26,6 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+MOTO: list[Any] = []  # the session's ThreadedMotoServer
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's real S3 server on 127.0.0.1; sets AWS_* so every layer (and Ray workers) uses it.
@@ -37,6 +40,7 @@ def s3_server():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    MOTO.append(server)  # tests that count requests wrap its WSGI app
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     env = {

@@ -7,9 +7,13 @@ duplicates and no gaps, and the same predictions as a direct transformers forwar
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -147,6 +151,30 @@ def reference(classifier, photos) -> dict[str, tuple[list[int], np.ndarray]]:
     return out
 
 
+@contextlib.contextmanager
+def tar_reads() -> Iterator[Counter[str]]:
+    """GETs of .tar objects the moto server answers, and their bytes, from every process (the
+    Ray workers included): the server's WSGI app is wrapped meanwhile."""
+    from conftest import MOTO
+
+    server, got, lock = MOTO[0]._server, Counter(), threading.Lock()
+    app = server.app
+
+    def counting(environ: dict, start_response: object) -> list[bytes]:
+        body = list(app(environ, start_response))
+        if environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"].endswith(".tar"):
+            with lock:
+                got["requests"] += 1
+                got["bytes"] += sum(len(b) for b in body)
+        return body
+
+    server.app = counting
+    try:
+        yield got
+    finally:
+        server.app = app
+
+
 def _cfg(**kw: object) -> LabelConfig:
     argv = [f"--{k}={v}" for k, v in kw.items()]
     argv += ["--ray.num_cpus", "4", "--actors.num_cpus", "0.5", "--actors.max_actors", "1"]
@@ -163,17 +191,28 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
     cfg = _cfg(input=f"s3://{bucket}/{src}", output=out, checkpoint=classifier, chunk_size=3)
     assert cfg.layout == "auto"  # detected as the data pipeline does
     n = len(expect[layout])
+    tars = layout != "parquet"  # object-store tars: one task streams each tar once
+    fs, path = st.filesystem(cfg.input)
+    size = sum(i["size"] for i in fs.ls(path, detail=True) if i["name"].endswith(".tar"))
 
-    if interrupt:
-        with pytest.raises(LabelInterrupted):
-            label(cfg, stop_after_chunks=1)
-        assert len(read_parts(out, columns=["path"])) == 3  # one whole chunk, nothing partial
-        assert "listing the images" in capsys.readouterr().out
-    summary = label(cfg)  # (again:) the same command finishes the rest
+    with tar_reads() as reads:
+        if interrupt:
+            with pytest.raises(LabelInterrupted):
+                label(cfg, stop_after_chunks=1)  # a chunk; with tars, a whole tar (n01: 4 rows)
+            first = 4 if tars else 3
+            assert len(read_parts(out, columns=["path"])) == first  # nothing partial
+            said = capsys.readouterr().out
+            assert ("each read once" if tars else "listing the images") in said
+        summary = label(cfg)  # (again:) the same command finishes the rest
     if interrupt:
         assert "listing the images" not in capsys.readouterr().out  # the saved listing is reused
-        assert summary["chunks_resumed"] == 1 and summary["processed_this_run"] == n - 3
+        assert summary["chunks_resumed"] == 1 and summary["processed_this_run"] == n - first
     assert summary["files"] == n and summary["layout"] == "auto"
+    if tars:  # each tar read once in all (and the first one's headers, to detect the layout)
+        assert 0 < size <= reads["bytes"] <= 1.05 * size, (reads, size)
+        with tar_reads() as again:
+            assert label(cfg)["processed_this_run"] == 0
+        assert again["requests"] == 0, again  # a finished output: no tar is read
 
     df = read_parts(out).to_pandas()
     assert len(df) == df["path"].nunique() == n  # no duplicates
@@ -191,7 +230,11 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
         np.testing.assert_allclose(row["top_scores"], scores, atol=1e-4)
         assert list(row["top_labels"]) == [f"c{i}" for i in ids]
     plan = json.loads(st.read_text(f"{out}/_PLAN.json"))
-    assert plan["layout"] == layout and plan["inputs"] == n
+    assert plan["layout"] == layout
+    if tars:
+        assert plan["mode"] == "tars" and plan["tars"] == len(st.list_files(f"{out}/_TARS"))
+    else:
+        assert plan["inputs"] == n
 
 
 def test_layout_selection_errors(s3_server, layouts, classifier, tmp_path, photos):

@@ -194,3 +194,94 @@ def test_manifest_commits_append_and_fold(tmp_path):
     m._save_manifest(out, loaded, None)
     m._append_commit(out, loaded, {"3": {"wave": "w3", "files": [], "rows": 1, "errors": 0}}, None)
     assert sorted(m.load_manifest(out)["shards"]) == ["0", "1", "3"]
+
+
+def _stream(path: str, layout: str, chunk_size: int) -> list[tuple[Entry, bytes | None, str]]:
+    from beit_ray.infer.tars import stream_tar
+
+    out = []
+    for entries, blobs, errors in stream_tar(path, layout, chunk_size, None):
+        assert len(entries) <= chunk_size
+        out += list(zip(entries, blobs, errors, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["class_tars", "webdataset"])
+def test_streamed_tar_gives_the_listed_inputs_with_their_bytes(tmp_path, layout):
+    if layout == "class_tars":
+        members = [(f"./n01_{i}.JPEG", bytes([i]) * (700 + i)) for i in range(7)]
+        members += [("._n01_0.JPEG", b"\0" * 9), ("n01_1.JPEG", b"copy")]  # AppleDouble, repeat
+    else:  # samples: image + label, one without an image, one whose keys are split
+        members = [("s0.jpg", b"a" * 900), ("s0.cls", b"1"), ("s1.json", b"{}"), ("s1.txt", b"t")]
+        members += [("s2.cls", b"2"), ("s3.png", b"p" * 40), ("s2.jpg", b"j" * 30)]
+    path = tmp_path / "x.tar"
+    path.write_bytes(_tar(members))
+    listed = inputs.list_container(str(path), layout, "image", None)
+    streamed = _stream(str(path), layout, 3)
+    # the same inputs (the local listing and the stream share one selection)
+    assert sorted(e.path for e, _, _ in streamed) == sorted(e.path for e in listed)
+    first = {}
+    for name, data in members:
+        first.setdefault(name.lstrip("./"), data)
+    for e, data, error in streamed:
+        if e.kind == "tar":
+            assert error == "" and data == first[e.member.lstrip("./")]
+        else:
+            assert data is None and error.startswith("no_image")
+    if layout == "webdataset":
+        got = {e.path.rsplit("/", 1)[1]: error for e, _, error in streamed}
+        assert set(got) == {"s0.jpg", "s1", "s3.png", "s2.jpg"}
+        assert got["s1"] == "no_image: sample has only ['json', 'txt']"
+
+    cut = tmp_path / "cut.tar"  # cut inside the fourth member's data: 3 rows, its, the tar's
+    data = path.read_bytes()
+    cut.write_bytes(data[: 3 * (512 + 1024) + 512 + 200] if layout == "class_tars" else data[:1500])
+    streamed = _stream(str(cut), layout, 2)
+    assert streamed[-1][0].path == str(cut) and streamed[-1][2].startswith("read_failed")
+    bad = [e.path for e, _, error in streamed[:-1] if error]
+    if layout == "class_tars":
+        assert [e.member for e, _, _ in streamed[:3]] == [f"./n01_{i}.JPEG" for i in range(3)]
+        assert bad == [f"{cut}/n01_3.JPEG"] and len(streamed) == 5
+
+
+def test_streamed_tars_resume_by_marker_and_chunk(tmp_path):
+    """A tar unit's chunks are ids tar × TAR_STRIDE + k; a rerun skips the written chunks of an
+    unfinished tar and never reads a finished one (its marker and parts are there)."""
+    from beit_ray.infer.plan import TAR_STRIDE, incomplete, pending_work, read_units, tar_marks
+
+    tars = []
+    for t, n in enumerate((5, 2)):
+        p = tmp_path / f"n{t}.tar"
+        p.write_bytes(_tar([(f"n{t}_{i}.JPEG", bytes([i]) * 600) for i in range(n)]))
+        tars.append(str(p))
+    out = str(tmp_path / "out")
+    units = inputs.Units(str(tmp_path / "_UNITS.parquet"), 2)
+    pq.write_table(pa.table({"path": tars, "size": [0, 0]}), units.uri)
+    p = Plan(units.uri, -1, 2, "", 2, mode="tars", layout="class_tars")
+
+    def run(items: list[dict]) -> list[tuple[int, list[str]]]:
+        batch = {k: [it[k] for it in items] for k in ("chunk", "tar", "skip")}
+        got = read_units(batch, p, None, "image", out)
+        return [(c, [e.member for e in entries]) for c, entries, _, _ in got]
+
+    items, resumed = pending_work(p, units, set(), {}, None)
+    assert resumed == 0 and [i["skip"] for i in items] == ["", ""]
+    # a crash: tar 0 read to its end, only chunks 0 and 2 of its 3 written; tar 1 not begun
+    got = run(items[:1])
+    assert [c for c, _ in got] == [0, 1, 2] and got[2][1] == ["n0_4.JPEG"]
+    assert tar_marks(out, None) == {0: 5}
+    done = {0, 2}
+    assert (
+        incomplete(p, done, tar_marks(out, None))
+        == "1 tars not read to their end, 1 chunks missing"
+    )
+    items, resumed = pending_work(p, units, done, tar_marks(out, None), None)
+    assert resumed == 0 and [(i["chunk"], i["skip"]) for i in items] == [(0, "0,2"), (1, "")]
+    got = run(items)
+    assert [c for c, _ in got] == [1, TAR_STRIDE] and got[0][1] == ["n0_2.JPEG", "n0_3.JPEG"]
+    done |= {1, TAR_STRIDE}
+    marks = tar_marks(out, None)
+    assert marks == {0: 5, 1: 2} and incomplete(p, done, marks) == ""
+    assert pending_work(p, units, done, marks, None) == ([], 2)
+    assert [p.chunk_rows(c, marks) for c in (0, 2, TAR_STRIDE)] == [2, 1, 2]
+    assert not p.holds(3, marks) and not p.holds(2 * TAR_STRIDE, marks) and p.holds(2, marks)

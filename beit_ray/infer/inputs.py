@@ -215,7 +215,7 @@ def _single(cfg: LabelConfig, uris: list[str]) -> Units:
 def resolve_layout(cfg: LabelConfig) -> tuple[str, Units]:
     """The input's layout (``auto`` resolved) and its units: image URIs (files, manifest) or the
     tar/parquet files to open (container layouts), as a parquet listing."""
-    from beit_ray.data.sources import TAR_SUFFIXES, detect_layout
+    from beit_ray.data.sources import TAR_SUFFIXES
 
     layout, lower = cfg.layout, cfg.input.lower()
     if not st.exists(cfg.input, cfg.storage):
@@ -227,7 +227,7 @@ def resolve_layout(cfg: LabelConfig) -> tuple[str, Units]:
             elif lower.endswith(".parquet"):
                 layout = "parquet" if _holds_images(cfg) else "manifest"
             elif lower.endswith(TAR_SUFFIXES):
-                layout = detect_layout([cfg.input], cfg.storage)
+                layout = _tar_layout(cfg, cfg.input)
             else:
                 layout = "files"
         if layout == "manifest":
@@ -249,7 +249,7 @@ def resolve_layout(cfg: LabelConfig) -> tuple[str, Units]:
             layout = "parquet"
         elif kinds["tar"]:
             first = _first(listing, cfg, TAR_SUFFIXES)
-            layout = detect_layout([first], cfg.storage)
+            layout = _tar_layout(cfg, first)
         else:
             layout = "files"
     if layout == "files":
@@ -268,6 +268,22 @@ def _first(units: Units, cfg: LabelConfig, suffixes: tuple[str, ...]) -> str:
             if p.lower().endswith(suffixes):
                 return p
     raise ConfigError(f"input: no {suffixes} file under {cfg.input}")
+
+
+def _tar_layout(cfg: LabelConfig, first: str) -> str:
+    """class_tars or webdataset: the saved plan's on a rerun (no tar is read; a changed input is
+    refused by the plan's digest), else from the first tar's headers."""
+    import json
+
+    from beit_ray.infer.plan import PLAN_NAME
+    from beit_ray.infer.tars import peek_layout
+
+    saved = st.join(cfg.output, PLAN_NAME)
+    if st.exists(saved, cfg.storage):
+        layout = json.loads(st.read_text(saved, cfg.storage)).get("layout")
+        if layout in ("class_tars", "webdataset"):
+            return layout
+    return peek_layout(first, cfg.storage)
 
 
 def _holds_images(cfg: LabelConfig) -> bool:
@@ -366,7 +382,7 @@ def list_container(
     uri: str, layout: str, image_column: str, storage: StorageConfig | None
 ) -> list[Entry]:
     """The images inside one tar or parquet file, in its own order (one Ray task per file)."""
-    from beit_ray.data.sources import IMAGE_SUFFIXES, parquet_image_rows
+    from beit_ray.data.sources import parquet_image_rows
 
     if layout == "parquet":
         try:
@@ -374,31 +390,11 @@ def list_container(
         except Exception as e:
             return [Entry(uri, "error", member=f"read_failed: {type(e).__name__}: {e}"[:500])]
         return [Entry(f"{uri}#{i}", "parquet", uri, str(i)) for i in range(n)]
+    from beit_ray.infer.tars import select_members
+
     members, error = tar_index(uri, storage)
-    out, seen = [], set()
-    samples: dict[str, list[tuple[str, int, int]]] = {}  # webdataset: key → members, in order
-    for name, offset, size in members:
-        path = member_path(uri, name)
-        if path in seen or posixpath.basename(name).startswith("."):  # AppleDouble ._x.jpg
-            continue
-        seen.add(path)
-        if layout == "class_tars":
-            out.append(Entry(path, "tar", uri, name, offset, size))
-            continue
-        folder, base = posixpath.split(name)
-        key = posixpath.join(folder, base.partition(".")[0])
-        samples.setdefault(key, []).append((name, offset, size))
-    for key, group in samples.items():
-        image = next((m for m in group if m[0].lower().endswith(IMAGE_SUFFIXES)), None)
-        if image is not None:
-            out.append(Entry(member_path(uri, image[0]), "tar", uri, *image))
-        elif member_path(uri, key) not in seen:
-            exts = sorted(posixpath.basename(m[0]).partition(".")[2] for m in group)
-            reason = f"no_image: sample has only {exts}"
-            out.append(Entry(member_path(uri, key), "error", member=reason))
-    if error:
-        out.append(Entry(uri, "error", member=error))
-    return out
+    listed = ((name, offset, size, None, "") for name, offset, size in members)
+    return [e for e, _, _ in select_members(uri, layout, listed, error)]
 
 
 def mask_uri(output: str, root: str, uri: str) -> str:

@@ -52,15 +52,18 @@ import pyarrow.parquet as pq
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig, to_dict
 from beit_ray.infer.config import LabelConfig, resolve_dtype
-from beit_ray.infer.inputs import fetch, input_root, mask_uri, resolve_layout
+from beit_ray.infer.inputs import input_root, mask_uri, resolve_layout
 from beit_ray.infer.plan import (
     PART_META_KEY,
     Ledger,
     Plan,
     build_plan,
     coverage,
+    incomplete,
     part_counts,
-    read_chunk,
+    pending_work,
+    read_units,
+    tar_marks,
 )
 from beit_ray.runtime import print0
 
@@ -152,9 +155,7 @@ def decode_batch(
 def read_decode(
     batch: dict[str, np.ndarray],
     *,
-    plan_uri: str,
-    plan_version: str,
-    chunk_size: int,
+    plan: Plan,
     preprocessor: Any,
     max_pixels: int,
     storage: StorageConfig | None,
@@ -163,11 +164,10 @@ def read_decode(
     root: str,
     masks: bool,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data task: chunk ids → one row per chunk holding its decoded images and their paths
-    (a chunk never splits across blocks, so one actor sees all of it)."""
-    for chunk in batch["chunk"]:
-        entries = read_chunk(plan_uri, int(chunk), chunk_size, storage, plan_version)
-        blobs, errors = fetch(entries, storage, image_column)
+    """Ray Data task: work items (chunk ids, or whole object-store tars) → one row per chunk
+    holding its decoded images and their paths (a chunk never splits across blocks, so one
+    actor sees all of it)."""
+    for chunk, entries, blobs, errors in read_units(batch, plan, storage, image_column, output):
         out = decode_batch(blobs, errors, preprocessor, max_pixels)
         meta = {
             "path": [e.path for e in entries],
@@ -400,18 +400,24 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     plan = build_plan(cfg, layout, units)
     done = done_chunks(cfg.output, cfg.storage)
     ledger = Ledger(cfg.output, cfg.storage).load()
+    marks = tar_marks(cfg.output, cfg.storage) if plan.mode == "tars" else {}
 
     def part_uri(c: int) -> str:
         return st.join(cfg.output, part_name(c))
 
-    coverage(plan, done, ledger, part_uri, cfg.storage)  # the parts present are whole
-    pending = [c for c in range(plan.chunks) if c not in done]
-    resumed = plan.chunks - len(pending)
-    print0(
-        f"label: {plan.inputs} images ({layout}, {units.count} files) in {plan.chunks} chunks; "
-        f"{resumed} already written"
-    )
-    if stop_after_chunks is not None:
+    coverage(plan, done, ledger, part_uri, cfg.storage, marks)  # the parts present are whole
+    pending, resumed = pending_work(plan, units, done, marks, cfg.storage)
+    if plan.mode == "tars":
+        print0(
+            f"label: {plan.chunks} {layout} files, each read once by one task; "
+            f"{resumed} already written"
+        )
+    else:
+        print0(
+            f"label: {plan.inputs} images ({layout}, {units.count} files) in {plan.chunks} "
+            f"chunks; {resumed} already written"
+        )
+    if stop_after_chunks is not None:  # chunks, or whole tars
         pending = pending[:stop_after_chunks]
     processed, run_seconds, timing = 0, 0.0, {}
     if pending:
@@ -436,21 +442,19 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     return summary
 
 
-def _graph(cfg: LabelConfig, plan: Plan, pending: list[int], preprocessor: Any) -> Any:
-    """Pending chunk ids → read/decode tasks → predictor actors that write the parts."""
+def _graph(cfg: LabelConfig, plan: Plan, items: list[dict[str, Any]], preprocessor: Any) -> Any:
+    """Pending work items (chunk ids, or tar URIs: the inputs stay in the plan file) → read/decode
+    tasks → predictor actors that write the parts."""
     import ray
 
     from beit_ray.runtime import init_ray
 
     init_ray(cfg.ray, cfg.storage)
-    items = [{"chunk": c} for c in pending]  # ints only: the inputs stay in the plan file
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
     ds = ds.map_batches(
         read_decode,
         fn_kwargs={
-            "plan_uri": plan.uri,
-            "plan_version": plan.inputs_sha256,
-            "chunk_size": plan.chunk_size,
+            "plan": plan,
             "preprocessor": preprocessor,
             "max_pixels": cfg.predict.max_pixels,
             "storage": cfg.storage,
@@ -524,10 +528,11 @@ def _summarize(
 ) -> dict[str, Any]:
     """Counts over every part (from the ledger), each part checked against its chunk's size."""
     done = done_chunks(cfg.output, cfg.storage)
-    if len(done) != plan.chunks:
-        missing = sum(plan.chunk_rows(c) for c in range(plan.chunks) if c not in done)
-        raise RuntimeError(f"output does not match the input list: {missing} missing")
-    totals = coverage(plan, done, ledger, part_uri, cfg.storage)
+    marks = tar_marks(cfg.output, cfg.storage) if plan.mode == "tars" else {}
+    gap = incomplete(plan, done, marks)
+    if gap:
+        raise RuntimeError(f"output does not match the input list: {gap}")
+    totals = coverage(plan, done, ledger, part_uri, cfg.storage, marks)
     if totals["recovered"]:
         ledger.compact()
     reasons = totals["reasons"]
@@ -537,11 +542,11 @@ def _summarize(
         "checkpoint": cfg.checkpoint,
         "task": cfg.task,
         "layout": cfg.layout,
-        "files": plan.inputs,
+        "files": totals["rows"],
         "ok": totals["rows"] - totals["errors"],
         "errors": totals["errors"],
         "error_reasons": dict(reasons.most_common()),
-        "chunks": plan.chunks,
+        "chunks": len(done),
         "chunks_resumed": resumed,
         "processed_this_run": processed,
         "seconds": round(seconds, 3),

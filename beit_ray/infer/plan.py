@@ -5,6 +5,13 @@ fields), in row groups of ~4k inputs: a read task loads just its chunk's row gro
 streamed from the listing; a rerun recomputes only its digest (files, manifest) or reuses it
 outright (container layouts: the containers' digest matches), so tars are listed once.
 
+Tars on an object store are planned whole instead (``mode`` tars): listing their members would
+stream each tar once, and labelling would read the member spans again. One task per tar streams
+it once and cuts it into chunks as its members arrive; chunk ``k`` of the ``t``-th tar (in the
+sorted tar listing) is part ``t * TAR_STRIDE + k``. At its end the task writes the marker
+``_TARS/tar-<t>-<inputs>``, so a rerun knows each finished tar's chunks from one listing, and
+never reads a tar whose marker and parts are all there.
+
 ``_PARTS/seg-*.parquet`` is the ledger: (chunk, rows, errors, reasons) of every written part,
 appended by the driver as parts complete and compacted at the end of a run. A part also keeps
 its counts in its own footer (key ``beit_ray.part``), so a part written after the last ledger
@@ -16,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +37,13 @@ import pyarrow.parquet as pq
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig
 from beit_ray.infer.config import LabelConfig
-from beit_ray.infer.inputs import CONTAINER_LAYOUTS, Entry, Units, list_container
+from beit_ray.infer.inputs import CONTAINER_LAYOUTS, Entry, Units, fetch, list_container
 from beit_ray.runtime import print0
 
-PLAN_NAME, INPUTS_NAME, LEDGER_DIR = "_PLAN.json", "_INPUTS.parquet", "_PARTS"
+PLAN_NAME, INPUTS_NAME, LEDGER_DIR, MARKS_DIR = "_PLAN.json", "_INPUTS.parquet", "_PARTS", "_TARS"
+TAR_LAYOUTS = ("class_tars", "webdataset")
+TAR_STRIDE = 100_000  # part ids of one streamed tar: tar index × TAR_STRIDE + its chunk
+MARK_RE = re.compile(r"^tar-(\d+)-(\d+)$")
 PART_META_KEY = b"beit_ray.part"
 INPUTS_PER_ROW_GROUP = 4096
 PLAN_SCHEMA = pa.schema(
@@ -70,9 +82,25 @@ class Plan:
     chunks: int
     inputs_sha256: str
     chunk_size: int
+    mode: str = "members"
+    """members: fixed chunks of the listed inputs (``_INPUTS.parquet``); tars: ``chunks`` is the
+    number of object-store tars, each streamed once by one task (``inputs`` unknown: -1)."""
+    layout: str = ""
 
-    def chunk_rows(self, c: int) -> int:
-        return min(self.chunk_size, self.inputs - c * self.chunk_size)
+    def chunk_rows(self, c: int, marks: dict[int, int] | None = None) -> int | None:
+        """Rows part ``c`` must hold (None: a streamed tar not yet read to its end)."""
+        if self.mode != "tars":
+            return min(self.chunk_size, self.inputs - c * self.chunk_size)
+        t, k = divmod(c, TAR_STRIDE)
+        n = (marks or {}).get(t)
+        return None if n is None else min(self.chunk_size, n - k * self.chunk_size)
+
+    def holds(self, c: int, marks: dict[int, int] | None = None) -> bool:
+        """Part ``c`` belongs to this plan."""
+        if self.mode != "tars":
+            return 0 <= c < self.chunks
+        rows = self.chunk_rows(c, marks)
+        return 0 <= c // TAR_STRIDE < self.chunks and (rows is None or rows > 0)
 
 
 class PlanWriter:
@@ -168,9 +196,19 @@ def build_plan(cfg: LabelConfig, layout: str, units: Units) -> Plan:
     if layout in CONTAINER_LAYOUTS:
         head["containers_sha256"] = _units_digest(units, cfg.storage)
     old = _old_plan(cfg)
+    streamed = layout in TAR_LAYOUTS and st.is_remote(cfg.input)
+    head["mode"] = "tars" if streamed else "members"
     if old is not None:
         old.setdefault("layout", layout)  # plans written before layouts existed
+        old.setdefault("mode", "members")  # and before tars were streamed
+        head["mode"] = old["mode"]  # an output keeps the plan it was started with
         _refuse(cfg, [k for k in head if old.get(k) != head[k]])
+    if head["mode"] == "tars":
+        if old is None:
+            record = {**head, "tars": units.count}
+            st.write_text(st.join(cfg.output, PLAN_NAME), json.dumps(record, indent=1), cfg.storage)
+        sha = head["containers_sha256"]
+        return Plan(units.uri, -1, units.count, sha, cfg.chunk_size, "tars", layout)  # type: ignore[arg-type]
     have_inputs = old is not None and _inputs_ok(inputs_uri, cfg.storage)
     if layout in CONTAINER_LAYOUTS and have_inputs:  # the saved listing: no tar is read again
         return Plan(inputs_uri, old["inputs"], old["chunks"], old["inputs_sha256"], cfg.chunk_size)  # type: ignore[index]
@@ -247,6 +285,87 @@ def read_chunk(
 
 
 _GROUP_CACHE: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------- work units
+
+
+def tar_marks(output: str, storage: StorageConfig | None) -> dict[int, int]:
+    """tar index → its inputs, for every streamed tar read to its end (one listing)."""
+    fs, path = st.filesystem(st.join(output, MARKS_DIR), storage)
+    if not fs.exists(path):
+        return {}
+    names = (os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return {int(m.group(1)): int(m.group(2)) for n in names if (m := MARK_RE.match(n))}
+
+
+def pending_work(
+    plan: Plan, units: Units, done: set[int], marks: dict[int, int], storage: StorageConfig | None
+) -> tuple[list[dict[str, Any]], int]:
+    """The work items of the unfinished units (chunk ids; or tars, each with its URI and the
+    chunks already written) and how many units are finished."""
+    if plan.mode != "tars":
+        items = [{"chunk": c} for c in range(plan.chunks) if c not in done]
+        return items, plan.chunks - len(items)
+    written: dict[int, list[int]] = defaultdict(list)
+    for c in done:
+        written[c // TAR_STRIDE].append(c % TAR_STRIDE)
+    items, t = [], 0
+    for batch in units.batches(storage):
+        for uri in batch.column("path").to_pylist():
+            have = written.get(t, [])
+            if t not in marks or len(have) < -(-marks[t] // plan.chunk_size):
+                items.append({"chunk": t, "tar": uri, "skip": ",".join(map(str, sorted(have)))})
+            t += 1
+    return items, plan.chunks - len(items)
+
+
+def incomplete(plan: Plan, done: set[int], marks: dict[int, int]) -> str:
+    """What the output still lacks ("" when every input has its row)."""
+    if plan.mode != "tars":
+        missing = sum(plan.chunk_rows(c) or 0 for c in range(plan.chunks) if c not in done)
+        return f"{missing} missing" if missing else ""
+    unread = plan.chunks - len(marks)
+    gaps = sum(
+        1
+        for t, n in marks.items()
+        for k in range(-(-n // plan.chunk_size))
+        if t * TAR_STRIDE + k not in done
+    )
+    return f"{unread} tars not read to their end, {gaps} chunks missing" if unread or gaps else ""
+
+
+def read_units(
+    batch: dict[str, Any],
+    plan: Plan,
+    storage: StorageConfig | None,
+    image_column: str,
+    output: str,
+) -> Iterator[tuple[int, list[Entry], list[bytes | None], list[str]]]:
+    """In a read task: each work item's chunks as (chunk id, entries, bytes, errors). A streamed
+    tar is read once, its finished chunks skipped, its marker written at its end."""
+    if plan.mode != "tars":
+        for chunk in batch["chunk"]:
+            entries = read_chunk(plan.uri, int(chunk), plan.chunk_size, storage, plan.inputs_sha256)
+            yield (int(chunk), entries, *fetch(entries, storage, image_column))
+        return
+    from beit_ray.infer.tars import stream_tar
+
+    for t, uri, skip in zip(batch["chunk"], batch["tar"], batch["skip"], strict=True):
+        t, skipped = int(t), {int(k) for k in str(skip).split(",") if k}
+        inputs = 0
+        for k, (entries, blobs, errors) in enumerate(
+            stream_tar(str(uri), plan.layout, plan.chunk_size, storage)
+        ):
+            if k >= TAR_STRIDE:
+                raise RuntimeError(
+                    f"{uri} holds over {TAR_STRIDE} chunks of {plan.chunk_size}: raise chunk_size"
+                )
+            inputs += len(entries)
+            if k not in skipped:
+                yield t * TAR_STRIDE + k, entries, blobs, errors
+        # after the last chunk: the marker says how many inputs (so chunks) the tar has
+        st.write_bytes(st.join(output, MARKS_DIR, f"tar-{t:07d}-{inputs}"), b"", storage)
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -332,10 +451,16 @@ def part_footer_counts(uri: str, storage: StorageConfig | None) -> dict[str, Any
 
 
 def coverage(
-    plan: Plan, done: set[int], ledger: Ledger, part_uri: Any, storage: StorageConfig | None
+    plan: Plan,
+    done: set[int],
+    ledger: Ledger,
+    part_uri: Any,
+    storage: StorageConfig | None,
+    marks: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Totals over the written parts, each checked against its chunk's size in the plan."""
-    extra = sorted(c for c in done if c >= plan.chunks)
+    """Totals over the written parts, each checked against its chunk's size in the plan (a
+    streamed tar's: from its marker)."""
+    extra = sorted(c for c in done if not plan.holds(c, marks))
     if extra:
         raise RuntimeError(f"output holds parts {extra[:5]} beyond the plan's {plan.chunks} chunks")
     missing = [c for c in done if c not in ledger.entries]
@@ -346,9 +471,10 @@ def coverage(
     reasons: Counter[str] = Counter()
     for c in done:
         r, e, why = ledger.entries[c]
-        if r != plan.chunk_rows(c):
+        want = plan.chunk_rows(c, marks)
+        if r != want and (want is not None or r > plan.chunk_size):
             raise RuntimeError(
-                f"output does not match the input list: part {c} has {r} rows, its chunk {plan.chunk_rows(c)}"
+                f"output does not match the input list: part {c} has {r} rows, its chunk {want}"
             )
         rows, errors = rows + r, errors + e
         if why:
