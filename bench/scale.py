@@ -15,7 +15,8 @@ driver's peak RSS (``ru_maxrss``) is that step's alone. Steps:
   ``--label-n`` inputs (through a model, 2 cores: 100k would take too long here).
 - ``noop``: the same command rerun on a finished output: at every N, the output is first
   completed by writing each chunk's part directly (the rows a run would write, minus the model).
-- ``tars``: class tars on S3: bytes the listing and the labelling reads fetch, over the tars' size.
+- ``tars``: a labelling run over class tars on S3 (``--tars``), then its no-op rerun: bytes of
+  the tars fetched (GETs of .tar objects), over the tars' size, and requests per image.
 - ``train listing``: :func:`beit_ray.data.listing.list_parts`, the training jobs' listing
   (parallel Ray tasks, shuffled parquet parts, a 5 % validation split counted).
 - ``pretrain first batch``: pretraining data built from that listing (read back, as a run
@@ -81,6 +82,7 @@ class Counting:
         self.app, self.lock = app, threading.Lock()
         self.requests: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
+        self.tars: Counter[str] = Counter()  # GETs of .tar objects: requests, bytes
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         method = environ["REQUEST_METHOD"]
@@ -88,11 +90,15 @@ class Counting:
         with self.lock:
             self.requests[method] += 1
             self.bytes[method] += sum(len(b) for b in body)
+            if method == "GET" and environ["PATH_INFO"].endswith(".tar"):
+                self.tars["requests"] += 1
+                self.tars["bytes"] += sum(len(b) for b in body)
         return body
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return {"requests": dict(self.requests), "bytes": dict(self.bytes)}
+            return {"requests": dict(self.requests), "bytes": dict(self.bytes),
+                    "tars": dict(self.tars)}  # fmt: skip
 
 
 def start_moto() -> tuple[str, Counting]:
@@ -208,20 +214,15 @@ def step_noop(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_tars(a: dict[str, Any]) -> dict[str, Any]:
-    """List class tars (Ray tasks), then fetch every chunk's members as the read tasks do."""
-    from beit_ray.infer.inputs import fetch, resolve_layout
-    from beit_ray.infer.plan import build_plan, read_chunk
+    """Label class tars on S3 as the job does (each tar streamed once by one read task)."""
+    from beit_ray.infer.label import label
 
-    cfg = _cfg(a["src"], a["out"], "x")
-    layout, units = resolve_layout(cfg)
-    plan = build_plan(cfg, layout, units)
-    print("PHASE listed", flush=True)
-    sys.stdin.readline()  # the parent snapshots its counters between the phases
+    cfg = _cfg(a["src"], a["out"], a["ckpt"])
     t = time.perf_counter()
-    for c in range(plan.chunks):
-        _, errors = fetch(read_chunk(plan.uri, c, plan.chunk_size, cfg.storage), cfg.storage, "")
-        assert not any(errors), errors[:3]
-    return {"seconds": time.perf_counter() - t, "inputs": plan.inputs, "layout": layout}
+    summary = label(cfg)
+    assert summary["ok"] == summary["files"], summary["error_reasons"]
+    return {"seconds": time.perf_counter() - t, "files": summary["files"],
+            "images_per_s": summary["images_per_s"]}  # fmt: skip
 
 
 def _steps() -> dict[str, Any]:
@@ -444,15 +445,16 @@ def main() -> None:
             tars = {f"n{t:04d}.tar": _tar([(f"n{t:04d}_{i}.JPEG", data) for i in range(m)])
                     for t in range(k)}  # fmt: skip
             s3_objects("tars", "in", tars)
-            res = run_child("tars", counter, src="s3://tars/in", out=f"{run}/tars")
             size = sum(len(v) for v in tars.values())
-            res["tar_bytes_listing"] = res["s3_listed"]["bytes"].get("GET", 0) / size
-            res["tar_bytes_labelling"] = res["s3_after_listed"]["bytes"].get("GET", 0) / size
-            res["requests_labelling"] = sum(res["s3_after_listed"]["requests"].values())
-            add("s3", k * m, f"class tars ({k}x{m}) fetch", res)
-            print(f"tar bytes read / tar size: listing {res['tar_bytes_listing']:.3f}, "
-                  f"labelling reads {res['tar_bytes_labelling']:.3f}; "
-                  f"{res['requests_labelling']} requests for {k * m} members", flush=True)  # fmt: skip
+            src, out = "s3://tars/in", f"s3://tars/out-{os.getpid()}"
+            for step, name in (("tars", "label"), ("noop", "noop rerun")):
+                res = run_child(step, counter, src=src, out=out, ckpt=ckpt)
+                res["tar_bytes"] = res["s3"]["tars"].get("bytes", 0) / size
+                add("s3", k * m, f"class tars ({k}x{m}) {name}", res)
+                print(f"tar bytes read / tar size: {res['tar_bytes']:.4f} "
+                      f"({res['s3']['tars'].get('requests', 0)} GETs of tars); "
+                      f"{sum(res['s3']['requests'].values())} requests for {k * m} members",
+                      flush=True)  # fmt: skip
     print()
     print(fmt(rows))
     if args.json:

@@ -7,18 +7,20 @@ path = ``<parquet uri>#<row index>``). See :mod:`beit_ray.infer.inputs`.
 
 Scales out: the input list lives in parquet (``_INPUTS.parquet``, one row per chunk), never in
 driver memory. Each chunk is one Ray Data row: a read task fetches its images (one GET per
-object; a tar's members by their listed offsets, one ranged read per run of members, so a tar
-is never re-read from its start) and decodes them; a predictor actor labels them and writes the
-chunk's ``part-NNNNN.parquet`` itself (atomically: temp + rename locally; an S3 PUT is
-atomic), returning only its counts. The driver appends those counts to the ledger
+object; a local tar's members by their listed offsets, one ranged read per run of members; a
+tar on an object store is streamed once by one read task, which cuts it into chunks as its
+members arrive, since listing it first would read it twice) and decodes them; a predictor
+actor labels them and writes the chunk's ``part-NNNNN.parquet`` itself (atomically: temp +
+rename locally; an S3 PUT is atomic), returning only its counts. The driver appends those counts to the ledger
 (:mod:`beit_ray.infer.plan`), so a rerun checks coverage from a listing of the output and the
 ledger, without reading any part.
 
 Resumable and exact: the input list (sorted; container members in their own order) is cut into
-fixed chunks, and a rerun of the same command writes only chunks whose part is missing. Every
-input gives exactly one row; unreadable, corrupt, non-image and oversized files or members
-give a row whose ``error`` says why; a tar that cannot be listed (to its end) gives one more row
-whose path is the tar's URI; a parquet file without a binary image column gives one row.
+fixed chunks (an object-store tar: its own chunks, numbered ``tar index × 100,000 + k``), and a
+rerun of the same command writes only chunks whose part is missing. Every input gives exactly
+one row; unreadable, corrupt, non-image and oversized files or members give a row whose
+``error`` says why; a tar that cannot be read to its end gives one more row whose path is the
+tar's URI; a parquet file without a binary image column gives one row.
 
 Output under ``--output``:
     part-NNNNN.parquet   path, error, height, width + the task's columns (see ``task_schema``),
@@ -26,6 +28,7 @@ Output under ``--output``:
     _masks/...png        segment: class ids at the original size (``mask_uri`` points here)
     _PLAN.json           what the chunks were made of (a rerun must match it)
     _INPUTS.parquet      the chunks' inputs (containers: the listed members, never listed again)
+    _TARS/tar-<t>-<n>    object-store tars: tar t was read to its end and holds n inputs
     _LISTING.parquet     the input listing of this run (path, size)
     _PARTS/              the ledger of written parts (chunk, rows, errors, reasons)
     _SUMMARY.json        counts, error reasons, images/s, checkpoint
