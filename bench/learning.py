@@ -20,7 +20,11 @@ RGB, split stratified 1,400 / 397 and written as class folders of PNGs (bench/_d
    (jobs/pretrain.py) on the 1,400 train images without labels, then fine-tuning on 10% of the
    labels (140 images) from that checkpoint vs from scratch, same budget, ``--seeds`` seeds:
    pretrained − scratch (mean, spread). Fine-tuning runs in the plain loop (seconds each;
-   isolates the representation from the pipeline) and, with ``--few-job``, through the job.
+   isolates the representation from the pipeline) and, with ``--few-job``, through the job
+   (2 × ``--seeds`` jobs, ~2–5 min each here). ``--pretrained <run>`` reuses a pretraining
+   run; a ``codebook.safetensors`` already in ``--out`` is reused, not refitted. What moves
+   it: ``--mask-patches`` (of 16), ``--vocab`` (codebook size), ``--pt-epochs``. Pretraining
+   flips at data.flip's default (0.5); ``--flip`` is the fine-tuning side's.
 
 Each job starts its own local Ray (~30 s on 2 cores). Never run by the test suite.
 """
