@@ -461,14 +461,14 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
              ("10% labels, plain loop: pretrained - scratch", spread(diffs))]  # fmt: skip
     print(f"RESULT few_plain_pretrained_minus_scratch {statistics.mean(diffs):.4f}")
     if a.few_job:
-        jd, js, jp = [], [], []
+        jd, js, jp, jsecs = [], [], [], []
         for s in range(a.seeds):
             top = []
             for init in (None, pt):
                 name = f"few-{'pt' if init else 'scratch'}-s{s}"
                 args = finetune_args(fa, dirs["few"], dirs["val"], runs, name, s, a.few_epochs)
                 args += ["--model.init_from", init] if init else []
-                run_child("finetune.py", args, os.path.join(out, f"{name}.log"))
+                jsecs.append(run_child("finetune.py", args, os.path.join(out, f"{name}.log")))
                 top.append(eval_records(os.path.join(runs, name))[-1]["top1"])
             js.append(top[0])
             jp.append(top[1])
@@ -476,8 +476,9 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
             print(
                 f"few-label job seed {s}: scratch {top[0]:.4f} pretrained {top[1]:.4f}", flush=True
             )
-        res["few_job"] = {"scratch": js, "pretrained": jp}
-        rows += [("10% labels, job: scratch top-1", spread(js)),
+        res["few_job"] = {"scratch": js, "pretrained": jp, "secs": jsecs}
+        rows += [("10% labels, job seconds per run (Ray start-up included)", spread(jsecs)),
+                 ("10% labels, job: scratch top-1", spread(js)),
                  ("10% labels, job: pretrained top-1", spread(jp)),
                  ("10% labels, job: pretrained - scratch", spread(jd))]  # fmt: skip
         print(f"RESULT few_job_pretrained_minus_scratch {statistics.mean(jd):.4f}")
