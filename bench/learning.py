@@ -315,6 +315,7 @@ def pretrain(a: argparse.Namespace, train: str, out: str) -> tuple[str, float]:
         "--data.crop_scale", a.pt_crop_scale, "--data.color_jitter", "0",
         "--checkpoint.storage_path", os.path.join(out, "runs"), "--checkpoint.name", "pretrain",
         "--checkpoint.every_n_steps", "0",
+        "--run.seed", str(a.pt_seed), "--data.seed", str(a.pt_seed),
     ]  # fmt: skip
     if a.mask_patches:
         args += ["--data.num_masking_patches", str(a.mask_patches)]
@@ -352,6 +353,9 @@ def main() -> None:
     p.add_argument("--pt-epochs", type=int, default=20)
     p.add_argument("--pt-lr", type=float, default=1e-3)
     p.add_argument("--pt-crop-scale", default="0.5,1")
+    p.add_argument(
+        "--pt-seed", type=int, default=0, help="pretraining seed (init, order, crops, masks)"
+    )
     p.add_argument("--mask-patches", type=int, default=0, help="of 16; 0: the default (6)")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--few-epochs", type=int, default=30)
