@@ -231,11 +231,21 @@ def _steps() -> dict[str, Any]:
     return {f.__name__[5:]: f for f in fns}
 
 
+def rss_mb(field: str = "VmHWM") -> float:
+    """This process's own peak (VmHWM) or current (VmRSS) resident set, from /proc. Not
+    ``ru_maxrss``: on Linux a spawned child starts with its parent's high-water mark (it crosses
+    fork/vfork + exec), and this bench's parent holds moto's objects, ~10 KB each."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def child_main(step: str, args: dict[str, Any]) -> None:
     import resource
 
     out = _steps()[step](args)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = rss_mb()
+    out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # see rss_mb
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -258,6 +268,7 @@ def run_child(step: str, counter: Counting | None = None, **args: Any) -> dict[s
     if proc.returncode or not result:
         raise RuntimeError(f"{step} failed:\n" + "".join(lines[-30:]))
     out = json.loads(result[-1][7:])
+    out["parent_rss_mb"] = rss_mb("VmRSS")
     if counter:
         out["s3"] = _diff(counter.snapshot(), before)  # type: ignore[arg-type]
         for name, snap in phases.items():
@@ -405,7 +416,8 @@ def main() -> None:
         rows.append({"where": where, "n": n, "step": step, "seconds": res["seconds"],
                      "peak_rss_mb": res["peak_rss_mb"],
                      "requests_per_image": None if reqs is None else reqs / n, **res})  # fmt: skip
-        print(fmt(rows[-1:]).splitlines()[-1], flush=True)
+        print(fmt(rows[-1:]).splitlines()[-1] + f" ru_maxrss {res['ru_maxrss_mb']:.0f} MB, "
+              f"bench parent {res['parent_rss_mb']:.0f} MB", flush=True)  # fmt: skip
 
     if args.label_n:
         src, out = local_tree(args.root, args.label_n), f"{run}/lab"
@@ -435,7 +447,7 @@ def main() -> None:
         for n in s3_sizes:
             s3_objects(f"in{n}", "in", (n, data))
             src, out = f"s3://in{n}/in", f"s3://in{n}/out"
-            add("s3", n, "listing", run_child("listing", counter, src=src, out=f"{run}/s{n}"))
+            add("s3", n, "listing", run_child("listing", counter, src=src, out=f"{out}-listing"))
             run_child("fill", counter, src=src, out=out, ckpt=ckpt)
             add("s3", n, "noop rerun", run_child("noop", counter, src=src, out=out, ckpt=ckpt))
         if args.tars:
