@@ -390,8 +390,9 @@ def check_outputs(cfg: LabelConfig) -> None:
 def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str, Any]:
     """Label every input not yet written; returns (and writes) the summary.
 
-    ``stop_after_chunks`` writes only that many of the pending chunks, then raises
-    :class:`LabelInterrupted` (a crash stand-in for tests); rerunning finishes the rest.
+    ``stop_after_chunks`` writes only that many of the pending chunks (object-store tars: whole
+    tars), then raises :class:`LabelInterrupted` (a crash stand-in for tests); rerunning
+    finishes the rest.
     """
     cfg.require()
     start = time.perf_counter()
