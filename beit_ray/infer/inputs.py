@@ -7,11 +7,12 @@ Layouts (``LabelConfig.layout``) and the identity (output ``path``) of each imag
     webdataset   the image of every <key>.* sample of every tar  <tar uri>/<key>.<ext>
     parquet      every row of every .parquet's image column      <parquet uri>#<row index>
 
-Nothing here holds the input list in driver memory: the listing streams (sorted local walk,
-1,000-key S3 pages) into ``_LISTING.parquet`` (path, size), and later stages read it in
-batches. :func:`list_inputs` is the one place that lists, so a distributed listing returning a
-parquet URI can replace it. Tar members are listed from their headers in one Ray task per tar
-(with each member's byte offset, so labelling reads each member span once with ranged reads).
+Nothing here holds the input list in driver memory: :func:`list_inputs`, the one place that
+lists, streams a sorted local walk into ``_LISTING.parquet`` (path, size), or lists an S3
+prefix in parallel key-range tasks (:mod:`beit_ray.data.walk`) that write ``_LISTING/part-*``
+in key order; later stages read the listing in batches. Tar members are listed from their
+headers in one Ray task per tar (with each member's byte offset, so labelling reads each member
+span once with ranged reads).
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ class Units:
     """A layout's units (image URIs, or the tar/parquet files to open), as a parquet listing."""
 
     uri: str
-    """Parquet with ``path`` (sorted) and ``size`` columns."""
+    """Parquet with ``path`` (sorted) and ``size`` columns (or the folder of ``parts``)."""
     count: int
     kinds: dict[str, int] = field(default_factory=dict)
     """How many tar, parquet and image files the listing held (layout detection)."""
+    parts: list[str] | None = None
+    """The listing as parquet parts, in key order (an S3 prefix listed by key-range tasks)."""
 
     def batches(self, storage: StorageConfig | None) -> Iterator[pa.RecordBatch]:
-        fs, path = st.pyarrow_fs(self.uri, storage)
-        yield from pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=LISTING_BATCH)
+        for uri in self.parts if self.parts is not None else [self.uri]:
+            fs, path = st.pyarrow_fs(uri, storage)
+            yield from pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=LISTING_BATCH)
 
     def paths(self, storage: StorageConfig | None = None) -> list[str]:
         """Every unit as a list (small inputs and tests only)."""
@@ -93,34 +97,11 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
             yield e.path, e.stat().st_size
 
 
-def _walk_s3(uri: str, storage: StorageConfig | None) -> Iterator[tuple[str, int]]:
-    """(uri, size) of every object below ``uri``, one 1,000-key page at a time (S3 returns keys
-    sorted, so the stream is sorted)."""
-    fs, path = st.filesystem(uri, storage)
-    scheme = uri.split("://", 1)[0]
-    bucket, _, prefix = path.partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    token = None
-    while True:
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
-        if token:
-            kwargs["ContinuationToken"] = token
-        page = fs.call_s3("list_objects_v2", **kwargs)
-        for obj in page.get("Contents", []):
-            if not obj["Key"].endswith("/"):
-                yield f"{scheme}://{bucket}/{obj['Key']}", int(obj["Size"])
-        token = page.get("NextContinuationToken")
-        if not page.get("IsTruncated") or not token:
-            return
-
-
 def iter_files(uri: str, storage: StorageConfig | None) -> Iterator[tuple[str, int]]:
     """(uri, size) of every file below ``uri``, sorted, streamed."""
     if not st.is_remote(uri):
         yield from _walk_local(st.strip_scheme(uri).rstrip("/"))
-    elif uri.split("://", 1)[0] in ("s3", "s3a"):
-        yield from _walk_s3(uri.rstrip("/"), storage)
-    else:  # other stores: fsspec's listing (whole, then streamed)
+    else:  # other stores (S3 is listed by key-range tasks: list_inputs): fsspec's listing (whole, then streamed)
         fs, path = st.filesystem(uri, storage)
         scheme = uri.split("://", 1)[0]
         for p, info in sorted(fs.find(path, detail=True).items()):
@@ -161,34 +142,83 @@ def input_root(cfg: LabelConfig, uri: str | None = None) -> str:
     return (uri if st.is_remote(uri) else st.strip_scheme(uri)).rstrip("/")
 
 
-def list_inputs(cfg: LabelConfig) -> Units:
-    """Every file below ``cfg.input`` except hidden ones and our own outputs, as a sorted parquet
-    listing under the output (the hook for a distributed listing: it returns the same)."""
+def _kind(uri: str) -> str:
     from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES
 
+    lower = uri.lower()
+    if lower.endswith(TAR_SUFFIXES):
+        return "tar"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    return "image" if lower.endswith(IMAGE_SUFFIXES) else ""
+
+
+def _is_input(uri: str, root: str, out_root: str) -> bool:
+    """Hidden files (.DS_Store, _SUCCESS) are not inputs; nor are our own outputs."""
+    return not (_hidden(uri[len(root) :].lstrip("/")) or uri.startswith(out_root))
+
+
+def list_inputs(cfg: LabelConfig) -> Units:
+    """Every file below ``cfg.input`` except hidden ones and our own outputs, as a sorted parquet
+    listing under the output. An S3 prefix is listed by parallel key-range tasks
+    (:mod:`beit_ray.data.walk`), each writing its keys as one part; other inputs in one stream."""
     root = input_root(cfg)
     out_root = input_root(cfg, cfg.output) + "/"
+    if root.split("://", 1)[0] in ("s3", "s3a"):
+        return _list_ranges(cfg, root, out_root)
     writer = ListingWriter(st.join(cfg.output, LISTING_NAME), cfg.storage)
     kinds = {"tar": 0, "parquet": 0, "image": 0}
     for uri, size in iter_files(root, cfg.storage):
-        # hidden files (.DS_Store, _SUCCESS) are not inputs; nor are our own outputs
-        if _hidden(uri[len(root) :].lstrip("/")) or uri.startswith(out_root):
+        if not _is_input(uri, root, out_root):
             continue
-        lower = uri.lower()
-        kind = (
-            "tar"
-            if lower.endswith(TAR_SUFFIXES)
-            else "parquet"
-            if lower.endswith(".parquet")
-            else "image"
-            if lower.endswith(IMAGE_SUFFIXES)
-            else ""
-        )
+        kind = _kind(uri)
         if kind:
             kinds[kind] += 1
         writer.add(uri, size)
     writer.close()
     return Units(writer.uri, writer.count, kinds)
+
+
+def _list_ranges(cfg: LabelConfig, root: str, out_root: str) -> Units:
+    from beit_ray.data.walk import walk_ranges
+
+    # Ray tasks when this driver is already connected, else 16 threads: listing waits on
+    # requests, not CPUs, and a no-op rerun should not start a cluster to find it has no work
+    folder = st.join(cfg.output, LISTING_NAME.replace(".parquet", ""))
+    args = {"folder": folder, "root": root, "out_root": out_root, "storage": cfg.storage}
+    written = walk_ranges(root, cfg.storage, _write_range, args)
+    kinds = {"tar": 0, "parquet": 0, "image": 0}
+    parts, count = [], 0
+    for _, (uri, n, part_kinds) in written:
+        if n:
+            parts.append(uri)
+            count += n
+        for k, v in part_kinds.items():
+            kinds[k] += v
+    return Units(folder, count, kinds, parts)
+
+
+def _write_range(
+    name: str,
+    items: list[tuple[str, int]],
+    folder: str,
+    root: str,
+    out_root: str,
+    storage: StorageConfig | None,
+) -> tuple[str, int, dict[str, int]]:
+    """One key range's inputs as a listing part (in the range task): (uri, rows, kinds)."""
+    keep = [(u, s) for u, s in items if _is_input(u, root, out_root)]
+    kinds: dict[str, int] = {"tar": 0, "parquet": 0, "image": 0}
+    for u, _ in keep:
+        kind = _kind(u)
+        if kind:
+            kinds[kind] += 1
+    uri = st.join(folder, f"part-{name}.parquet")
+    if keep:  # a part is written whole or not at all: a rerun lists again and overwrites it
+        table = pa.table([[u for u, _ in keep], [s for _, s in keep]], schema=LISTING_SCHEMA)
+        fs, path = st.pyarrow_fs(uri, storage)
+        pq.write_table(table, path, filesystem=fs, row_group_size=LISTING_BATCH)
+    return uri, len(keep), kinds
 
 
 def _subset(units: Units, cfg: LabelConfig, suffixes: tuple[str, ...]) -> Units:
