@@ -10,9 +10,10 @@ Layouts (``LabelConfig.layout``) and the identity (output ``path``) of each imag
 Nothing here holds the input list in driver memory: :func:`list_inputs`, the one place that
 lists, streams a sorted local walk into ``_LISTING.parquet`` (path, size), or lists an S3
 prefix in parallel key-range tasks (:mod:`beit_ray.data.walk`) that write ``_LISTING/part-*``
-in key order; later stages read the listing in batches. Tar members are listed from their
-headers in one Ray task per tar (with each member's byte offset, so labelling reads each member
-span once with ranged reads).
+in key order; later stages read the listing in batches. Local tars' members are listed from
+their headers in one Ray task per tar (with each member's byte offset, so labelling reads each
+member span once with ranged reads); object-store tars are not listed, but streamed once by
+the task that labels them (:mod:`beit_ray.infer.tars`).
 """
 
 from __future__ import annotations
