@@ -145,6 +145,53 @@ def test_batches_mix_classes_like_the_dataset(ray_session, tree: str, tmp_path: 
     assert mean >= 0.9 * 3.03, (mean, full)
 
 
+def test_class_tar_validation_reads_only_the_indexed_members(
+    tree: str, tmp_path: Path, monkeypatch
+) -> None:
+    """Counting class tars also indexes their validation members (offset, size): the val split
+    is read from those ranges alone, never by streaming the tars; train keeps the rest."""
+    import tarfile
+
+    from beit_ray.data import plan, sources
+
+    src = tmp_path / "tars"
+    src.mkdir()
+    for name in CLASSES:
+        with tarfile.open(src / f"{name}.tar", "w") as tar:
+            for f in sorted(Path(tree, name).iterdir()):
+                tar.add(f, arcname=f.name)
+    cfg = DataConfig(source=str(src), **TINY)
+    listing = list_parts(cfg, uri=str(tmp_path / "l"), val_fraction=0.2)
+    want = {f"{c}/{i:03d}.jpg" for c in CLASSES for i in range(30)}
+    want_val = {k for k in want if in_val_split(k, 0.2, cfg.seed)}
+    assert listing.val_parts and sum(listing.val_part_rows) == len(want_val) == listing.images(
+        "val"
+    )
+    again = list_parts(cfg, uri=str(tmp_path / "l"), val_fraction=0.2)  # read back: same index
+    assert again.val_parts == listing.val_parts
+
+    def read(split: str) -> list[dict]:
+        groups = epoch_groups(listing, cfg, split, 0, shuffle=False)
+        batch = {"id": np.arange(len(groups))}
+        blocks = plan.read_positions(batch, listing, cfg, None, CLASSES, split, None, 0, False)
+        return [{c: b[c][i] for c in b} for b in blocks for i in range(len(b["key"]))]
+
+    real_iter_unit = sources.iter_unit
+
+    def no_streaming(*a, **k):
+        raise AssertionError("the val split streamed a tar")
+
+    monkeypatch.setattr(sources, "iter_unit", no_streaming)
+    val = read("val")
+    assert {r["key"] for r in val} == want_val and not any(r["error"] for r in val)
+    for r in val:  # the member's bytes, labelled with its tar's class
+        c, name = r["key"].split("/")
+        assert r["image"] == Path(tree, c, name).read_bytes() and r["label"] == CLASSES.index(c)
+    monkeypatch.setattr(sources, "iter_unit", real_iter_unit)
+    train = read("train")
+    assert {r["key"] for r in train} == want - want_val
+
+
 @pytest.mark.integration
 def test_class_tars_are_interleaved_by_the_read_tasks(
     ray_session, tree: str, tmp_path: Path

@@ -92,24 +92,53 @@ def test_first_look_stops_at_a_flat_top_level(
     assert full.dirs == [f"s3://{s3_bucket}/r/c{i}" for i in range(5)]
 
 
-@pytest.mark.parametrize("layout_kind", ["image"])
+@pytest.mark.parametrize("output", ["s3", "local"])
 def test_labelling_listing_of_s3_is_key_range_parts(
-    s3_server, s3_bucket, monkeypatch, layout_kind
+    s3_server, s3_bucket, monkeypatch, tmp_path: Path, output: str
 ) -> None:
+    """Labelling lists an S3 input as key-range parts, into an S3 or a local output."""
     from beit_ray.infer.config import LabelConfig
     from beit_ray.infer.inputs import list_inputs
 
     client = boto3.client("s3", endpoint_url=s3_server)
-    keys = [f"in/{i:05d}.jpg" for i in range(200)] + ["in/.DS_Store", "in/out/x.jpg", "in/_SUCCESS"]
-    _put(client, s3_bucket, keys)
+    keys = [f"in/{i:05d}.jpg" for i in range(200)]
+    _put(client, s3_bucket, keys + ["in/.DS_Store", "in/out/x.jpg", "in/_SUCCESS"])
     monkeypatch.setattr(walk, "PAGE_KEYS", 20)
     monkeypatch.setattr(walk, "PAGES_PER_TASK", 2)
-    cfg = LabelConfig(
-        input=f"s3://{s3_bucket}/in", output=f"s3://{s3_bucket}/in/out", checkpoint="x"
-    )
-    units = list_inputs(cfg)
-    paths = units.paths()
-    assert paths == [
-        f"s3://{s3_bucket}/in/{i:05d}.jpg" for i in range(200)
-    ]  # hidden, own output: out
-    assert units.count == 200 and units.kinds["image"] == 200 and len(units.parts) > 2
+    out = f"s3://{s3_bucket}/in/out" if output == "s3" else str(tmp_path / "out")
+    units = list_inputs(LabelConfig(input=f"s3://{s3_bucket}/in", output=out, checkpoint="x"))
+    # hidden files and the output's own files are not inputs (in/out is an input folder when
+    # the output is elsewhere)
+    want = keys + (["in/out/x.jpg"] if output == "local" else [])
+    assert units.paths() == [f"s3://{s3_bucket}/{k}" for k in want]
+    assert units.count == len(want) == units.kinds["image"] and len(units.parts) > 2
+
+
+def test_training_listing_of_flat_tops(tmp_path: Path, s3_server, s3_bucket, monkeypatch) -> None:
+    """A flat top level (more files than the first look holds) is listed by a streaming task
+    (local) or key-range tasks (S3, folders included), into shuffled parts: every image once."""
+    from beit_ray.data.config import DataConfig
+    from beit_ray.data.listing import list_parts, read_part
+
+    monkeypatch.setattr(walk, "FIRST_LOOK_FILES", 20)
+    monkeypatch.setattr(walk, "PAGE_KEYS", 20)
+    monkeypatch.setattr(walk, "PAGES_PER_TASK", 2)
+    local = tmp_path / "flat"
+    (local / "sub").mkdir(parents=True)
+    names = [f"{i:04d}.jpg" for i in range(150)] + ["sub/x.png"]
+    for n in names:
+        (local / n).write_bytes(b"x")
+    (local / "notes.txt").write_bytes(b"not an image")
+    client = boto3.client("s3", endpoint_url=s3_server)
+    _put(client, s3_bucket, [f"flat/{n}" for n in names] + ["flat/notes.txt"])
+    for src in (str(local), f"s3://{s3_bucket}/flat"):
+        cfg = DataConfig(source=src, seed=3)
+        listing = list_parts(cfg, uri=str(tmp_path / f"l{len(src)}"), val_fraction=0.2)
+        assert listing.layout == "folders" and listing.images() == len(names)
+        keys = [k for u in listing.units for k in read_part(u)["key"]]
+        assert sorted(keys) == sorted(names)
+        assert 0 < listing.images("val") < len(names)
+        if src.startswith("s3://"):
+            assert len(listing.units) > 2  # one part a key range at least
+            first = read_part(listing.units[0])["key"]
+            assert first != sorted(first)  # shuffled in its range

@@ -43,6 +43,7 @@ from beit_ray.config import StorageConfig
 from beit_ray.data.augment import image_rng, stable_hash
 from beit_ray.data.config import DataConfig
 from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES, relative_key
+from beit_ray.data.walk import first_look, iter_top_files, walk_ranges
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ class PartsListing:
     (folders, class tars) or by unit (WebDataset, parquet: whole shards go to one split)."""
     seed: int = 0
     uri: str = ""
+    val_parts: list[str] | None = None
+    """Class tars with a split: parquet parts indexing the validation members (tar, member,
+    byte offset, size), so an evaluation reads those members alone, one ranged read each."""
+    val_part_rows: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -113,6 +118,12 @@ class PartsListing:
                 "classes": self.classes,
                 "val_fraction": self.val_fraction,
                 "seed": self.seed,
+                "val_parts": (
+                    None
+                    if self.val_parts is None
+                    else [relative_key(u, self.uri) for u in self.val_parts]
+                ),
+                "val_part_rows": self.val_part_rows,
             }
         )
 
@@ -122,9 +133,12 @@ class PartsListing:
         units = (
             [storage.join(uri, u) for u in d["units"]] if d["layout"] == "folders" else d["units"]
         )
+        val_parts = d.get("val_parts")
         return cls(
             d["layout"], d["source"], units, d["rows"], d["val_rows"], d["classes"],
             d["val_fraction"], d["seed"], uri,
+            None if val_parts is None else [storage.join(uri, u) for u in val_parts],
+            d.get("val_part_rows"),
         )  # fmt: skip
 
 
@@ -174,6 +188,8 @@ def _counted(
 ) -> PartsListing:
     if listing.rows is not None or not count or cfg.images_per_epoch:
         return listing
+    if listing.layout == "class_tars" and listing.val_fraction:
+        return _index_class_tars(listing, st)
     if listing.layout == "parquet":
         fn = _parquet_rows
     else:
@@ -189,30 +205,30 @@ def _counted(
 
 def _detect(
     root: str, cfg: DataConfig, st: StorageConfig | None
-) -> tuple[str, list[str], list[str]]:
-    """(layout, top-level folders, top-level files) from one listing of the root."""
-    fs, path = storage.filesystem(root, st)
-    prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
-    entries = fs.ls(path, detail=True)
-    dirs = sorted(prefix + e["name"] for e in entries if e["type"] == "directory")
-    top = sorted(prefix + e["name"] for e in entries if e["type"] != "directory")
+) -> tuple[str, list[str], list[str] | None]:
+    """(layout, top-level folders, top-level files) from one bounded look at the root; the files
+    are None when the top level is flat (more than ``walk.FIRST_LOOK_FILES``: they are listed by
+    tasks, and the layout is decided from the first ones)."""
+    look = first_look(root, st)
+    dirs, top = look.dirs, look.files
+    files = top if look.complete else None
     layout = cfg.layout
     if layout != "auto":
-        return layout, dirs, top
+        return layout, dirs, files
     if any(u.lower().endswith(".parquet") for u in top):
-        return "parquet", dirs, top
+        return "parquet", dirs, files
     tars = [u for u in top if u.lower().endswith(TAR_SUFFIXES)]
     if not tars and dirs and not any(u.lower().endswith(IMAGE_SUFFIXES) for u in top):
         # Nested shards (root/train/shard-0.tar): look one level down before calling it folders.
-        sample = fs.ls(storage.strip_scheme(dirs[0]) if prefix else dirs[0], detail=False)
-        if any(str(s).lower().endswith(".parquet") for s in sample):
-            return "parquet", dirs, top
-        tars = [prefix + str(s) for s in sample if str(s).lower().endswith(TAR_SUFFIXES)]
+        sample = first_look(dirs[0], st, limit=64).files
+        if any(s.lower().endswith(".parquet") for s in sample):
+            return "parquet", dirs, files
+        tars = [s for s in sample if s.lower().endswith(TAR_SUFFIXES)]
     if tars:
         from beit_ray.data.sources import detect_layout
 
-        return detect_layout(tars[:1], st), dirs, top
-    return "folders", dirs, top
+        return detect_layout(tars[:1], st), dirs, files
+    return "folders", dirs, files
 
 
 # --------------------------------------------------------------------------- class folders
@@ -224,14 +240,20 @@ def _list_folders(
     root: str,
     uri: str,
     dirs: list[str],
-    top: list[str],
+    top: list[str] | None,
     val_fraction: float | None,
 ) -> PartsListing:
+    """Groups of class folders listed in parallel tasks; a flat S3 prefix (``top`` None) in
+    key-range tasks instead, which list the folders too; a flat local folder's loose files
+    streamed by the first task."""
+    args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
+    if top is None and storage.is_remote(root):
+        written = [w for _, w in walk_ranges(root, st, _range_parts, args)]
+        return _from_parts(written, root, uri, cfg.seed, val_fraction)
     groups: list[list[str]] = [
         dirs[i : i + DIRS_PER_TASK] for i in range(0, len(dirs), DIRS_PER_TASK)
     ]
     tasks = [(k, g, top if k == 0 else []) for k, g in enumerate(groups)] or [(0, [], top)]
-    args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
     return _from_parts(_run_tasks(_list_group, tasks, args), root, uri, cfg.seed, val_fraction)
 
 
@@ -264,7 +286,7 @@ def _list_group(
 ) -> list[tuple[str, int, int, list[str]]]:
     """List a group of class folders (+ loose top-level files), shuffle, write parts.
     Returns (part name, rows, val rows, classes) per part."""
-    k, dirs, loose = task
+    k, dirs, loose = task  # loose None: the root's own files, streamed (a flat local folder)
     fs, _ = storage.filesystem(root, st)
     prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
     paths, sizes = [], []
@@ -274,16 +296,37 @@ def _list_group(
             if name.lower().endswith(IMAGE_SUFFIXES):
                 paths.append(prefix + name)
                 sizes.append(int(info.get("size") or 0))
-    for u in loose:
+    found_loose = iter_top_files(root) if loose is None else ((u, -1) for u in loose)
+    for u, size in found_loose:
         if u.lower().endswith(IMAGE_SUFFIXES):
             paths.append(u)
-            sizes.append(-1)
+            sizes.append(size)
     if not paths:
         return []
     order = image_rng(seed, 0, f"<listing-group-{k}>").permutation(len(paths))
     return _write_parts(
         [paths[i] for i in order], [sizes[i] for i in order], root, uri, st, seed,
         val_fraction, f"{k:05d}",
+    )  # fmt: skip
+
+
+def _range_parts(
+    name: str,
+    items: list[tuple[str, int]],
+    root: str,
+    uri: str,
+    st: StorageConfig | None,
+    seed: int,
+    val_fraction: float | None,
+) -> list[tuple[str, int, int, list[str]]]:
+    """One S3 key range's images, shuffled, as parts (in the range task)."""
+    keep = [(u, s) for u, s in items if u.lower().endswith(IMAGE_SUFFIXES)]
+    if not keep:
+        return []
+    order = image_rng(seed, 0, f"<listing-range-{name}>").permutation(len(keep))
+    return _write_parts(
+        [keep[i][0] for i in order], [keep[i][1] for i in order], root, uri, st, seed,
+        val_fraction, f"r{name}",
     )  # fmt: skip
 
 
@@ -391,12 +434,24 @@ def _list_files(
     st: StorageConfig | None,
     root: str,
     layout: str,
-    top: list[str],
+    top: list[str] | None,
     dirs: list[str],
     val_fraction: float | None,
 ) -> PartsListing:
     suffixes = (".parquet",) if layout == "parquet" else TAR_SUFFIXES
-    if dirs:  # shards one level down (or deeper): list the folders in parallel
+    if top is None:  # a flat top level: list it in tasks (shards are thousands, not millions)
+        if storage.is_remote(root):
+            found = walk_ranges(root, st, _suffixed, {"suffixes": suffixes})
+            files = sorted(u for _, chunk in found for u in chunk)
+        else:
+            files = sorted(u for u, _ in iter_top_files(root) if u.lower().endswith(suffixes))
+            files += [
+                u
+                for c in _run_tasks(_find_files, [(d, suffixes) for d in dirs], {"st": st})
+                for u in c
+            ]
+            files.sort()
+    elif dirs:  # shards one level down (or deeper): list the folders in parallel
         found = _run_tasks(_find_files, [(d, suffixes) for d in dirs], {"st": st})
         files = sorted(
             [u for u in top if u.lower().endswith(suffixes)] + [u for c in found for u in c]
@@ -413,6 +468,10 @@ def _list_files(
     return PartsListing(
         layout, root, files, classes=classes, val_fraction=val_fraction, seed=cfg.seed
     )
+
+
+def _suffixed(name: str, items: list[tuple[str, int]], suffixes: tuple[str, ...]) -> list[str]:
+    return [u for u, _ in items if u.lower().endswith(suffixes)]
 
 
 def _find_files(task: tuple[str, tuple[str, ...]], st: StorageConfig | None) -> list[str]:
@@ -456,6 +515,76 @@ def _tar_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: D
     if listing.layout == "class_tars":
         return n, sum(in_val_split(k, listing.val_fraction, listing.seed) for k in keys)
     return n, n if listing.unit_split(unit) == "val" else 0
+
+
+VAL_GROUP = 64
+"""Class tars one counting task reads; it writes their validation members as one part."""
+
+
+def _index_class_tars(listing: PartsListing, st: StorageConfig | None) -> PartsListing:
+    """Count class tars from their headers, in tasks of ``VAL_GROUP`` tars, each also writing
+    the validation members' (tar, member, offset, size) as a part: evaluating then reads 5 % of
+    the bytes, not every tar. Compressed tars (no member offsets) leave the index out."""
+    n = len(listing.units)
+    tasks = [
+        (k, list(range(i, min(i + VAL_GROUP, n)))) for k, i in enumerate(range(0, n, VAL_GROUP))
+    ]
+    out = _run_tasks(_tar_group_index, tasks, {"st": st, "listing": listing})
+    listing.rows = [c[0] for counts, _ in out for c in counts]
+    listing.val_rows = [c[1] for counts, _ in out for c in counts]
+    written = [part for _, part in out]
+    if all(part is not None for part in written):
+        kept = [(name, rows) for name, rows in written if rows]  # type: ignore[misc]
+        listing.val_parts = [storage.join(listing.uri, name) for name, _ in kept]
+        listing.val_part_rows = [rows for _, rows in kept]
+    return listing
+
+
+def _tar_group_index(
+    task: tuple[int, list[int]], st: StorageConfig | None, listing: PartsListing
+) -> tuple[list[tuple[int, int]], tuple[str, int] | None]:
+    """(images, val images) per tar of the group, and the group's val part (name, rows), None
+    when a tar has no member offsets."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    k, idx = task
+    counts, rows = [], {c: [] for c in ("path", "member", "offset", "size", "key", "class")}
+    indexable = True
+    for i in idx:
+        unit = listing.units[i]
+        indexable &= not unit.lower().endswith((".gz", ".tgz"))
+        fs, path = storage.filesystem(unit, st)
+        stem = relative_key(unit, listing.root).split(".tar")[0].split(".tgz")[0]
+        cls = posixpath.basename(stem)
+        seen: set[str] = set()
+        val = 0
+        with fs.open(path, "rb") as f:
+            mode = "r|gz" if unit.lower().endswith((".gz", ".tgz")) else "r:*"
+            with tarfile.open(fileobj=f, mode=mode) as tar:
+                for m in tar:
+                    key = f"{stem}/{m.name}"
+                    if not m.isfile() or not m.name.lower().endswith(IMAGE_SUFFIXES) or key in seen:
+                        continue
+                    seen.add(key)
+                    if in_val_split(key, listing.val_fraction or 0.0, listing.seed):
+                        val += 1
+                        for c, v in zip(
+                            rows, (unit, m.name, m.offset_data, m.size, key, cls), strict=True
+                        ):
+                            rows[c].append(v)
+        counts.append((len(seen), val))
+    if not indexable:
+        return counts, None
+    name = f"val-{k:05d}.parquet"
+    if rows["key"]:
+        fs, _ = storage.pyarrow_fs(listing.uri, st)
+        storage.makedirs(listing.uri, st)
+        path = storage.strip_scheme(storage.join(listing.uri, name))
+        pq.write_table(pa.table(rows), path, filesystem=fs)
+    return counts, (name, len(rows["key"]))
 
 
 # --------------------------------------------------------------------------- running tasks

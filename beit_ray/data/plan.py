@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from beit_ray import storage
 from beit_ray.config import StorageConfig
 from beit_ray.data.config import DataConfig
 from beit_ray.data.listing import PartsListing, in_val_split, read_part, unit_order
@@ -74,17 +75,25 @@ def slices(listing: PartsListing, cfg: DataConfig, split: str | None) -> list[tu
     """(unit, start, count) read slices of one epoch in listing order: listing parts cut into
     slices of ≥ 64 files (fewer than MAX_SLICES_PER_EPOCH in all), other units whole; units
     wholly in the other split (WebDataset, parquet) left out."""
-    if not listing.parts:
+    if _val_index(listing, split):  # the class tars' validation members, from their index
+        rows = listing.val_part_rows or []
+    elif not listing.parts:
         return [
             (i, 0, -1)
             for i, u in enumerate(listing.units)
             if split is None or listing.unit_split(u) in (None, split)
         ]
-    rows = listing.rows or []
+    else:
+        rows = listing.rows or []
     total = sum(rows)
     cap = cfg.read_tasks or MAX_SLICES_PER_EPOCH
     per = max(FILES_PER_SLICE, -(-total // cap))
     return [(i, s, min(per, n - s)) for i, n in enumerate(rows) for s in range(0, n, per)]
+
+
+def _val_index(listing: PartsListing, split: str | None) -> bool:
+    """The split is read from the class tars' validation index (member offsets), not the tars."""
+    return split == "val" and listing.val_parts is not None
 
 
 def epoch_groups(
@@ -112,7 +121,8 @@ def epoch_groups(
         todo.append(plan[j])
     # A class tar holds one class: a read task interleaves several (drawn anew each epoch).
     # Past the cap on read tasks, a task reads several slices.
-    size = TARS_PER_TASK if listing.layout == "class_tars" and shuffle else 1
+    tars = listing.layout == "class_tars" and not _val_index(listing, split)
+    size = TARS_PER_TASK if tars and shuffle else 1
     size = max(size, -(-len(plan) // (cfg.read_tasks or MAX_SLICES_PER_EPOCH)))
     groups = [todo[g : g + size] for g in range(0, len(todo), size)]
     _GROUPS.clear()  # one epoch at a time per worker process
@@ -127,6 +137,8 @@ def _rows_per_slice(
     listing: PartsListing, plan: list[tuple[int, int, int]], split: str | None
 ) -> list[float]:
     """Expected rows of each slice in ``split`` (for skipping consumed rows on resume)."""
+    if _val_index(listing, split):
+        return [float(count) for _, _, count in plan]
     if listing.rows is None:
         return [0.0] * len(plan)
     out = []
@@ -169,7 +181,13 @@ def read_positions(
         if pos >= len(groups):  # a resumed epoch has fewer tasks left than positions
             continue
         group = groups[pos]
-        if listing.parts:
+        if _val_index(listing, split):
+            rows = (
+                r
+                for unit, start, count in group
+                for r in _read_val_members(listing, unit, start, count, ids, st)
+            )
+        elif listing.parts:
             rows = (
                 r
                 for unit, start, count in group
@@ -204,6 +222,49 @@ def _read_part_slice(
     paths = [p for p, k in zip(part["path"][start:stop], keys, strict=True) if wanted(k)]
     for j in range(0, len(paths), FILES_PER_SLICE):
         yield from read_folder_files(paths[j : j + FILES_PER_SLICE], listing.root, ids, st)
+
+
+def _read_val_members(
+    listing: PartsListing,
+    unit: int,
+    start: int,
+    count: int,
+    ids: dict[str, int],
+    st: StorageConfig | None,
+) -> list[dict[str, Any]]:
+    """Raw rows of one slice of a class-tar validation part: each member's bytes by one ranged
+    read of its tar (concurrent on an object store)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from beit_ray.data.sources import _row
+
+    part = read_part(listing.val_parts[unit], st)  # type: ignore[index]
+    stop = len(part["key"]) if count < 0 else start + count
+    todo = [{c: part[c][i] for c in part} for i in range(start, stop)]
+
+    remote = bool(todo) and storage.is_remote(todo[0]["path"])
+    fs = storage.filesystem(todo[0]["path"], st)[0] if remote else None  # one client a slice
+
+    def read(uri: str, start: int, end: int) -> bytes:
+        if fs is not None:  # one ranged GET
+            return fs.cat_file(storage.strip_scheme(uri), start=start, end=end)
+        with open(storage.strip_scheme(uri), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def one(m: dict[str, Any]) -> dict[str, Any]:
+        try:
+            data = read(m["path"], m["offset"], m["offset"] + m["size"])
+            if len(data) != m["size"]:
+                raise EOFError(f"{m['member']} runs past the end of the tar")
+        except Exception as e:
+            return _row(m["key"], m["path"], error=f"read_failed: {type(e).__name__}: {e}")
+        return _row(m["key"], m["path"], data, ids.get(m["class"], -1), m["class"])
+
+    if remote:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(one, todo))
+    return [one(m) for m in todo]
 
 
 def _round_robin(streams: list[Any]):  # noqa: ANN202 - generator of rows

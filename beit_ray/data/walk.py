@@ -78,22 +78,12 @@ def _is_s3(uri: str) -> bool:
     return uri.split("://", 1)[0] in ("s3", "s3a")
 
 
-_FS: dict[str, Any] = {}
-
-
-def _s3(root: str, st: StorageConfig | None) -> tuple[Any, str]:
-    """The S3 filesystem for ``root``, one per process: making one builds a botocore client
-    (~0.5 s), which would cost more than the listing request it serves."""
-    key = repr(st)
-    if key not in _FS:
-        _FS[key] = storage.filesystem(root, st)[0]
-    return _FS[key], storage.strip_scheme(root)
-
-
-def first_look(root: str, st: StorageConfig | None = None, limit: int = FIRST_LOOK_FILES) -> Look:
-    """The top-level folders and files of ``root``, reading at most ``limit`` files' worth of
-    listing (a flat bucket of 100 M objects is never listed here)."""
+def first_look(root: str, st: StorageConfig | None = None, limit: int | None = None) -> Look:
+    """The top-level folders and files of ``root``, reading at most ``limit`` (default
+    ``FIRST_LOOK_FILES``) files' worth of listing: a flat bucket of 100 M objects is not listed
+    here."""
     root = root.rstrip("/")
+    limit = limit or FIRST_LOOK_FILES
     look = Look()
     if not storage.is_remote(root):
         with os.scandir(storage.strip_scheme(root)) as it:  # unsorted: read to the end
@@ -106,7 +96,7 @@ def first_look(root: str, st: StorageConfig | None = None, limit: int = FIRST_LO
                     else:
                         look.complete = False
     elif _is_s3(root):
-        fs, path = _s3(root, st)
+        fs, path = storage.filesystem(root, st)
         bucket, _, prefix = path.partition("/")
         prefix = prefix + "/" if prefix else ""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
@@ -228,7 +218,7 @@ def list_range(
     """The (uri, size) of up to ``pages`` pages of keys of range ``r`` under ``root``, and the
     ranges left to list (the rest of ``r`` cut in ``FANOUT``; none when ``r`` is done)."""
     pages = pages or PAGES_PER_TASK
-    fs, path = _s3(root, st)
+    fs, path = storage.filesystem(root, st)
     bucket, _, prefix = path.rstrip("/").partition("/")
     prefix = prefix + "/" if prefix else ""
     scheme = _scheme(root)

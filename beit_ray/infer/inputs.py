@@ -186,6 +186,7 @@ def _list_ranges(cfg: LabelConfig, root: str, out_root: str) -> Units:
     # Ray tasks when this driver is already connected, else 16 threads: listing waits on
     # requests, not CPUs, and a no-op rerun should not start a cluster to find it has no work
     folder = st.join(cfg.output, LISTING_NAME.replace(".parquet", ""))
+    st.makedirs(folder, cfg.storage)  # a local output folder (object stores have none)
     args = {"folder": folder, "root": root, "out_root": out_root, "storage": cfg.storage}
     written = walk_ranges(root, cfg.storage, _write_range, args)
     kinds = {"tar": 0, "parquet": 0, "image": 0}
