@@ -7,11 +7,13 @@ key ranges listed in parallel.
 S3 lists 1,000 keys a request, sorted. A bucket of 100 M objects is 100 k requests: ~1.5 h in
 one stream at 50 ms a request, and ~120 GB if the listing is held in memory. Here a task lists
 the keys in a range ``(lo, hi]`` page by page; after ``pages`` pages it hands what is left of
-its range, ``(last key seen, hi]``, back cut into ``fanout`` ranges at byte midpoints, and those
-run as new tasks. No split needs to know the key distribution in advance: a range that proves
-big is cut again, an empty one costs one request. After log_fanout(N / page keys) rounds most
-of the bucket is listed in parallel, and neither a task nor the driver holds more than one
-task's keys (``handle`` turns them into a parquet part, or a short list, in the task).
+its range, ``(last key seen, hi]``, back cut into new ranges, which run as new tasks. The cuts
+are spread evenly over the space of the bytes its keys use (digits, hex, ...), as many as the
+density of the keys it saw says the rest holds (``FANOUT`` for an open-ended range). No split
+needs to know the key distribution in advance: a range that proves big is cut again, an empty
+one costs one request. After a few rounds most of the bucket is listed in parallel
+(``bench/listing_ranges.py``), and neither a task nor the driver holds more than one task's
+keys (``handle`` turns them into a parquet part, or a short list, in the task).
 
 A range's name is its place in the split tree (``0003.0012.0000``): sorting the names sorts the
 parts in key order, so a sorted listing is the parts read in name order.
@@ -44,7 +46,7 @@ by :func:`walk_ranges` in tasks."""
 MAX_IN_FLIGHT = 256
 _CUT_DIGITS = 4
 _LOW, _HIGH = 0x20, 0x7E  # printable ASCII: the cut alphabet (valid UTF-8, safe in a request)
-_PRINTABLE = bytes(range(_LOW, _HIGH + 2))
+_PRINTABLE = bytes(range(_LOW, _HIGH + 2))  # + DEL, the ceiling's byte
 
 
 @dataclass
