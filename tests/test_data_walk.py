@@ -52,7 +52,7 @@ def test_key_ranges_list_every_key_once_in_order(s3_server, s3_bucket, monkeypat
     _put(client, s3_bucket, keys)
     client.put_object(Bucket=s3_bucket, Key="in/folder/", Body=b"")  # a console folder marker
     monkeypatch.setattr(walk, "PAGE_KEYS", 10)
-    parts = walk_ranges(f"s3://{s3_bucket}/in", None, _collect, pages=2)
+    parts = walk_ranges(f"s3://{s3_bucket}/in", None, _collect, pages=2, threads=True)
     names = [n for n, _ in parts]
     got = [u for _, items in parts for u, _ in items]
     want = sorted(f"s3://{s3_bucket}/{k}" for k in keys if k.startswith("in/"))

@@ -215,17 +215,21 @@ def _child(name: str, i: int) -> str:
 
 
 def list_range(
-    root: str, r: KeyRange, st: StorageConfig | None, pages: int | None = None
+    root: str,
+    r: KeyRange,
+    st: StorageConfig | None,
+    pages: int | None = None,
+    page_keys: int | None = None,
 ) -> tuple[list[tuple[str, int]], list[KeyRange]]:
     """The (uri, size) of up to ``pages`` pages of keys of range ``r`` under ``root``, and the
     ranges left to list (the rest of ``r`` cut in ``FANOUT``; none when ``r`` is done)."""
-    pages = pages or PAGES_PER_TASK
+    pages, page_keys = pages or PAGES_PER_TASK, page_keys or PAGE_KEYS
     fs, path = storage.filesystem(root, st)
     bucket, _, prefix = path.rstrip("/").partition("/")
     prefix = prefix + "/" if prefix else ""
     scheme = _scheme(root)
     items: list[tuple[str, int]] = []
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_KEYS}
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_keys}
     if r.lo:
         kwargs["StartAfter"] = r.lo
     last = r.lo
@@ -244,11 +248,11 @@ def list_range(
         kwargs.pop("StartAfter", None)
         kwargs["ContinuationToken"] = token
     ceiling = prefix + "\x7f"  # every key under the prefix that is ASCII after it sorts below
-    alphabet = _alphabet([k for k, _ in items[-PAGE_KEYS:]], len(f"{scheme}{bucket}/{prefix}"))
+    alphabet = _alphabet([k for k, _ in items[-page_keys:]], len(f"{scheme}{bucket}/{prefix}"))
     fanout = FANOUT  # an open range: its size is unknown, explore it
     if r.hi is not None:  # a bounded one: as many ranges as its key density says it needs
         rest = _estimate_rest(r.lo, last, r.hi, len(items), alphabet)
-        fanout = max(1, min(FANOUT, -(-rest // (pages * PAGE_KEYS))))
+        fanout = max(1, min(FANOUT, -(-rest // (pages * page_keys))))
     cuts = split_range(last, r.hi, fanout, ceiling, alphabet)
     bounds = [last, *cuts, r.hi]
     return items, [
@@ -262,9 +266,10 @@ def _range_task(
     st: StorageConfig | None,
     handle: Callable[..., Any],
     kwargs: dict[str, Any],
-    pages: int | None,
+    pages: int,
+    page_keys: int,
 ) -> tuple[Any, list[KeyRange]]:
-    items, rest = list_range(root, r, st, pages)
+    items, rest = list_range(root, r, st, pages, page_keys)
     own = _child(r.name, 0) if rest else r.name or "0000"
     return handle(own, items, **kwargs), rest
 
@@ -275,18 +280,20 @@ def walk_ranges(
     handle: Callable[..., Any],
     kwargs: dict[str, Any] | None = None,
     pages: int | None = None,
+    threads: bool = False,
 ) -> list[tuple[str, Any]]:
     """Every key below ``root`` (an ``s3://`` prefix), listed by range tasks: each calls
     ``handle(name, [(uri, size), ...], **kwargs)`` on its keys, in the task, and the driver
     keeps only what ``handle`` returns. Returns (name, result) sorted by name = key order.
-    Ray tasks when Ray is up, else threads."""
+    Ray tasks when Ray is up (unless ``threads``), else threads."""
     if not _is_s3(root):
         raise ValueError(f"walk_ranges lists s3:// prefixes; {root} is not one")
     kwargs = kwargs or {}
-    args = (root.rstrip("/"), st, handle, kwargs, pages or PAGES_PER_TASK)
+    # sizes read here, on the driver, and sent with each task (a worker has its own module)
+    args = (root.rstrip("/"), st, handle, kwargs, pages or PAGES_PER_TASK, PAGE_KEYS)
     out: list[tuple[str, Any]] = []
     queue = [KeyRange("")]
-    submit, wait_any, close = _executor()
+    submit, wait_any, close = _executor(threads)
     pending: dict[Any, KeyRange] = {}
     try:
         while queue or pending:
@@ -303,11 +310,13 @@ def walk_ranges(
     return sorted(out, key=lambda t: t[0])
 
 
-def _executor() -> tuple[Callable[..., Any], Callable[[list[Any]], list[tuple[Any, Any]]], Any]:
+def _executor(
+    threads: bool = False,
+) -> tuple[Callable[..., Any], Callable[[list[Any]], list[tuple[Any, Any]]], Any]:
     """(submit, wait for some, close): Ray tasks of 0.25 CPU when Ray is up, else threads."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized() and not threads:
         remote = ray.remote(num_cpus=0.25, max_retries=3)(_call)
 
         def submit(fn: Callable[..., Any], *a: Any) -> Any:
