@@ -44,6 +44,18 @@ def tree(tmp_path_factory) -> str:
     return str(root)
 
 
+def _class_tars(tree: str, dest: Path) -> Path:
+    """The tree's class folders as one tar per class (ImageNet-22k's layout)."""
+    import tarfile
+
+    dest.mkdir()
+    for name in CLASSES:
+        with tarfile.open(dest / f"{name}.tar", "w") as tar:
+            for f in sorted(Path(tree, name).iterdir()):
+                tar.add(f, arcname=f.name)
+    return dest
+
+
 def _entropy(labels: list[int]) -> float:
     n = len(labels)
     return -sum(k / n * math.log2(k / n) for k in Counter(labels).values())
@@ -150,16 +162,10 @@ def test_class_tar_validation_reads_only_the_indexed_members(
 ) -> None:
     """Counting class tars also indexes their validation members (offset, size): the val split
     is read from those ranges alone, never by streaming the tars; train keeps the rest."""
-    import tarfile
 
     from beit_ray.data import plan, sources
 
-    src = tmp_path / "tars"
-    src.mkdir()
-    for name in CLASSES:
-        with tarfile.open(src / f"{name}.tar", "w") as tar:
-            for f in sorted(Path(tree, name).iterdir()):
-                tar.add(f, arcname=f.name)
+    src = _class_tars(tree, tmp_path / "tars")
     cfg = DataConfig(source=str(src), **TINY)
     listing = list_parts(cfg, uri=str(tmp_path / "l"), val_fraction=0.2)
     want = {f"{c}/{i:03d}.jpg" for c in CLASSES for i in range(30)}
@@ -197,16 +203,10 @@ def test_class_tars_are_interleaved_by_the_read_tasks(
     ray_session, tree: str, tmp_path: Path
 ) -> None:
     """One class per tar: without any shuffle buffer a batch still spans several classes."""
-    import tarfile
 
     from beit_ray.data.pipeline import labelled_dataset
 
-    src = tmp_path / "tars"
-    src.mkdir()
-    for name in CLASSES:
-        with tarfile.open(src / f"{name}.tar", "w") as tar:
-            for f in sorted(Path(tree, name).iterdir()):
-                tar.add(f, arcname=f.name)
+    src = _class_tars(tree, tmp_path / "tars")
     cfg = DataConfig(source=str(src), rand_augment=None, shuffle_buffer=0, **TINY)
     listing = list_parts(cfg, uri=str(tmp_path / "l"))
     assert listing.layout == "class_tars" and listing.images() == 300  # counted from headers

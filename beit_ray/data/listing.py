@@ -289,25 +289,13 @@ def _list_group(
     k, dirs, loose = task  # loose None: the root's own files, streamed (a flat local folder)
     fs, _ = storage.filesystem(root, st)
     prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
-    paths, sizes = [], []
+    found: list[tuple[str, int]] = []
     for d in dirs:
-        found = fs.find(storage.strip_scheme(d) if prefix else d, detail=True)
-        for name, info in found.items():
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                paths.append(prefix + name)
-                sizes.append(int(info.get("size") or 0))
-    found_loose = iter_top_files(root) if loose is None else ((u, -1) for u in loose)
-    for u, size in found_loose:
-        if u.lower().endswith(IMAGE_SUFFIXES):
-            paths.append(u)
-            sizes.append(size)
-    if not paths:
-        return []
-    order = image_rng(seed, 0, f"<listing-group-{k}>").permutation(len(paths))
-    return _write_parts(
-        [paths[i] for i in order], [sizes[i] for i in order], root, uri, st, seed,
-        val_fraction, f"{k:05d}",
-    )  # fmt: skip
+        files = fs.find(storage.strip_scheme(d) if prefix else d, detail=True)
+        found += [(prefix + name, int(info.get("size") or 0)) for name, info in files.items()]
+    found += iter_top_files(root) if loose is None else [(u, -1) for u in loose]
+    args = (root, uri, st, seed, val_fraction)
+    return _shuffled_parts(found, f"<listing-group-{k}>", f"{k:05d}", *args)
 
 
 def _range_parts(
@@ -320,13 +308,29 @@ def _range_parts(
     val_fraction: float | None,
 ) -> list[tuple[str, int, int, list[str]]]:
     """One S3 key range's images, shuffled, as parts (in the range task)."""
-    keep = [(u, s) for u, s in items if u.lower().endswith(IMAGE_SUFFIXES)]
+    args = (root, uri, st, seed, val_fraction)
+    return _shuffled_parts(items, f"<listing-range-{name}>", f"r{name}", *args)
+
+
+def _shuffled_parts(
+    found: list[tuple[str, int]],
+    label: str,
+    tag: str,
+    root: str,
+    uri: str,
+    st: StorageConfig | None,
+    seed: int,
+    val_fraction: float | None,
+) -> list[tuple[str, int, int, list[str]]]:
+    """The image files of ``found`` ((uri, size) pairs) shuffled by (seed, ``label``) and
+    written as parts ``part-<tag>-<k>``: (part name, rows, val rows, classes) each."""
+    keep = [(u, size) for u, size in found if u.lower().endswith(IMAGE_SUFFIXES)]
     if not keep:
         return []
-    order = image_rng(seed, 0, f"<listing-range-{name}>").permutation(len(keep))
+    order = image_rng(seed, 0, label).permutation(len(keep))
     return _write_parts(
         [keep[i][0] for i in order], [keep[i][1] for i in order], root, uri, st, seed,
-        val_fraction, f"r{name}",
+        val_fraction, tag,
     )  # fmt: skip
 
 
@@ -418,12 +422,10 @@ def _manifest_task(
         raise ValueError(f"data.manifest: {file} has no 'path' or 'key' column")
     sizes = [int(s) for s in cols.get("size", [-1] * len(names))]
     paths = [p if "://" in p or p.startswith("/") else storage.join(root, p) for p in names]
-    keep = [i for i, p in enumerate(paths) if p.lower().endswith(IMAGE_SUFFIXES)]
-    order = image_rng(seed, 0, f"<manifest-{k}>").permutation(len(keep))
-    return _write_parts(
-        [paths[keep[i]] for i in order], [sizes[keep[i]] for i in order], root, uri, st, seed,
-        val_fraction, f"m{k:04d}",
-    )  # fmt: skip
+    args = (root, uri, st, seed, val_fraction)
+    return _shuffled_parts(
+        list(zip(paths, sizes, strict=True)), f"<manifest-{k}>", f"m{k:04d}", *args
+    )
 
 
 # --------------------------------------------------------------------------- tars and parquet
