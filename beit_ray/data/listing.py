@@ -188,12 +188,9 @@ def _counted(
 ) -> PartsListing:
     if listing.rows is not None or not count or cfg.images_per_epoch:
         return listing
-    if listing.layout == "class_tars" and listing.val_fraction:
+    if listing.layout == "class_tars":
         return _index_class_tars(listing, st)
-    if listing.layout == "parquet":
-        fn = _parquet_rows
-    else:
-        fn = _tar_rows
+    fn = _parquet_rows if listing.layout == "parquet" else _wds_rows
     counts = _run_tasks(fn, listing.units, {"st": st, "listing": listing, "cfg": cfg})
     listing.rows = [c[0] for c in counts]
     listing.val_rows = [c[1] for c in counts]
@@ -490,9 +487,9 @@ def _parquet_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cf
     return n, n if listing.unit_split(unit) == "val" else 0
 
 
-def _tar_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: DataConfig):  # noqa: ANN202
-    """(samples, val samples) of a tar, from its member headers (data blocks are skipped by
-    seeking where the file allows it)."""
+def _wds_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: DataConfig):  # noqa: ANN202
+    """(samples, val samples) of a WebDataset shard, from its member headers (data blocks are
+    skipped by seeking where the file allows it); the shard's split is the whole shard's."""
     import tarfile
 
     fs, path = storage.filesystem(unit, st)
@@ -503,19 +500,10 @@ def _tar_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: D
         mode = "r:*" if not unit.lower().endswith((".gz", ".tgz")) else "r|gz"
         with tarfile.open(fileobj=f, mode=mode) as tar:
             for m in tar:
-                if not m.isfile():
-                    continue
-                if listing.layout == "class_tars":
-                    if m.name.lower().endswith(IMAGE_SUFFIXES):
-                        keys.add(f"{stem}/{m.name}")
-                else:
+                if m.isfile():
                     base = posixpath.basename(m.name).partition(".")[0]
                     keys.add(f"{stem}/{posixpath.join(posixpath.dirname(m.name), base)}")
     n = len(keys)
-    if listing.val_fraction is None:
-        return n, 0
-    if listing.layout == "class_tars":
-        return n, sum(in_val_split(k, listing.val_fraction, listing.seed) for k in keys)
     return n, n if listing.unit_split(unit) == "val" else 0
 
 
@@ -524,9 +512,10 @@ VAL_GROUP = 64
 
 
 def _index_class_tars(listing: PartsListing, st: StorageConfig | None) -> PartsListing:
-    """Count class tars from their headers, in tasks of ``VAL_GROUP`` tars, each also writing
-    the validation members' (tar, member, offset, size) as a part: evaluating then reads 5 % of
-    the bytes, not every tar. Compressed tars (no member offsets) leave the index out."""
+    """Count class tars from their headers, in tasks of ``VAL_GROUP`` tars; with a split each
+    also writes the validation members' (tar, member, offset, size) as a part: evaluating then
+    reads 5 % of the bytes, not every tar. Compressed tars (no member offsets) leave the index
+    out."""
     n = len(listing.units)
     tasks = [
         (k, list(range(i, min(i + VAL_GROUP, n)))) for k, i in enumerate(range(0, n, VAL_GROUP))
@@ -535,7 +524,7 @@ def _index_class_tars(listing: PartsListing, st: StorageConfig | None) -> PartsL
     listing.rows = [c[0] for counts, _ in out for c in counts]
     listing.val_rows = [c[1] for counts, _ in out for c in counts]
     written = [part for _, part in out]
-    if all(part is not None for part in written):
+    if listing.val_fraction and all(part is not None for part in written):
         kept = [(name, rows) for name, rows in written if rows]  # type: ignore[misc]
         listing.val_parts = [storage.join(listing.uri, name) for name, _ in kept]
         listing.val_part_rows = [rows for _, rows in kept]
