@@ -19,23 +19,16 @@ import sys
 import textwrap
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal, TypeVar
 
 import yaml
 
+from beit_ray.errors import ConfigError, check
+from beit_ray.storage import StorageConfig  # noqa: F401 - the storage section, re-exported
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message starts with the dotted field name."""
-
-
-def check(ok: bool, name: str, message: str) -> None:
-    """Raise ConfigError(``name: message``) unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
 
 
 def run_job(main: typing.Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
@@ -422,33 +415,6 @@ class RayConfig:
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus > 0, "ray.num_cpus", "must be positive")
         check(0 <= self.worker_niceness <= 19, "ray.worker_niceness", "must be in [0, 19]")
-
-
-@dataclass
-class StorageConfig:
-    """Object-store credentials and endpoint; empty fields fall back to the AWS_* environment."""
-
-    endpoint_url: str | None = None
-    """S3 endpoint (e.g. http://127.0.0.1:9000 for MinIO); default AWS_ENDPOINT_URL or AWS."""
-    region: str | None = None
-    """S3 region; default AWS_REGION / AWS_DEFAULT_REGION."""
-    access_key_id: str | None = None
-    """Access key; default AWS_ACCESS_KEY_ID. Prefer the environment for secrets."""
-    secret_access_key: str | None = field(default=None, repr=False)
-    """Secret key; default AWS_SECRET_ACCESS_KEY. Never printed."""
-    anonymous: bool = False
-    """Read public buckets without credentials."""
-    shared_paths: list[str] = field(default_factory=list)
-    """Local paths mounted at the same place on every node (NFS, EFS, a Kubernetes volume): on a
-    multi-node cluster outputs may go under them; other local paths are refused there."""
-
-    def __post_init__(self) -> None:
-        if self.endpoint_url is not None:
-            check(
-                self.endpoint_url.startswith(("http://", "https://")),
-                "storage.endpoint_url",
-                f"must start with http:// or https://, got {self.endpoint_url!r}",
-            )
 
 
 FLAVOUR_NAMES = ("debug", "base", "large", "vit-debug", "vit-base", "vit-large")

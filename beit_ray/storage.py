@@ -14,12 +14,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlparse
 
 import fsspec
 
-from beit_ray.config import StorageConfig
+from beit_ray.errors import check
 
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL",
@@ -30,6 +31,33 @@ _ENV_KEYS = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
 )
+
+
+@dataclass
+class StorageConfig:
+    """Object-store credentials and endpoint; empty fields fall back to the AWS_* environment."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint (e.g. http://127.0.0.1:9000 for MinIO); default AWS_ENDPOINT_URL or AWS."""
+    region: str | None = None
+    """S3 region; default AWS_REGION / AWS_DEFAULT_REGION."""
+    access_key_id: str | None = None
+    """Access key; default AWS_ACCESS_KEY_ID. Prefer the environment for secrets."""
+    secret_access_key: str | None = field(default=None, repr=False)
+    """Secret key; default AWS_SECRET_ACCESS_KEY. Never printed."""
+    anonymous: bool = False
+    """Read public buckets without credentials."""
+    shared_paths: list[str] = field(default_factory=list)
+    """Local paths mounted at the same place on every node (NFS, EFS, a Kubernetes volume): on a
+    multi-node cluster outputs may go under them; other local paths are refused there."""
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            check(
+                self.endpoint_url.startswith(("http://", "https://")),
+                "storage.endpoint_url",
+                f"must start with http:// or https://, got {self.endpoint_url!r}",
+            )
 
 
 def is_remote(uri: str) -> bool:
@@ -214,3 +242,113 @@ def download_dir(uri: str, cfg: StorageConfig | None = None, dest: str | None = 
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(src, target)
     return dest
+
+
+# --------------------------------------------------------------------------- transient failures
+
+RETRY_ATTEMPTS = int(os.environ.get("BEIT_RETRY_ATTEMPTS", "8"))
+"""Tries of one read before it is given up as transient (after s3fs's and botocore's own)."""
+RETRY_BASE_S, RETRY_CAP_S = 0.25, 20.0
+"""Backoff: ``base × 2^(try - 1)`` seconds, at most ``cap``, with full jitter (AWS's advice):
+8 tries wait up to ~50 s in all, longer than a throttled prefix takes to scale up."""
+_TRANSIENT_MARKERS = (
+    "slowdown",
+    "slow down",
+    "reduce your request rate",
+    "throttl",
+    "serviceunavailable",
+    "service unavailable",
+    "internalerror",
+    "internal error",
+    "requesttimeout",
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection aborted",
+    "connection refused",
+    "broken pipe",
+    "incompleteread",
+    "incomplete read",
+    "responsestreamingerror",
+    "server disconnected",
+    " 500",
+    " 502",
+    " 503",
+    " 504",
+    "(500)",
+    "(502)",
+    "(503)",
+    "(504)",
+)
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class TransientError(OSError):
+    """A read that kept failing for a transient cause (throttling, 5xx, timeouts) after every
+    retry: not the input's fault, so it is never recorded as a bad input; a rerun reads it."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """Throttling, a 5xx answer, a timeout or a dropped connection: worth trying again. A
+    missing object, a permission error or bad data is not."""
+    if isinstance(e, TransientError):
+        return False  # already retried to the end
+    if isinstance(e, _PERMANENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    code = ""
+    response = getattr(e, "response", None)  # botocore's ClientError
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = f"{err.get('Code', '')} {status}"
+        if isinstance(status, int) and status >= 500:
+            return True
+    text = f"{type(e).__name__} {code} {e}".lower()
+    return any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def backoff(attempt: int, error: BaseException, what: str = "") -> None:
+    """Sleep before try ``attempt + 1``; raise TransientError once ``RETRY_ATTEMPTS`` are spent."""
+    import random
+    import time
+
+    if attempt >= RETRY_ATTEMPTS:
+        raise TransientError(
+            f"{what}: still failing after {attempt} tries: {type(error).__name__}: {error}"
+        ) from error
+    rng = random.Random()  # jitter only: spreads the retries of many tasks apart
+    time.sleep(rng.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1))))
+
+
+def retry(fn: Any, *args: Any, what: str = "", **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, tried again with backoff while it fails transiently."""
+    attempt = 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            attempt += 1
+            backoff(attempt, e, what)
+
+
+async def retry_async(fn: Any, *args: Any, what: str = "", **kwargs: Any) -> Any:
+    """:func:`retry` for a coroutine function (the wait does not block the event loop)."""
+    import asyncio
+    import random
+
+    attempt = 0
+    while True:
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            attempt += 1
+            if attempt >= RETRY_ATTEMPTS:
+                backoff(attempt, e, what)  # raises TransientError
+            cap = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1))
+            await asyncio.sleep(random.Random().uniform(0, cap))

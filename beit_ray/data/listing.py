@@ -40,9 +40,10 @@ import numpy as np
 
 from beit_ray import storage
 from beit_ray.config import StorageConfig
+from beit_ray.data import containers
 from beit_ray.data.augment import image_rng, stable_hash
 from beit_ray.data.config import DataConfig
-from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES, relative_key
+from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES, relative_key, tar_stem
 from beit_ray.data.walk import first_look, iter_top_files, walk_ranges
 
 log = logging.getLogger(__name__)
@@ -488,22 +489,9 @@ def _parquet_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cf
 
 
 def _wds_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: DataConfig):  # noqa: ANN202
-    """(samples, val samples) of a WebDataset shard, from its member headers (data blocks are
-    skipped by seeking where the file allows it); the shard's split is the whole shard's."""
-    import tarfile
-
-    fs, path = storage.filesystem(unit, st)
-    rel = relative_key(unit, listing.root)
-    stem = rel.split(".tar")[0].split(".tgz")[0]
-    keys: set[str] = set()
-    with fs.open(path, "rb") as f:
-        mode = "r:*" if not unit.lower().endswith((".gz", ".tgz")) else "r|gz"
-        with tarfile.open(fileobj=f, mode=mode) as tar:
-            for m in tar:
-                if m.isfile():
-                    base = posixpath.basename(m.name).partition(".")[0]
-                    keys.add(f"{stem}/{posixpath.join(posixpath.dirname(m.name), base)}")
-    n = len(keys)
+    """(samples, val samples) of a WebDataset shard, from its member headers (data is skipped:
+    seeked over where the file allows it); the shard's split is the whole shard's."""
+    n = sum(1 for _ in containers.samples("webdataset", containers.members(unit, st)))
     return n, n if listing.unit_split(unit) == "val" else 0
 
 
@@ -536,8 +524,6 @@ def _tar_group_index(
 ) -> tuple[list[tuple[int, int]], tuple[str, int] | None]:
     """(images, val images) per tar of the group, and the group's val part (name, rows), None
     when a tar has no member offsets."""
-    import tarfile
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -546,27 +532,18 @@ def _tar_group_index(
     indexable = True
     for i in idx:
         unit = listing.units[i]
-        indexable &= not unit.lower().endswith((".gz", ".tgz"))
-        fs, path = storage.filesystem(unit, st)
-        stem = relative_key(unit, listing.root).split(".tar")[0].split(".tgz")[0]
+        indexable &= not containers.compressed(unit)
+        stem = tar_stem(unit, listing.root)
         cls = posixpath.basename(stem)
-        seen: set[str] = set()
-        val = 0
-        with fs.open(path, "rb") as f:
-            mode = "r|gz" if unit.lower().endswith((".gz", ".tgz")) else "r:*"
-            with tarfile.open(fileobj=f, mode=mode) as tar:
-                for m in tar:
-                    key = f"{stem}/{m.name}"
-                    if not m.isfile() or not m.name.lower().endswith(IMAGE_SUFFIXES) or key in seen:
-                        continue
-                    seen.add(key)
-                    if in_val_split(key, listing.val_fraction or 0.0, listing.seed):
-                        val += 1
-                        for c, v in zip(
-                            rows, (unit, m.name, m.offset_data, m.size, key, cls), strict=True
-                        ):
-                            rows[c].append(v)
-        counts.append((len(seen), val))
+        n = val = 0
+        for s in containers.samples("class_tars", containers.members(unit, st)):
+            n += 1
+            key, m = f"{stem}/{s.key}", s.image
+            if m is not None and in_val_split(key, listing.val_fraction or 0.0, listing.seed):
+                val += 1
+                for c, v in zip(rows, (unit, m.name, m.offset, m.size, key, cls), strict=True):
+                    rows[c].append(v)
+        counts.append((n, val))
     if not indexable:
         return counts, None
     name = f"val-{k:05d}.parquet"

@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import tarfile
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,14 +37,14 @@ import numpy as np
 
 from beit_ray import storage
 from beit_ray.config import StorageConfig
+from beit_ray.data import containers
 from beit_ray.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif")
+IMAGE_SUFFIXES, TAR_SUFFIXES = containers.IMAGE_SUFFIXES, containers.TAR_SUFFIXES
 RAW_COLUMNS = ("key", "path", "image", "label", "class_name", "error")
 FILES_PER_READ_TASK = 64
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 @dataclass
@@ -88,17 +87,6 @@ def _list_folders(root: str, st: StorageConfig | None) -> tuple[list[str], list[
     return files, classes
 
 
-def _peek_tar(uri: str, st: StorageConfig | None, n: int = 8) -> list[str]:
-    fs, path = storage.pyarrow_fs(uri, st)
-    names = []
-    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            names.append(member.name)
-            if len(names) >= n:
-                break
-    return names
-
-
 def detect_layout(uris: list[str], st: StorageConfig | None = None) -> str:
     """What ``auto`` means for these files: parquet, webdataset or class_tars (peeks at the
     first tar's member names: .cls/.json → webdataset), else folders."""
@@ -106,9 +94,7 @@ def detect_layout(uris: list[str], st: StorageConfig | None = None) -> str:
         return "parquet"
     tars = [u for u in uris if u.lower().endswith(TAR_SUFFIXES)]
     if tars:
-        names = _peek_tar(tars[0], st)
-        is_wds = any(n.lower().endswith((".cls", ".json")) for n in names)
-        return "webdataset" if is_wds else "class_tars"
+        return containers.peek_layout(tars[0], st)
     return "folders"
 
 
@@ -192,108 +178,61 @@ def _row(
 def read_folder_files(
     paths: list[str], root: str, classes: dict[str, int], st: StorageConfig | None
 ) -> list[dict[str, Any]]:
+    """Raw rows of image files (one GET each on an object store, fetched concurrently)."""
     rows = []
-    fs, _ = storage.filesystem(root, st)
-    remote = storage.is_remote(root)
-    for uri in paths:
+    for uri, data in zip(paths, containers.read_files(paths, st), strict=True):
         rel = relative_key(uri, root)
         cls = rel.split("/")[0] if "/" in rel else ""
-        try:
-            if remote:  # one GET per object (pyarrow's input streams HEAD first)
-                data = fs.cat_file(storage.strip_scheme(uri))
-            else:
-                with open(storage.strip_scheme(uri), "rb") as f:
-                    data = f.read()
+        if isinstance(data, Exception):
+            rows.append(_row(rel, uri, error=f"read_failed: {type(data).__name__}: {data}"))
+        else:
             rows.append(_row(rel, uri, data, classes.get(cls, -1), cls))
-        except Exception as e:
-            rows.append(_row(rel, uri, error=f"read_failed: {type(e).__name__}: {e}"))
     return rows
+
+
+def tar_stem(uri: str, root: str) -> str:
+    """A tar's key prefix: its path under the root without the .tar / .tgz suffix."""
+    return relative_key(uri, root).split(".tar")[0].split(".tgz")[0]
 
 
 def iter_tar(
     uri: str, root: str, layout: str, classes: dict[str, int], st: StorageConfig | None
 ) -> Iterator[dict[str, Any]]:
-    """Rows of one tar, streamed (the tar is never held whole in memory)."""
-    fs, path = storage.pyarrow_fs(uri, st)
-    rel = relative_key(uri, root)
-    stem = rel.split(".tar")[0].split(".tgz")[0]
+    """Rows of one tar, read once (the tar is never held whole in memory); a tar damaged part
+    way gives the rows before the damage and an error row for itself."""
+    stem = tar_stem(uri, root)
     cls = posixpath.basename(stem) if layout == "class_tars" else ""
-    pending: dict[str, dict[str, Any]] = {}  # webdataset: members of one sample, grouped by key
     try:
-        with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                name = m.name
-                if layout == "class_tars":
-                    if name.lower().endswith(IMAGE_SUFFIXES):
-                        yield _row(f"{stem}/{name}", uri, data, classes.get(cls, -1), cls)
-                    continue
-                base = posixpath.basename(name)
-                k, _, ext = base.partition(".")
-                k = posixpath.join(posixpath.dirname(name), k)
-                if pending and k not in pending:
-                    yield from _wds_flush(pending, stem, uri)
-                pending.setdefault(k, {})[ext.lower()] = data
+        for s in containers.tar_samples(uri, layout, st):
+            key = f"{stem}/{s.key}"
+            if s.image is None:
+                yield _row(key, uri, error=s.error)
+            elif layout == "class_tars":
+                yield _row(key, uri, s.image.data or b"", classes.get(cls, -1), cls)
+            else:
+                yield _row(key, uri, s.image.data or b"", s.label, s.class_name)
+    except storage.TransientError:
+        raise  # not the tar's fault: the read task fails and is retried, no row is lost
     except Exception as e:
-        yield from _wds_flush(pending, stem, uri)
         yield _row(f"{stem}/<tar>", uri, error=f"read_failed: {type(e).__name__}: {e}")
-        return
-    yield from _wds_flush(pending, stem, uri)
-
-
-def _wds_flush(pending: dict[str, dict[str, Any]], stem: str, uri: str) -> Iterator[dict[str, Any]]:
-    for k, parts in pending.items():
-        img_ext = next((e for e in parts if ("." + e).endswith(IMAGE_SUFFIXES)), None)
-        key = f"{stem}/{k}"
-        if img_ext is None:
-            yield _row(key, uri, error=f"no_image: sample has only {sorted(parts)}")
-            continue
-        label, cls = -1, ""
-        try:
-            if "cls" in parts:
-                label = int(parts["cls"].decode().strip())
-            elif "json" in parts:
-                meta = json.loads(parts["json"])
-                label = int(meta.get("label", meta.get("cls", -1)))
-                cls = str(meta.get("class_name", meta.get("class", "")))
-        except Exception as e:
-            yield _row(key, uri, error=f"bad_label: {type(e).__name__}: {e}")
-            continue
-        yield _row(key, uri, parts[img_ext], label, cls)
-    pending.clear()
 
 
 def iter_parquet(
     uri: str, root: str, cfg: DataConfig, st: StorageConfig | None
 ) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.pyarrow_fs(uri, st)
     rel = relative_key(uri, root)
+    extra = [c for c in (cfg.label_column, cfg.key_column) if c]
     try:
-        pf = pq.ParquetFile(path, filesystem=fs)
-        names = set(pf.schema_arrow.names)
-        if cfg.image_column not in names:
-            yield _row(
-                f"{rel}#<file>",
-                uri,
-                error=f"read_failed: no column {cfg.image_column!r} in {sorted(names)}",
-            )
-            return
-        cols = [c for c in (cfg.image_column, cfg.label_column, cfg.key_column) if c and c in names]
-        row = 0
-        for batch in pf.iter_batches(batch_size=256, columns=cols):
-            d = batch.to_pydict()
-            for i, img in enumerate(d[cfg.image_column]):
-                key = str(d[cfg.key_column][i]) if cfg.key_column in d else f"{rel}#{row}"
-                lab = d[cfg.label_column][i] if cfg.label_column in d else None
-                if img is None:
-                    yield _row(key, uri, error="empty: null image")
-                else:
-                    yield _row(key, uri, bytes(img), -1 if lab is None else int(lab))
-                row += 1
+        for i, row in containers.parquet_images(uri, cfg.image_column, None, st, extra):
+            img = row[cfg.image_column]
+            key = str(row[cfg.key_column]) if cfg.key_column in row else f"{rel}#{i}"
+            lab = row.get(cfg.label_column) if cfg.label_column else None
+            if img is None:
+                yield _row(key, uri, error="empty: null image")
+            else:
+                yield _row(key, uri, bytes(img), -1 if lab is None else int(lab))
+    except storage.TransientError:
+        raise
     except Exception as e:
         yield _row(f"{rel}#<file>", uri, error=f"read_failed: {type(e).__name__}: {e}")
 
@@ -363,73 +302,3 @@ def read_raw(
         fn_kwargs=dict(listing=listing, cfg=cfg, st=st, classes=classes),
         batch_size=per_task,
     )
-
-
-# --------------------------------------------------------------------------- member access
-
-
-def iter_tar_members(uri: str, st: StorageConfig | None = None) -> Iterator[str]:
-    """Names of a tar's regular-file members in tar order, from its headers alone (on an object
-    store that is still one streamed read of the whole tar: streams cannot seek)."""
-    fs, path = storage.pyarrow_fs(uri, st)
-    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
-            if m.isfile():
-                yield m.name
-
-
-def read_tar_members(
-    uri: str, names: Collection[str], st: StorageConfig | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the wanted members (first copy of a repeated name) in one streamed pass
-    that stops after the last one is found."""
-    wanted = set(names)
-    if not wanted:
-        return
-    fs, path = storage.pyarrow_fs(uri, st)
-    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
-            if m.isfile() and m.name in wanted:
-                wanted.discard(m.name)
-                yield m.name, tar.extractfile(m).read()  # type: ignore[union-attr]
-                if not wanted:
-                    return
-
-
-def parquet_image_rows(uri: str, image_column: str, st: StorageConfig | None = None) -> int:
-    """Row count of a parquet file of images, from its footer; raises when ``image_column`` is
-    missing or not binary."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, path = storage.pyarrow_fs(uri, st)
-    pf = pq.ParquetFile(path, filesystem=fs)
-    schema = pf.schema_arrow
-    if image_column not in schema.names:
-        raise ValueError(f"no column {image_column!r} in {schema.names}")
-    kind = schema.field(image_column).type
-    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise ValueError(f"column {image_column!r} is {kind}, not binary")
-    return pf.metadata.num_rows
-
-
-def read_parquet_rows(
-    uri: str, image_column: str, rows: Collection[int], st: StorageConfig | None = None
-) -> dict[int, bytes | None]:
-    """Image bytes of the given row indices (None for null cells), reading only the row groups
-    that hold them."""
-    import pyarrow.parquet as pq
-
-    fs, path = storage.pyarrow_fs(uri, st)
-    pf = pq.ParquetFile(path, filesystem=fs)
-    wanted, start = sorted(set(rows)), 0
-    out: dict[int, bytes | None] = {}
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        here = [r for r in wanted if start <= r < start + n]
-        if here:
-            col = pf.read_row_group(g, columns=[image_column]).column(image_column)
-            for r in here:
-                out[r] = col[r - start].as_py()
-        start += n
-    return out

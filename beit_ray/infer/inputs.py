@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig
+from beit_ray.data import containers
 from beit_ray.infer.config import LabelConfig
+from beit_ray.storage import TransientError
 
 LISTING_NAME, MASKS_DIR = "_LISTING.parquet", "_masks"
 CONTAINER_LAYOUTS = ("class_tars", "webdataset", "parquet")
 LISTING_BATCH = 65_536  # rows per listing row group: bounded driver memory at any input size
-TAR_READ_BUFFER = 8 << 20  # bytes per GET when a tar is streamed to list its members
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64())])
 
 
@@ -144,14 +144,11 @@ def input_root(cfg: LabelConfig, uri: str | None = None) -> str:
 
 
 def _kind(uri: str) -> str:
-    from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES
-
-    lower = uri.lower()
-    if lower.endswith(TAR_SUFFIXES):
+    if containers.is_tar(uri):
         return "tar"
-    if lower.endswith(".parquet"):
+    if uri.lower().endswith(".parquet"):
         return "parquet"
-    return "image" if lower.endswith(IMAGE_SUFFIXES) else ""
+    return "image" if containers.is_image(uri) else ""
 
 
 def _is_input(uri: str, root: str, out_root: str) -> bool:
@@ -247,7 +244,7 @@ def _single(cfg: LabelConfig, uris: list[str]) -> Units:
 def resolve_layout(cfg: LabelConfig) -> tuple[str, Units]:
     """The input's layout (``auto`` resolved) and its units: image URIs (files, manifest) or the
     tar/parquet files to open (container layouts), as a parquet listing."""
-    from beit_ray.data.sources import TAR_SUFFIXES
+    from beit_ray.data.containers import TAR_SUFFIXES
 
     layout, lower = cfg.layout, cfg.input.lower()
     if not st.exists(cfg.input, cfg.storage):
@@ -308,21 +305,18 @@ def _tar_layout(cfg: LabelConfig, first: str) -> str:
     import json
 
     from beit_ray.infer.plan import PLAN_NAME
-    from beit_ray.infer.tars import peek_layout
 
     saved = st.join(cfg.output, PLAN_NAME)
     if st.exists(saved, cfg.storage):
         layout = json.loads(st.read_text(saved, cfg.storage)).get("layout")
         if layout in ("class_tars", "webdataset"):
             return layout
-    return peek_layout(first, cfg.storage)
+    return containers.peek_layout(first, cfg.storage)
 
 
 def _holds_images(cfg: LabelConfig) -> bool:
-    from beit_ray.data.sources import parquet_image_rows
-
     try:
-        parquet_image_rows(cfg.input, cfg.image_column, cfg.storage)
+        containers.parquet_rows(cfg.input, cfg.image_column, cfg.storage)
         return True
     except ValueError:
         return False
@@ -380,53 +374,22 @@ def member_path(container: str, name: str) -> str:
     return f"{container}/{posixpath.normpath(name).lstrip('/')}"
 
 
-def tar_index(uri: str, storage: StorageConfig | None) -> tuple[list[tuple[str, int, int]], str]:
-    """(name, data offset, size) of a tar's regular-file members in tar order, and an error
-    ("" when the tar was read to its end). Local tars are read by seeking over member data
-    (headers only); object-store tars are streamed once, since each seek would be a request."""
-    members: list[tuple[str, int, int]] = []
-    compressed = uri.lower().endswith((".gz", ".tgz"))
-    try:
-        if not st.is_remote(uri):
-            path = st.strip_scheme(uri)
-            total = os.path.getsize(path)
-            with tarfile.open(path, mode="r:*") as tar:
-                for m in tar:
-                    if m.isfile():
-                        members.append((m.name, -1 if compressed else m.offset_data, m.size))
-            cut = next((n for n, o, s in members if o >= 0 and o + s > total), None)
-            if cut is not None:
-                return members, f"read_failed: truncated: {cut} runs past the end of the tar"
-            return members, ""
-        fs, path = st.pyarrow_fs(uri, storage)
-        # buffered: tarfile reads 512-byte headers, and each unbuffered read would be a GET
-        stream = fs.open_input_stream(path, buffer_size=TAR_READ_BUFFER)
-        with stream as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for m in tar:
-                if m.isfile():
-                    members.append((m.name, -1 if compressed else m.offset_data, m.size))
-        return members, ""
-    except Exception as e:  # keep the members listed before the damage; the tar gets a row
-        return members, f"read_failed: {type(e).__name__}: {e}"[:500]
-
-
 def list_container(
     uri: str, layout: str, image_column: str, storage: StorageConfig | None
 ) -> list[Entry]:
-    """The images inside one tar or parquet file, in its own order (one Ray task per file)."""
-    from beit_ray.data.sources import parquet_image_rows
-
+    """The images inside one tar or parquet file, in its own order (one Ray task per file); a
+    tar's from its headers, with each member's offset."""
     if layout == "parquet":
         try:
-            n = parquet_image_rows(uri, image_column, storage)
+            n = containers.parquet_rows(uri, image_column, storage)
+        except TransientError:
+            raise
         except Exception as e:
             return [Entry(uri, "error", member=f"read_failed: {type(e).__name__}: {e}"[:500])]
         return [Entry(f"{uri}#{i}", "parquet", uri, str(i)) for i in range(n)]
-    from beit_ray.infer.tars import select_members
+    from beit_ray.infer.tars import tar_items
 
-    members, error = tar_index(uri, storage)
-    listed = ((name, offset, size, None, "") for name, offset, size in members)
-    return [e for e, _, _ in select_members(uri, layout, listed, error)]
+    return [e for e, _, _ in tar_items(uri, layout, storage, read=False)]
 
 
 def mask_uri(output: str, root: str, uri: str) -> str:
@@ -443,77 +406,18 @@ def mask_uri(output: str, root: str, uri: str) -> str:
 # --------------------------------------------------------------------------- reading (in tasks)
 
 
-def _read_span(uri: str, start: int, end: int, storage: StorageConfig | None) -> bytes:
-    """Bytes [start, end) of a file: one ranged GET on an object store."""
-    if st.is_remote(uri):
-        fs, path = st.filesystem(uri, storage)
-        return fs.cat_file(path, start=start, end=end)
-    with open(st.strip_scheme(uri), "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
-
-
-async def _get_objects(fs: Any, keys: list[str], concurrency: int = 32) -> list[Any]:
-    """GetObject for each key, concurrently: exactly one request per object (s3fs's own
-    ``cat`` sends a HEAD before each GET)."""
-    import asyncio
-
-    gate = asyncio.Semaphore(concurrency)
-
-    async def get(key: str) -> bytes:
-        bucket, name, _ = fs.split_path(key)
-        async with gate:
-            resp = await fs._call_s3("get_object", Bucket=bucket, Key=name)
-            body = resp["Body"]
-            try:
-                return await body.read()
-            finally:
-                body.close()
-
-    return await asyncio.gather(*(get(k) for k in keys), return_exceptions=True)
-
-
-def _read_files(uris: list[str], storage: StorageConfig | None) -> list[bytes | Exception]:
-    """Each file's bytes (or the exception), one GET per object, fetched concurrently."""
-    remote = [u for u in uris if st.is_remote(u)]
-    got: dict[str, bytes | Exception] = {}
-    if remote:
-        fs, _ = st.filesystem(remote[0], storage)
-        keys = [st.strip_scheme(u) for u in remote]
-        if hasattr(fs, "_call_s3"):
-            from fsspec.asyn import sync
-
-            found = sync(fs.loop, _get_objects, fs, keys)
-        else:  # other object stores: fsspec's concurrent cat
-            cat = fs.cat(keys, on_error="return")
-            found = [cat.get(k, FileNotFoundError(k)) for k in keys]
-        got.update(dict(zip(remote, found, strict=True)))
-    out: list[bytes | Exception] = []
-    for u in uris:
-        if u in got:
-            out.append(got[u])
-            continue
-        try:
-            with open(st.strip_scheme(u), "rb") as f:
-                out.append(f.read())
-        except Exception as e:  # missing, permission: the row says so
-            out.append(e)
-    return out
-
-
 def fetch(
     entries: list[Entry], storage: StorageConfig | None, image_column: str
 ) -> tuple[list[bytes | None], list[str]]:
     """The bytes of a chunk's images ("" error when fine). Files: one GET each; tar members:
     one ranged read per run of consecutive members of a tar; parquet rows: the row groups
     holding them."""
-    from beit_ray.data.sources import read_parquet_rows, read_tar_members
-
     n = len(entries)
     blobs: list[bytes | None] = [None] * n
     errors = [""] * n
     files = [i for i, e in enumerate(entries) if e.kind == "file"]
-    for i, data in zip(files, _read_files([entries[i].path for i in files], storage), strict=True):
+    found = containers.read_files([entries[i].path for i in files], storage)
+    for i, data in zip(files, found, strict=True):
         if isinstance(data, Exception):
             errors[i] = f"read_failed: {type(data).__name__}: {data}"[:500]
         else:
@@ -535,12 +439,12 @@ def fetch(
         try:
             if first.kind == "parquet":
                 rows = [int(entries[i].member) for i in g]
-                found = read_parquet_rows(first.container, image_column, rows, storage)
-                got = {str(r): data for r, data in found.items()}
+                cells = containers.parquet_images(first.container, image_column, rows, storage)
+                got = {str(r): row[image_column] for r, row in cells}
             elif all(entries[i].offset >= 0 for i in g):
                 start = min(entries[i].offset for i in g)
                 end = max(entries[i].offset + entries[i].size for i in g)
-                span = _read_span(first.container, start, end, storage)
+                span = containers.read_span(first.container, start, end, storage)
                 for i in g:
                     e = entries[i]
                     data = span[e.offset - start : e.offset - start + e.size]
@@ -548,9 +452,10 @@ def fetch(
                         got[e.member] = data
                 failure = "truncated: the member runs past the end of the tar"
             else:  # compressed tars cannot seek: one streamed pass that stops at the last one
-                got = dict(
-                    read_tar_members(first.container, [entries[i].member for i in g], storage)
-                )
+                names = [entries[i].member for i in g]
+                got = dict(containers.read_members(first.container, names, storage))
+        except TransientError:
+            raise  # not the inputs' fault: no error row, the task is retried
         except Exception as e:  # a damaged container keeps the members read before the damage
             failure = f"{type(e).__name__}: {e}"
         for i in g:
