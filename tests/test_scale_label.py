@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from beit_ray import storage as st
+from beit_ray.data import containers
 from beit_ray.infer import inputs, plan
 from beit_ray.infer.config import LabelConfig
-from beit_ray.data import containers
 from beit_ray.infer.inputs import Entry, fetch, list_inputs
 from beit_ray.infer.label import part_name, write_part
 from beit_ray.infer.plan import Ledger, Plan, PlanWriter, coverage, read_chunk
