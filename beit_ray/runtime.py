@@ -1,14 +1,34 @@
-"""Starting or joining Ray for a job, and rank-0 printing."""
+"""Starting or joining Ray for a job, what a job needs from the cluster, and rank-0 printing.
+
+    init_ray(cfg.ray, cfg.storage)            # join RAY_ADDRESS / ray.address, or a local Ray
+    cluster = Cluster.read(cfg.ray)           # once per job, after init_ray
+    check_training(cfg, ray_data_cpus, cluster)   # or check_job_outputs(...) for other jobs
+
+Ray Data and Ray Train wait forever, without an error, for resources that never come (workers
+holding every CPU, more GPU requests than GPUs), and outputs written to one node's disk are lost
+to the others. Every check here runs before a job does any work and names the field to change.
+On an autoscaling cluster what is up now is not the limit: the autoscaler's node types are
+(Ray's GCS cluster config, or the launcher's ``~/ray_bootstrap_config.yaml`` on the head), and
+a shortfall it can still fill is a warning.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
+from beit_ray import storage
 from beit_ray.config import RayConfig, StorageConfig
+
+log = logging.getLogger(__name__)
+
+# Where `ray up` leaves the launcher config on the head node (the v1 autoscaler reads it there).
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -18,7 +38,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 def init_ray(
-    cfg: RayConfig, storage: StorageConfig | None = None, env: dict[str, str] | None = None
+    cfg: RayConfig, storage_cfg: StorageConfig | None = None, env: dict[str, str] | None = None
 ) -> None:
     """Join ``cfg.address`` or start a local Ray on loopback; workers get the storage env.
 
@@ -27,11 +47,9 @@ def init_ray(
     """
     import ray
 
-    from beit_ray import storage as st
-
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {**st.worker_env(storage), **(env or {})}}
+    runtime_env = {"env_vars": {**storage.worker_env(storage_cfg), **(env or {})}}
     for key in ("TORCH_EXTENSIONS_DIR", "RAY_AUTH_MODE", "OMP_NUM_THREADS"):
         if os.environ.get(key):
             runtime_env["env_vars"].setdefault(key, os.environ[key])
@@ -89,3 +107,247 @@ def say(line: str) -> None:
     out = sys.__stdout__ or sys.stdout
     out.write(line + "\n")
     out.flush()
+
+
+# --------------------------------------------------------------------------- cluster checks
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Resources up now and, where an autoscaler is known, the most it can bring up."""
+
+    cpus: float
+    gpus: float
+    nodes: int
+    """Alive nodes now."""
+    max_cpus: float | None = None
+    """Most CPUs the autoscaler's node types allow; None: unknown."""
+    max_gpus: float | None = None
+    max_nodes: int | None = None
+    fixed: bool = True
+    """No autoscaler can add nodes (a local Ray). Unknown limits on a joined cluster are not fixed."""
+
+    @classmethod
+    def read(cls, ray_cfg: RayConfig | None = None) -> Cluster:
+        """The connected Ray's view (call after ``init_ray``)."""
+        import ray
+
+        res = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        joined = bool((ray_cfg.address if ray_cfg else None) or os.environ.get("RAY_ADDRESS"))
+        limits = autoscaler_limits()
+        if limits is None:
+            return cls(res.get("CPU", 0.0), res.get("GPU", 0.0), nodes, fixed=not joined)
+        return cls(
+            res.get("CPU", 0.0),
+            res.get("GPU", 0.0),
+            nodes,
+            max_cpus=max(limits.get("CPU", 0.0), res.get("CPU", 0.0)),
+            max_gpus=max(limits.get("GPU", 0.0), res.get("GPU", 0.0)),
+            max_nodes=max(int(limits.get("nodes", 1)), nodes),
+            fixed=limits.get("nodes", 1) <= nodes,
+        )
+
+    def shortfall(self, key: str, need: float) -> str | None:
+        """None when ``need`` of CPU/GPU is up now; "warn" when an autoscaler may bring it;
+        "refuse" when it can never come."""
+        now = self.cpus if key == "CPU" else self.gpus
+        most = self.max_cpus if key == "CPU" else self.max_gpus
+        if need <= now + 1e-9:
+            return None
+        if most is not None:
+            return "refuse" if need > most + 1e-9 else "warn"
+        return "refuse" if self.fixed else "warn"
+
+    def multi_node(self) -> bool | None:
+        """True with several nodes now or possible; None when an unknown autoscaler may add some."""
+        if self.nodes > 1 or (self.max_nodes or 1) > 1:
+            return True
+        return False if self.fixed or self.max_nodes is not None else None
+
+    def describe(self, key: str) -> str:
+        now = self.cpus if key == "CPU" else self.gpus
+        most = self.max_cpus if key == "CPU" else self.max_gpus
+        if most is not None and most > now:
+            return f"{now:g} {key}s up now, at most {most:g} with the autoscaler's node types"
+        if most is None and not self.fixed:
+            return f"{now:g} {key}s up now (the autoscaler's limits are unknown)"
+        return f"{now:g} {key}s"
+
+
+def autoscaler_limits() -> dict[str, float] | None:
+    """{"CPU", "GPU", "nodes"} at the autoscaler's maximum, or None when no config is found."""
+    limits = _gcs_limits()
+    return limits if limits is not None else _bootstrap_limits(os.path.expanduser(BOOTSTRAP_CONFIG))
+
+
+def node_group_limits(groups: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """Totals over (resources per node, max nodes) groups; a max of -1 (unbounded) counts huge."""
+    out: dict[str, float] = {"CPU": 0.0, "GPU": 0.0, "nodes": 0.0}
+    for resources, count in groups:
+        n = float(sys.maxsize) if count < 0 else float(count)
+        out["nodes"] += n
+        for key in ("CPU", "GPU"):
+            out[key] += n * float(resources.get(key, 0.0))
+    return out
+
+
+def _gcs_limits() -> dict[str, float] | None:
+    # Autoscaler v2 (KubeRay's, and `ray up` with RAY_enable_autoscaler_v2) publishes its node
+    # types here. A private API: any failure means "unknown", never a crash.
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception as e:  # noqa: BLE001
+        log.debug("no cluster config from the GCS: %s", e)
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return node_group_limits(
+        [(dict(g.resources), int(g.max_count)) for g in config.node_group_configs]
+    )
+
+
+def _bootstrap_limits(path: str) -> dict[str, float] | None:
+    """Limits from a cluster-launcher YAML (``available_node_types``), capped by max_workers."""
+    if not os.path.exists(path):
+        return None
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    types = cfg.get("available_node_types") or {}
+    head = cfg.get("head_node_type")
+    groups = []
+    for name, t in types.items():
+        count = 1 if name == head else int(t.get("max_workers", cfg.get("max_workers", 0)))
+        groups.append((dict(t.get("resources") or {}), count))
+    if not groups:
+        return None
+    out = node_group_limits(groups)
+    if "max_workers" in cfg:
+        out["nodes"] = min(out["nodes"], 1 + int(cfg["max_workers"]))
+    return out
+
+
+def _act(verdict: str | None, message: str) -> None:
+    if verdict == "refuse":
+        raise ValueError(message)
+    if verdict == "warn":
+        log.warning("%s (continuing: the autoscaler may still add nodes)", message)
+        print(f"WARNING: {message} (continuing: the autoscaler may still add nodes)", flush=True)
+
+
+def check_cpus(cfg: Any, ray_data_cpus: float, cluster: Cluster) -> str | None:
+    """Fail clearly instead of hanging: Ray Data waits forever when workers hold every CPU."""
+    s = cfg.scaling
+    held = s.num_workers * s.cpus_per_worker
+    verdict = cluster.shortfall("CPU", held + ray_data_cpus)
+    _act(
+        verdict,
+        f"scaling: {s.num_workers} workers × {s.cpus_per_worker} CPU leave "
+        f"{cluster.cpus - held:g} of {cluster.describe('CPU')} for Ray Data, which needs "
+        f"{ray_data_cpus:g} (read tasks + actor pools) or the run hangs: lower "
+        "scaling.cpus_per_worker or give Ray more logical CPUs (ray.num_cpus for a local Ray)",
+    )
+    return verdict
+
+
+def check_gpus(cfg: Any, tokenizer_gpus: float, cluster: Cluster) -> str | None:
+    """Training workers' GPUs plus the tokenizer pool's smallest size must fit the GPUs."""
+    s = cfg.scaling
+    workers = s.num_workers if s.use_gpu else 0
+    actors = cfg.data.tokenizer_actors[0] if tokenizer_gpus > 0 else 0
+    need = workers + actors * tokenizer_gpus
+    if need == 0:
+        return None
+    verdict = cluster.shortfall("GPU", need)
+    _act(
+        verdict,
+        f"scaling: {workers} training workers × 1 GPU + {actors} tokenizer actors × "
+        f"{tokenizer_gpus:g} GPU need {need:g} GPUs, the cluster has {cluster.describe('GPU')}; "
+        "Ray waits forever for the rest: lower scaling.num_workers, set "
+        "data.tokenizer_num_gpus 0 (CPU actors), tokenize once ahead (jobs/tokenize_shards.py, "
+        "then --shards), or add GPU nodes",
+    )
+    return verdict
+
+
+def tokenizer_gpus(requested: float | None, cluster: Cluster | None = None) -> float:
+    """GPUs per tokenizer actor: ``requested``, else 1 when the cluster has or can add GPUs."""
+    if requested is not None:
+        return requested
+    cluster = cluster or Cluster.read()
+    # max_gpus: GPU nodes scaled to zero still count, or an autoscaling cluster gets CPU actors.
+    return 1.0 if max(cluster.gpus, cluster.max_gpus or 0.0) > 0 else 0.0
+
+
+def check_shared_storage(
+    uris: dict[str, str | None], st: StorageConfig | None, cluster: Cluster
+) -> None:
+    """Outputs written by tasks on any node must be on storage every node sees.
+
+    ``uris`` maps a config field to its value; object-store URIs and paths under
+    ``storage.shared_paths`` pass. One node (or a local Ray) accepts anything.
+    """
+    multi = cluster.multi_node()
+    if multi is False:
+        return
+    shared = [os.path.abspath(p) for p in ((st.shared_paths if st else None) or [])]
+    for name, uri in uris.items():
+        if not uri or storage.is_remote(uri):
+            continue
+        path = storage.strip_scheme(uri)
+        if any(path == p or path.startswith(p.rstrip("/") + "/") for p in shared):
+            continue
+        where = f"{cluster.nodes} nodes" if cluster.nodes > 1 else "nodes the autoscaler can add"
+        _act(
+            "refuse" if multi else "warn",
+            f"{name}: {uri!r} is a local path, but the cluster has {where}: tasks and workers "
+            "on other nodes would write to their own disks (and Ray Train refuses local storage "
+            "across nodes). Use an object store (s3://bucket/prefix), or a path mounted on every "
+            "node, declared with storage.shared_paths [/mnt/shared]",
+        )
+
+
+def check_job_outputs(
+    uris: dict[str, str | None],
+    ray_cfg: RayConfig,
+    st: StorageConfig | None,
+    cluster: Cluster | None = None,
+) -> None:
+    """:func:`check_shared_storage` for jobs that start Ray only when they need it (labelling,
+    tokenizing). A local Ray such a job would start is one node, so Ray is joined here only
+    when the job joins a cluster (ray.address, RAY_ADDRESS) or Ray is already up."""
+    if cluster is None:
+        joining = bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+        up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        if not (joining or up):
+            return
+        init_ray(ray_cfg, st)
+        cluster = Cluster.read(ray_cfg)
+    check_shared_storage(uris, st, cluster)
+
+
+def streams_tokens(cfg: Any) -> bool:
+    """The training data runs tokenizer actors (pretraining streamed, not from shards)."""
+    return getattr(cfg, "shards", "") is None and cfg.data.tokenizer != "none"
+
+
+def check_training(cfg: Any, ray_data_cpus: float, cluster: Cluster | None = None) -> None:
+    """Every driver-side check of a training job: CPUs, GPUs, shared outputs."""
+    cluster = cluster or Cluster.read(cfg.ray)
+    check_cpus(cfg, ray_data_cpus, cluster)
+    gpus = tokenizer_gpus(cfg.data.tokenizer_num_gpus, cluster) if streams_tokens(cfg) else 0.0
+    check_gpus(cfg, gpus, cluster)
+    data = getattr(cfg, "data", None)
+    check_shared_storage(
+        {
+            "checkpoint.storage_path": cfg.checkpoint.storage_path,
+            "data.errors_uri": getattr(data, "errors_uri", None),
+            "shards": getattr(cfg, "shards", None),
+        },
+        cfg.storage,
+        cluster,
+    )

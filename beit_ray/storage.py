@@ -119,11 +119,16 @@ def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.Abstr
             token=r["token"],
             anon=r["anon"],
             client_kwargs=client_kwargs,
+            # the transport tries a request S3FS_TRIES × BOTO_TRIES times (SlowDown, 5xx,
+            # resets); past that our retry() owns the policy (longer backoff, then a
+            # TransientError): not 5 × 5 = 25 quick tries hidden below it
+            config_kwargs={"retries": {"mode": "standard", "max_attempts": BOTO_TRIES}},
             # s3fs caches listings per instance; we list after writing, so keep it fresh.
             use_listings_cache=False,
             # one instance per process and credentials (fsspec's cache): a new one builds a
             # botocore client, ~0.1-0.6 s, which per slice of 64 images cost ~10 ms an image
         )
+        fs.retries = S3FS_TRIES  # s3fs's own loop (a class attribute, not an argument)
         return fs, strip_scheme(uri)
     return fsspec.filesystem(scheme), strip_scheme(uri)
 
@@ -179,12 +184,15 @@ def open_uri(uri: str, mode: str = "rb", cfg: StorageConfig | None = None) -> It
 
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     fs, path = filesystem(uri, cfg)
-    return fs.cat_file(path)
+    return retry(fs.cat_file, path, what=uri)
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
-    with open_uri(uri, "wb", cfg) as f:
-        f.write(data)
+    def write() -> None:
+        with open_uri(uri, "wb", cfg) as f:
+            f.write(data)
+
+    retry(write, what=uri)  # a whole object: a retry rewrites it
 
 
 def read_text(uri: str, cfg: StorageConfig | None = None) -> str:
@@ -197,7 +205,7 @@ def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
 
 def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
     fs, path = filesystem(uri, cfg)
-    return fs.exists(path)
+    return retry(fs.exists, path, what=uri)
 
 
 def makedirs(uri: str, cfg: StorageConfig | None = None) -> None:
@@ -246,6 +254,8 @@ def download_dir(uri: str, cfg: StorageConfig | None = None, dest: str | None = 
 
 # --------------------------------------------------------------------------- transient failures
 
+S3FS_TRIES, BOTO_TRIES = 2, 3
+"""Tries of one S3 request inside s3fs (its own loop) and botocore (standard mode): 6 in all."""
 RETRY_ATTEMPTS = int(os.environ.get("BEIT_RETRY_ATTEMPTS", "8"))
 """Tries of one read before it is given up as transient (after s3fs's and botocore's own)."""
 RETRY_BASE_S, RETRY_CAP_S = 0.25, 20.0
@@ -286,6 +296,11 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 class TransientError(OSError):
     """A read that kept failing for a transient cause (throttling, 5xx, timeouts) after every
     retry: not the input's fault, so it is never recorded as a bad input; a rerun reads it."""
+
+
+TASK_RETRIES: dict[str, Any] = {"max_retries": 3, "retry_exceptions": [TransientError]}
+"""Ray task options of the read stages: a task whose read outlived its own retries runs again
+from its start (at most 3 times) before the job fails, rather than recording a bad input."""
 
 
 def is_transient(e: BaseException) -> bool:

@@ -23,7 +23,7 @@ import sys
 from beit_ray import console, plan
 from beit_ray.config import job_flags, parse_args, run_job
 from beit_ray.data.config import FitTokenizerConfig
-from beit_ray.data.tokenizers.fit import fit_codebook
+from beit_ray.data.fit import fit_codebook
 from beit_ray.runtime import init_ray
 
 

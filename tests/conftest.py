@@ -6,6 +6,7 @@ and a local Ray. Starting Ray costs seconds and ``fit()`` ~30 s here, so one Ray
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -14,6 +15,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -143,3 +147,44 @@ def run_child(args: list[str], env: dict[str, str] | None = None, timeout: int =
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+@contextlib.contextmanager
+def moto_requests(fail: Any = None) -> Iterator[Counter[str]]:
+    """Count the GETs the moto server answers, from every process (Ray workers included), and
+    their bytes, per path suffix: ``got["GET .tar"]``, ``got["bytes .tar"]``, ``got["GET"]``.
+    ``fail(method, path, n)``, given the path's n-th request (from 1), may answer it with S3's
+    503 SlowDown instead (throttling). The server's WSGI app is wrapped meanwhile."""
+    server, got, lock = MOTO[0]._server, Counter(), threading.Lock()
+    app, tries = server.app, Counter()
+
+    def wrapped(environ: dict, start_response: Any) -> list[bytes]:
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+        with lock:
+            tries[method, path] += 1
+            n = tries[method, path]
+        if fail is not None and fail(method, path, n):
+            with lock:
+                got["throttled"] += 1
+            start_response("503 Slow Down", [("Content-Type", "application/xml")])
+            return [SLOW_DOWN]
+        body = list(app(environ, start_response))
+        if method == "GET":
+            suffix = os.path.splitext(path)[1]
+            with lock:
+                got["GET"] += 1
+                got[f"GET {suffix}"] += 1
+                got[f"bytes {suffix}"] += sum(len(b) for b in body)
+        return body
+
+    server.app = wrapped
+    try:
+        yield got
+    finally:
+        server.app = app
+
+
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>t</RequestId></Error>"
+)

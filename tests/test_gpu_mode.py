@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from beit_ray import runtime
 from beit_ray.config import StorageConfig
+from beit_ray.runtime import Cluster
 from beit_ray.train import resources
 from beit_ray.train.config import (
     CheckpointSection,
@@ -22,7 +24,6 @@ from beit_ray.train.config import (
     ScalingSection,
 )
 from beit_ray.train.deepspeed import deepspeed_config, mmap_threshold, precision
-from beit_ray.train.resources import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,19 +116,19 @@ def test_gpu_oversubscription_is_refused_with_what_to_change():
     cfg = _cfg(True, workers=16)
     fixed = Cluster(cpus=448, gpus=16, nodes=5)
     with pytest.raises(ValueError, match="need 17 GPUs") as e:
-        resources.check_gpus(cfg, 1.0, fixed)
+        runtime.check_gpus(cfg, 1.0, fixed)
     assert "scaling.num_workers" in str(e.value) and "data.tokenizer_num_gpus" in str(e.value)
-    assert resources.check_gpus(cfg, 0.0, fixed) is None  # CPU tokenizer actors fit
-    assert resources.check_gpus(_cfg(True, workers=15), 1.0, fixed) is None
+    assert runtime.check_gpus(cfg, 0.0, fixed) is None  # CPU tokenizer actors fit
+    assert runtime.check_gpus(_cfg(True, workers=15), 1.0, fixed) is None
     # An autoscaler that can never reach 17 GPUs: still refused.
     scaling = Cluster(cpus=0, gpus=0, nodes=1, max_cpus=448, max_gpus=16, max_nodes=21, fixed=False)
     with pytest.raises(ValueError):
-        resources.check_gpus(cfg, 1.0, scaling)
+        runtime.check_gpus(cfg, 1.0, scaling)
 
 
 def test_autoscaling_cluster_warns_instead_of_refusing(capsys):
     # cluster/aws.yaml right after `ray up`: only the CPU-0 head is up.
-    limits = resources._bootstrap_limits(str(REPO / "cluster" / "aws.yaml"))
+    limits = runtime._bootstrap_limits(str(REPO / "cluster" / "aws.yaml"))
     assert limits == {"CPU": 16 * 16 + 4 * 48, "GPU": 16, "nodes": 21}
     head_only = Cluster(
         cpus=0,
@@ -139,22 +140,22 @@ def test_autoscaling_cluster_warns_instead_of_refusing(capsys):
         fixed=False,
     )
     cfg = _cfg(True, workers=8)
-    assert resources.check_cpus(cfg, 1.0, head_only) == "warn"
-    assert resources.check_gpus(cfg, 1.0, head_only) == "warn"
+    assert runtime.check_cpus(cfg, 1.0, head_only) == "warn"
+    assert runtime.check_gpus(cfg, 1.0, head_only) == "warn"
     assert "autoscaler may still add nodes" in capsys.readouterr().out
     # GPU nodes scaled to zero still make the tokenizer's auto-detect pick GPU actors.
-    assert resources.tokenizer_gpus(None, head_only) == 1.0
-    assert resources.tokenizer_gpus(None, Cluster(cpus=8, gpus=0, nodes=1)) == 0.0
-    assert resources.tokenizer_gpus(0.5, head_only) == 0.5
+    assert runtime.tokenizer_gpus(None, head_only) == 1.0
+    assert runtime.tokenizer_gpus(None, Cluster(cpus=8, gpus=0, nodes=1)) == 0.0
+    assert runtime.tokenizer_gpus(0.5, head_only) == 0.5
     # A joined cluster whose autoscaler limits are unknown: warn; a local Ray: refuse.
     unknown = Cluster(cpus=1, gpus=0, nodes=1, fixed=False)
-    assert resources.check_cpus(cfg, 1.0, unknown) == "warn"
+    assert runtime.check_cpus(cfg, 1.0, unknown) == "warn"
     with pytest.raises(ValueError, match="scaling.cpus_per_worker"):
-        resources.check_cpus(cfg, 1.0, Cluster(cpus=1, gpus=0, nodes=1))
+        runtime.check_cpus(cfg, 1.0, Cluster(cpus=1, gpus=0, nodes=1))
 
 
 def test_gcs_node_groups_with_unbounded_max_count():
-    out = resources.node_group_limits([({"CPU": 4.0}, 1), ({"CPU": 8.0, "GPU": 1.0}, -1)])
+    out = runtime.node_group_limits([({"CPU": 4.0}, 1), ({"CPU": 8.0, "GPU": 1.0}, -1)])
     assert out["GPU"] >= sys.maxsize and out["CPU"] >= 4
 
 
@@ -164,19 +165,19 @@ def test_gcs_node_groups_with_unbounded_max_count():
 def test_local_outputs_refused_on_multi_node_clusters(tmp_path):
     two = Cluster(cpus=4, gpus=0, nodes=2)
     with pytest.raises(ValueError, match="checkpoint.storage_path") as e:
-        resources.check_shared_storage({"checkpoint.storage_path": "./runs"}, None, two)
+        runtime.check_shared_storage({"checkpoint.storage_path": "./runs"}, None, two)
     assert "s3://" in str(e.value) and "storage.shared_paths" in str(e.value)
     ok = {"checkpoint.storage_path": "s3://bucket/runs", "data.errors_uri": None}
-    resources.check_shared_storage(ok, None, two)
+    runtime.check_shared_storage(ok, None, two)
     shared = StorageConfig(shared_paths=[str(tmp_path)])
-    resources.check_shared_storage({"output": str(tmp_path / "labels")}, shared, two)
+    runtime.check_shared_storage({"output": str(tmp_path / "labels")}, shared, two)
     with pytest.raises(ValueError, match="output"):
-        resources.check_shared_storage({"output": str(tmp_path) + "-other"}, shared, two)
-    resources.check_shared_storage({"x": "./runs"}, None, Cluster(cpus=4, gpus=0, nodes=1))
+        runtime.check_shared_storage({"output": str(tmp_path) + "-other"}, shared, two)
+    runtime.check_shared_storage({"x": "./runs"}, None, Cluster(cpus=4, gpus=0, nodes=1))
     # One node up, more to come from the autoscaler: refused as well.
     coming = Cluster(cpus=0, gpus=0, nodes=1, max_nodes=5, fixed=False)
     with pytest.raises(ValueError, match="nodes the autoscaler can add"):
-        resources.check_shared_storage({"x": "./runs"}, None, coming)
+        runtime.check_shared_storage({"x": "./runs"}, None, coming)
 
 
 def _joined_cluster(monkeypatch, view: Cluster) -> list[str]:
@@ -258,7 +259,7 @@ def test_training_refused_on_a_real_two_node_cluster(tmp_path):
         "from ray.cluster_utils import Cluster as RayCluster\n"
         "from beit_ray.config import RayConfig\n"
         "from beit_ray.train.config import PretrainConfig\n"
-        "from beit_ray.train.resources import Cluster, check_training\n"
+        "from beit_ray.runtime import Cluster, check_training\n"
         "c = RayCluster(initialize_head=True, head_node_args={'num_cpus': 2})\n"
         "c.add_node(num_cpus=2)\n"
         "ray.init(address=c.address)\n"

@@ -7,13 +7,9 @@ duplicates and no gaps, and the same predictions as a direct transformers forwar
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import tarfile
-import threading
-from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -21,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, moto_requests
 
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, parse_args
@@ -151,30 +147,6 @@ def reference(classifier, photos) -> dict[str, tuple[list[int], np.ndarray]]:
     return out
 
 
-@contextlib.contextmanager
-def tar_reads() -> Iterator[Counter[str]]:
-    """GETs of .tar objects the moto server answers, and their bytes, from every process (the
-    Ray workers included): the server's WSGI app is wrapped meanwhile."""
-    from conftest import MOTO
-
-    server, got, lock = MOTO[0]._server, Counter(), threading.Lock()
-    app = server.app
-
-    def counting(environ: dict, start_response: object) -> list[bytes]:
-        body = list(app(environ, start_response))
-        if environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"].endswith(".tar"):
-            with lock:
-                got["requests"] += 1
-                got["bytes"] += sum(len(b) for b in body)
-        return body
-
-    server.app = counting
-    try:
-        yield got
-    finally:
-        server.app = app
-
-
 def _cfg(**kw: object) -> LabelConfig:
     argv = [f"--{k}={v}" for k, v in kw.items()]
     argv += ["--ray.num_cpus", "4", "--actors.num_cpus", "0.5", "--actors.max_actors", "1"]
@@ -195,7 +167,7 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
     fs, path = st.filesystem(cfg.input)
     size = sum(i["size"] for i in fs.ls(path, detail=True) if i["name"].endswith(".tar"))
 
-    with tar_reads() as reads:
+    with moto_requests() as reads:
         if interrupt:
             with pytest.raises(LabelInterrupted):
                 label(cfg, stop_after_chunks=1)  # a chunk; with tars, a whole tar (n01: 4 rows)
@@ -209,10 +181,10 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
         assert summary["chunks_resumed"] == 1 and summary["processed_this_run"] == n - first
     assert summary["files"] == n and summary["layout"] == "auto"
     if tars:  # each tar read once in all (and the first one's headers, to detect the layout)
-        assert 0 < size <= reads["bytes"] <= 1.05 * size, (reads, size)
-        with tar_reads() as again:
+        assert 0 < size <= reads["bytes .tar"] <= 1.05 * size, (reads, size)
+        with moto_requests() as again:
             assert label(cfg)["processed_this_run"] == 0
-        assert again["requests"] == 0, again  # a finished output: no tar is read
+        assert again["GET .tar"] == 0, again  # a finished output: no tar is read
 
     df = read_parts(out).to_pandas()
     assert len(df) == df["path"].nunique() == n  # no duplicates

@@ -14,7 +14,7 @@ import pytest
 
 from beit_ray import storage as st
 from beit_ray.data import containers
-from beit_ray.infer import inputs, plan
+from beit_ray.infer import inputs, plan, tars
 from beit_ray.infer.config import LabelConfig
 from beit_ray.infer.inputs import Entry, fetch, list_inputs
 from beit_ray.infer.label import part_name, write_part
@@ -121,7 +121,7 @@ def test_tar_members_read_once_by_offset(tmp_path, monkeypatch):
     index = list(containers.members(str(path)))  # headers only: names, offsets, sizes
     assert [m.name for m in index] == [n for n, _ in members]
     assert all(m.data is None for m in index)
-    entries = inputs.list_container(str(path), "class_tars", "image", None)
+    entries = tars.list_container(str(path), "class_tars", "image", None)
     assert [e.size for e in entries] == [len(d) for _, d in members]
 
     spans = []
@@ -141,7 +141,7 @@ def test_tar_members_read_once_by_offset(tmp_path, monkeypatch):
 
     cut = tmp_path / "cut.tar"  # cut inside the second member's data
     cut.write_bytes(path.read_bytes()[: 512 + 3000 + 512 + 512 + 1000])
-    entries = inputs.list_container(str(cut), "class_tars", "image", None)
+    entries = tars.list_container(str(cut), "class_tars", "image", None)
     assert [e.path for e in entries] == [f"{cut}/n01_0.JPEG", f"{cut}/n01_1.JPEG", str(cut)]
     assert entries[-1].kind == "error" and entries[-1].member.startswith("read_failed")
     blobs, errors = fetch(entries, None, "image")
@@ -218,7 +218,7 @@ def test_streamed_tar_gives_the_listed_inputs_with_their_bytes(tmp_path, layout)
         members += [("s2.cls", b"2"), ("s3.png", b"p" * 40), ("s2.jpg", b"j" * 30)]
     path = tmp_path / "x.tar"
     path.write_bytes(_tar(members))
-    listed = inputs.list_container(str(path), layout, "image", None)
+    listed = tars.list_container(str(path), layout, "image", None)
     streamed = _stream(str(path), layout, 3)
     # the same inputs (the local listing and the stream share one selection)
     assert sorted(e.path for e, _, _ in streamed) == sorted(e.path for e in listed)

@@ -223,9 +223,7 @@ def _detect(
             return "parquet", dirs, files
         tars = [s for s in sample if s.lower().endswith(TAR_SUFFIXES)]
     if tars:
-        from beit_ray.data.sources import detect_layout
-
-        return detect_layout(tars[:1], st), dirs, files
+        return containers.peek_layout(tars[0], st), dirs, files
     return "folders", dirs, files
 
 

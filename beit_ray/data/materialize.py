@@ -8,10 +8,13 @@ Output layout (local or s3://)::
     <output>/data/wave-<id>/shard=<k>/*.parquet   rows of shard k
     <output>/data/wave-<id>/errors/*.jsonl        decode failures of that wave
 
-Inputs (sorted) are cut into shards deterministically (``images_per_shard`` files, or
-``tars_per_shard`` tars / parquet files). Shards are processed in waves, one Ray Data
-execution each over all of the wave's inputs (hundreds of tars read by one graph, each row
-tagged with its shard), so waves can be large. A wave commits by appending one small file
+The source is listed once, as every job lists it (:func:`~beit_ray.data.listing.list_parts`,
+into ``<output>/_listing``, read back by a rerun), and its units are cut into shards
+deterministically: slices of ``images_per_shard`` files of the listing parts, or
+``tars_per_shard`` tars / parquet files. A shard is a read group of (unit, start, count)
+slices, read by :func:`~beit_ray.data.plan.read_group` like a training epoch's. Shards are
+processed in waves, one Ray Data execution each over all of the wave's shards (hundreds of tars
+read by one graph, each row tagged with its shard), so waves can be large. A wave commits by appending one small file
 under ``manifest.d/`` (its size is the wave's, not the run's); ``manifest.json`` is rewritten
 once per run to fold the commits in (:func:`load_manifest` merges commits newer than its
 ``compacted_through``). A rerun skips committed shards and deletes uncommitted wave folders,
@@ -22,7 +25,7 @@ writer per output at a time.
 
 from __future__ import annotations
 
-import bisect
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,29 +40,55 @@ from beit_ray import storage
 from beit_ray.config import StorageConfig, to_dict
 from beit_ray.data.config import TokenizeConfig
 from beit_ray.data.errors import read_errors
+from beit_ray.data.listing import PartsListing, list_parts
 from beit_ray.data.pipeline import masked_rows
-from beit_ray.data.sources import Listing, class_index, list_source, read_raw
+from beit_ray.data.plan import READ_CPUS, read_group
+from beit_ray.data.sources import chunked, class_index, relative_key
 
 log = logging.getLogger(__name__)
 MANIFEST, COMMITS = "manifest.json", "manifest.d"
 COMMIT_RE = re.compile(r"commit-(\d+)\.json$")
 
 
-def plan_shards(listing: Listing, images_per_shard: int, tars_per_shard: int) -> list[list[str]]:
-    """Sorted inputs cut into consecutive shards (the same inputs always give the same plan)."""
-    size = images_per_shard if listing.layout == "folders" else tars_per_shard
-    units = sorted(listing.units)
-    return [units[i : i + size] for i in range(0, len(units), size)]
+Slice = tuple[int, int, int]  # (unit, start, count): count -1 is the whole unit
 
 
-def _plan_hash(plan: list[list[str]], root: str) -> str:
+def plan_shards(
+    listing: PartsListing, images_per_shard: int, tars_per_shard: int
+) -> list[list[Slice]]:
+    """The listing's units cut into shards, each a read group (the same listing always gives
+    the same plan): slices of ``images_per_shard`` files of each listing part, or
+    ``tars_per_shard`` whole tars / parquet files."""
+    if listing.parts:
+        return [
+            [(i, s, min(images_per_shard, n - s))]
+            for i, n in enumerate(listing.rows or [])
+            for s in range(0, n, images_per_shard)
+        ]
+    n = len(listing.units)
+    return [
+        [(i, 0, -1) for i in range(j, min(j + tars_per_shard, n))]
+        for j in range(0, n, tars_per_shard)
+    ]
+
+
+def _plan_hash(plan: list[list[Slice]], listing: PartsListing) -> str:
     h = hashlib.sha256()
-    for k, units in enumerate(plan):
-        for u in units:
-            h.update(
-                f"{k}\t{posixpath.relpath(storage.strip_scheme(u), storage.strip_scheme(root))}\n".encode()
-            )
+    base = listing.uri if listing.parts else listing.root
+    for k, group in enumerate(plan):
+        for unit, start, count in group:
+            h.update(f"{k}\t{relative_key(listing.units[unit], base)}\t{start}\t{count}\n".encode())
     return h.hexdigest()
+
+
+def _first(listing: PartsListing, limit: int | None) -> PartsListing:
+    """The listing's first ``limit`` units (for trials)."""
+    if not limit or limit >= len(listing.units):
+        return listing
+    cut = lambda xs: None if xs is None else xs[:limit]  # noqa: E731
+    return dataclasses.replace(
+        listing, units=listing.units[:limit], rows=cut(listing.rows), val_rows=cut(listing.val_rows)
+    )
 
 
 def _commits(output: str, st: StorageConfig | None) -> list[tuple[int, str]]:
@@ -178,7 +207,7 @@ def relpath(uri: str, base: str) -> str:
 def check_outputs(cfg: TokenizeConfig) -> None:
     """On a multi-node cluster the shards, commits and error logs go to shared storage: tasks on
     every node write there. Joins Ray only when the job joins a cluster."""
-    from beit_ray.train.resources import check_job_outputs
+    from beit_ray.runtime import check_job_outputs
 
     check_job_outputs({"output": cfg.output}, cfg.ray, cfg.storage)
 
@@ -187,12 +216,13 @@ def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
     """Write every unfinished shard; returns counts (read, written, failed, shards...)."""
     d, st, out = cfg.data, cfg.storage, cfg.output.rstrip("/")
     check_outputs(cfg)
-    listing = list_source(d, st, cfg.input or d.source)
-    if cfg.shards.limit:
-        listing.units = sorted(listing.units)[: cfg.shards.limit]
+    source = cfg.input or d.source
+    # tars are not counted (that would read them): a shard of tars is its tars
+    listing = list_parts(d, st, source, uri=storage.join(out, "_listing"), count=False)
+    listing = _first(listing, cfg.shards.limit)
     classes = class_index(listing, d, st, write_to=storage.join(out, "classes.json"))
     plan = plan_shards(listing, cfg.shards.images_per_shard, cfg.shards.tars_per_shard)
-    phash = _plan_hash(plan, listing.root)
+    phash = _plan_hash(plan, listing)
     manifest = load_manifest(out, st)
     if manifest is None:
         manifest = {
@@ -232,17 +262,17 @@ def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
         wave = pending[w : w + step]
         wave_name = f"wave-{uuid.uuid4().hex[:12]}"
         wave_uri = storage.join(out, "data", wave_name)
-        # One graph over the whole wave: shard k's inputs are plan[k], consecutive in sorted
-        # order, so a row's shard is found from its path by bisecting the shards' first inputs.
-        units = [u for k in wave for u in plan[k]]
-        starts = [plan[k][0] for k in wave]
-        raw = None
-        for e in range(cfg.shards.epochs):
-            part = read_raw(listing, d, st, classes, units)
-            part = part.map_batches(
-                _tag, fn_kwargs={"epoch": e, "starts": starts, "shards": wave}, batch_size=None
-            )
-            raw = part if raw is None else raw.union(part)
+        # One graph over the whole wave: a task per (shard, epoch), rows tagged with both.
+        items = [{"shard": k, "epoch": e} for e in range(cfg.shards.epochs) for k in wave]
+        raw = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_shards,
+            fn_kwargs=dict(
+                listing=listing, cfg=d, st=st, classes=classes, groups={k: plan[k] for k in wave}
+            ),
+            batch_size=1,
+            num_cpus=READ_CPUS,
+            **storage.TASK_RETRIES,
+        )
         errors_uri = storage.join(wave_uri, "errors")
         ds = masked_rows(raw, d, errors_uri, st)
         pfs, ppath = storage.pyarrow_fs(wave_uri, st)
@@ -260,7 +290,7 @@ def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
                 "files": [posixpath.join("data", wave_name, rel) for rel, _ in entries],
                 "rows": rows,
                 "errors": errs.get(k, 0),
-                "inputs": len(plan[k]),
+                "inputs": sum(n if n >= 0 else 1 for _, _, n in plan[k]),  # files, or tars
             }
             counts["written"] += rows
             counts["failed"] += errs.get(k, 0)
@@ -272,13 +302,22 @@ def materialize(cfg: TokenizeConfig, progress: bool = True) -> dict[str, int]:
     return counts
 
 
-def _tag(batch: dict[str, Any], epoch: int, starts: list[str], shards: list[int]) -> dict[str, Any]:
-    """Raw rows → + ``epoch`` and ``shard`` (from the row's input file)."""
-    n = len(batch["key"])
-    batch["epoch"] = np.full(n, epoch, dtype=np.int64)
-    index = [bisect.bisect_right(starts, str(p)) - 1 for p in batch["path"]]
-    batch["shard"] = np.array([shards[i] for i in index], dtype=np.int64)
-    return batch
+def read_shards(
+    batch: dict[str, Any],
+    listing: PartsListing,
+    cfg: Any,
+    st: StorageConfig | None,
+    classes: list[str] | None,
+    groups: dict[int, list[Slice]],
+):  # noqa: ANN201 - generator of raw-row blocks
+    """Ray Data fn: (shard, epoch) → the shard's raw rows, + ``epoch`` and ``shard``."""
+    ids = {c: i for i, c in enumerate(classes or [])}
+    for shard, epoch in zip(batch["shard"], batch["epoch"], strict=True):
+        for block in chunked(read_group(groups[int(shard)], listing, cfg, st, ids)):
+            n = len(block["key"])
+            block["epoch"] = np.full(n, int(epoch), dtype=np.int64)
+            block["shard"] = np.full(n, int(shard), dtype=np.int64)
+            yield block
 
 
 def read_materialized(uri: str, storage_cfg: StorageConfig | None = None):  # noqa: ANN201 - ray.data.Dataset

@@ -37,8 +37,8 @@ from beit_ray.data.config import DataConfig
 from beit_ray.data.decode import DecodeError
 from beit_ray.data.errors import read_errors, write_errors  # noqa: F401 - buffered per task
 from beit_ray.data.listing import PartsListing, in_val_split, list_parts, unit_order  # noqa: F401 - in_val_split re-exported
-from beit_ray.data.plan import _with_epoch, epoch_raw
-from beit_ray.data.sources import Listing, class_index, read_raw
+from beit_ray.data.plan import epoch_raw
+from beit_ray.data.sources import class_index
 
 log = logging.getLogger(__name__)
 
@@ -149,27 +149,6 @@ def labelled_batch(
 # --------------------------------------------------------------------------- datasets
 
 
-def _raw_epochs(
-    listing: Listing,
-    cfg: DataConfig,
-    st: StorageConfig | None,
-    classes: list[str] | None,
-    epoch: int,
-    epochs: int,
-    units: list[str] | None = None,
-):  # noqa: ANN202
-    """Raw rows of epochs [epoch, epoch + epochs) of a driver-side :class:`Listing` (materialized
-    shards and tokenizer fitting), each epoch's inputs in a seeded order."""
-    units = listing.units if units is None else units
-    out = None
-    for e in range(epoch, epoch + epochs):
-        order = unit_order(len(units), cfg.seed, e).tolist()
-        ds = read_raw(listing, cfg, st, classes, [units[i] for i in order])
-        ds = ds.map_batches(_with_epoch, fn_kwargs={"epoch": e}, batch_size=None)
-        out = ds if out is None else out.union(ds)
-    return out
-
-
 def _epochs(
     listing: PartsListing,
     cfg: DataConfig,
@@ -205,7 +184,7 @@ def add_tokenizer(ds, cfg: DataConfig, st: StorageConfig | None = None):  # noqa
             "data.tokenizer_weights: the DALL-E tokenizer needs converted weights "
             "(python -m beit_ray.data.tokenizers.dalle convert ...), or use data.tokenizer=codebook"
         )
-    from beit_ray.train.resources import tokenizer_gpus
+    from beit_ray.runtime import tokenizer_gpus
 
     # Unset: GPU actors when the cluster has GPU nodes, also ones the autoscaler has not started.
     gpus = tokenizer_gpus(cfg.tokenizer_num_gpus)

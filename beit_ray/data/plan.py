@@ -163,7 +163,7 @@ def read_positions(
 ):  # noqa: ANN201 - generator of raw-row blocks
     """Ray Data fn: read task positions (``id``) of the pass's epoch → raw rows
     (``sources.RAW_COLUMNS`` + ``epoch``), in chunks of 64."""
-    from beit_ray.data.sources import chunked, iter_unit
+    from beit_ray.data.sources import chunked
 
     skip = 0
     if clock is not None:
@@ -172,36 +172,48 @@ def read_positions(
         epoch, skip = ray.get(clock.get.remote())
     groups = epoch_groups(listing, cfg, split, epoch, skip, shuffle)
     ids = {c: i for i, c in enumerate(classes or [])}
+    for pos in batch["id"]:
+        if pos >= len(groups):  # a resumed epoch has fewer tasks left than positions
+            continue
+        for block in chunked(read_group(groups[pos], listing, cfg, st, ids, split)):
+            yield _with_epoch(block, epoch)
+
+
+def read_group(
+    group: list[tuple[int, int, int]],
+    listing: PartsListing,
+    cfg: DataConfig,
+    st: StorageConfig | None,
+    ids: dict[str, int],
+    split: str | None = None,
+):  # noqa: ANN201 - generator of raw rows
+    """Raw rows (``sources.RAW_COLUMNS``) of a read group's (unit, start, count) slices in
+    ``split``: the one read of a listing, for every job (training epochs, materialized shards,
+    tokenizer fitting). Class tars of one group are interleaved row by row."""
+    from beit_ray.data.sources import iter_unit
+
     frac, seed = listing.val_fraction, listing.seed
 
     def wanted(key: str) -> bool:
         return split is None or frac is None or in_val_split(key, frac, seed) == (split == "val")
 
-    for pos in batch["id"]:
-        if pos >= len(groups):  # a resumed epoch has fewer tasks left than positions
-            continue
-        group = groups[pos]
-        if _val_index(listing, split):
-            rows = (
-                r
-                for unit, start, count in group
-                for r in _read_val_members(listing, unit, start, count, ids, st)
-            )
-        elif listing.parts:
-            rows = (
-                r
-                for unit, start, count in group
-                for r in _read_part_slice(listing, unit, start, count, wanted, ids, st)
-            )
-        else:
-            streams = [
-                iter_unit(listing.units[u], listing.root, listing.layout, ids, cfg, st)
-                for u, _, _ in group
-            ]
-            keyed = listing.layout == "class_tars" and split is not None and frac is not None
-            rows = (r for r in _round_robin(streams) if not keyed or wanted(r["key"]))
-        for block in chunked(rows):
-            yield _with_epoch(block, epoch)
+    if _val_index(listing, split):
+        return (
+            r
+            for unit, start, count in group
+            for r in _read_val_members(listing, unit, start, count, ids, st)
+        )
+    if listing.parts:
+        return (
+            r
+            for unit, start, count in group
+            for r in _read_part_slice(listing, unit, start, count, wanted, ids, st)
+        )
+    streams = [
+        iter_unit(listing.units[u], listing.root, listing.layout, ids, cfg, st) for u, _, _ in group
+    ]
+    keyed = listing.layout == "class_tars" and split is not None and frac is not None
+    return (r for r in _round_robin(streams) if not keyed or wanted(r["key"]))
 
 
 def _read_part_slice(
@@ -317,4 +329,5 @@ def epoch_raw(
         # also keep Ray Data from fusing it with the decode stage, whose batch size (64 rows)
         # would then bundle 64 positions into one task and serialize the epoch's reads.
         num_cpus=READ_CPUS,
+        **storage.TASK_RETRIES,  # a read that outlived its own retries: the task runs again
     )  # fmt: skip

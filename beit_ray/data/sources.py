@@ -1,6 +1,6 @@
-"""List and read the four source layouts into raw rows, on local disk or s3://.
+"""Raw rows of a listed source's units, the four layouts, on local disk or s3://.
 
-Layouts (``DataConfig.layout``; ``auto`` detects):
+Layouts (``DataConfig.layout``; ``auto`` detects, in :mod:`beit_ray.data.listing`):
 
 - ``folders``: ``root/<class>/<image>`` (ImageNet); label = index of <class> in the class index.
 - ``class_tars``: ImageNet-22k's ``root/n01440764.tar`` of JPEGs; class = tar stem.
@@ -11,16 +11,15 @@ Layouts (``DataConfig.layout``; ``auto`` detects):
 Raw row schema (:data:`RAW_COLUMNS`): ``key`` str (stable across runs: path relative to the
 root, ``<tar>/<member>``, or ``<file>#<row>``), ``path`` str (the file it came from),
 ``image`` bytes, ``label`` int64 (-1 when unlabelled), ``class_name`` str, ``error`` str
-("" when fine; a read failure becomes a row with the reason, never an exception).
+("" when fine; a bad input becomes a row with the reason, never an exception; a transient
+storage failure that outlives its retries raises, so no row records it).
+
+Bytes come from :mod:`beit_ray.data.containers`, the one reader of files, tars and parquet.
 
 Class index: ``classes.json`` = {"classes": [name, ...]}; id = position. :func:`class_index`
 reads ``data.classes_uri`` or ``<source>/classes.json`` when present, else writes the sorted
 class names to ``data.classes_uri`` or the caller's ``write_to`` (jobs pass
 ``<output>/classes.json``), so every job maps class → id the same way.
-
-Parallelism: class folders are listed concurrently (one listing per class prefix), and reading
-is a Ray Data map over the input list cut into many blocks: one read task per tar or parquet
-file, ~64 images per task for folders.
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ import json
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,19 +44,6 @@ RAW_COLUMNS = ("key", "path", "image", "label", "class_name", "error")
 FILES_PER_READ_TASK = 64
 
 
-@dataclass
-class Listing:
-    """What a source holds: its layout, root and sorted input units (files or tars)."""
-
-    layout: str
-    root: str
-    units: list[str]
-    """Full URIs, sorted: image files (folders) or tar/parquet files."""
-    classes: list[str] | None = None
-    """Class names found (folders, class_tars), sorted."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- listing
 
 
@@ -67,69 +51,11 @@ def relative_key(uri: str, root: str) -> str:
     return posixpath.relpath(storage.strip_scheme(uri), storage.strip_scheme(root))
 
 
-def _list_folders(root: str, st: StorageConfig | None) -> tuple[list[str], list[str]]:
-    fs, path = storage.filesystem(root, st)
-    prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
-    entries = fs.ls(path, detail=True)
-    dirs = sorted(e["name"] for e in entries if e["type"] == "directory")
-    top = [prefix + e["name"] for e in entries if e["type"] != "directory"]
-
-    def find(d: str) -> list[str]:
-        return [prefix + p for p in fs.find(d)]
-
-    # One listing per class prefix, concurrently: a bucket is not listed object by object.
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        found = [u for chunk in pool.map(find, dirs) for u in chunk]
-    files = sorted(u for u in top + found if u.lower().endswith(IMAGE_SUFFIXES))
-    classes = sorted(
-        {relative_key(u, root).split("/")[0] for u in files if "/" in relative_key(u, root)}
-    )
-    return files, classes
-
-
-def detect_layout(uris: list[str], st: StorageConfig | None = None) -> str:
-    """What ``auto`` means for these files: parquet, webdataset or class_tars (peeks at the
-    first tar's member names: .cls/.json → webdataset), else folders."""
-    if any(u.lower().endswith(".parquet") for u in uris):
-        return "parquet"
-    tars = [u for u in uris if u.lower().endswith(TAR_SUFFIXES)]
-    if tars:
-        return containers.peek_layout(tars[0], st)
-    return "folders"
-
-
-def list_source(
-    cfg: DataConfig, st: StorageConfig | None = None, source: str | None = None
-) -> Listing:
-    """List ``source`` (default ``cfg.source``) and detect its layout when ``auto``, holding every
-    input on the driver (materialized shards and tokenizer fitting plan with it). Training and
-    labelling use :func:`beit_ray.data.listing.list_parts` instead, which keeps the listing in
-    parquet."""
-    from beit_ray.data.listing import _detect
-
-    root = (source or cfg.source).rstrip("/")
-    if not root:
-        raise ValueError("data.source: no input URI given")
-    if not storage.exists(root, st):
-        raise FileNotFoundError(f"data.source: {root} does not exist")
-    layout, _, _ = _detect(root, cfg, st)  # one listing of the top level decides the layout
-    if layout == "folders":
-        files, classes = _list_folders(root, st)
-        return Listing("folders", root, files, classes or None)
-    suffixes = (".parquet",) if layout == "parquet" else TAR_SUFFIXES
-    units = storage.list_files(root, st, suffixes=suffixes)
-    classes = (
-        sorted({posixpath.basename(u).split(".")[0] for u in units})
-        if layout == "class_tars"
-        else None
-    )
-    return Listing(layout, root, units, classes)
-
-
 def class_index(
-    listing: Listing, cfg: DataConfig, st: StorageConfig | None = None, write_to: str | None = None
+    listing: Any, cfg: DataConfig, st: StorageConfig | None = None, write_to: str | None = None
 ) -> list[str] | None:
-    """The class names in id order; read from the index file, or written there from the listing."""
+    """The class names in id order (``listing``: a :class:`~beit_ray.data.listing.PartsListing`);
+    read from the index file, or written there from the listing."""
     if not listing.classes:
         return None
     candidates = (
@@ -251,24 +177,6 @@ def iter_unit(
     return iter_tar(uri, root, layout, classes, st)
 
 
-def read_units(
-    batch: dict[str, np.ndarray],
-    listing: Listing,
-    cfg: DataConfig,
-    st: StorageConfig | None,
-    classes: list[str] | None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data batch fn: a batch of input units (``path`` column) → raw rows, in chunks."""
-    paths = [str(p) for p in batch["path"]]
-    lay, root = listing.layout, listing.root
-    ids = {c: i for i, c in enumerate(classes or [])}
-    if lay == "folders":
-        yield _rows(read_folder_files(paths, root, ids, st))
-        return
-    for uri in paths:
-        yield from chunked(iter_unit(uri, root, lay, ids, cfg, st))
-
-
 def chunked(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
     """Raw rows as column batches of FILES_PER_READ_TASK rows (a tar is never held whole)."""
     chunk: list[dict[str, Any]] = []
@@ -279,26 +187,3 @@ def chunked(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
             chunk = []
     if chunk:
         yield _rows(chunk)
-
-
-def read_raw(
-    listing: Listing,
-    cfg: DataConfig,
-    st: StorageConfig | None = None,
-    classes: list[str] | None = None,
-    units: list[str] | None = None,
-):  # noqa: ANN201 - ray.data.Dataset (ray is imported lazily)
-    """A Ray Dataset of raw rows (:data:`RAW_COLUMNS`) from ``units`` (default: all listed)."""
-    import ray
-
-    units = listing.units if units is None else units
-    if not units:
-        raise ValueError(f"data.source: no {listing.layout} inputs found under {listing.root}")
-    per_task = FILES_PER_READ_TASK if listing.layout == "folders" else 1
-    n_blocks = min(cfg.read_tasks or max(1, -(-len(units) // per_task)), len(units))
-    ds = ray.data.from_items([{"path": u} for u in units], override_num_blocks=n_blocks)
-    return ds.map_batches(
-        read_units,
-        fn_kwargs=dict(listing=listing, cfg=cfg, st=st, classes=classes),
-        batch_size=per_task,
-    )

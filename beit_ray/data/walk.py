@@ -103,7 +103,9 @@ def first_look(root: str, st: StorageConfig | None = None, limit: int | None = N
         prefix = prefix + "/" if prefix else ""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
         while True:  # class folders come as common prefixes: 21,841 of them is 22 pages
-            page = fs.call_s3("list_objects_v2", MaxKeys=PAGE_KEYS, **kwargs)
+            page = storage.retry(
+                fs.call_s3, "list_objects_v2", MaxKeys=PAGE_KEYS, **kwargs, what=root
+            )
             scheme = _scheme(root)
             look.dirs += [
                 f"{scheme}{bucket}/{p['Prefix'].rstrip('/')}"
@@ -234,7 +236,7 @@ def list_range(
         kwargs["StartAfter"] = r.lo
     last = r.lo
     for _ in range(pages):
-        page = fs.call_s3("list_objects_v2", **kwargs)
+        page = storage.retry(fs.call_s3, "list_objects_v2", **kwargs, what=root)
         for obj in page.get("Contents", []):
             key = obj["Key"]
             if r.hi is not None and key > r.hi:

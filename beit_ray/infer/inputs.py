@@ -33,7 +33,7 @@ from beit_ray.data import containers
 from beit_ray.infer.config import LabelConfig
 from beit_ray.storage import TransientError
 
-LISTING_NAME, MASKS_DIR = "_LISTING.parquet", "_masks"
+LISTING_NAME, MASKS_DIR, PLAN_NAME = "_LISTING.parquet", "_masks", "_PLAN.json"
 CONTAINER_LAYOUTS = ("class_tars", "webdataset", "parquet")
 LISTING_BATCH = 65_536  # rows per listing row group: bounded driver memory at any input size
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64())])
@@ -304,8 +304,6 @@ def _tar_layout(cfg: LabelConfig, first: str) -> str:
     refused by the plan's digest), else from the first tar's headers."""
     import json
 
-    from beit_ray.infer.plan import PLAN_NAME
-
     saved = st.join(cfg.output, PLAN_NAME)
     if st.exists(saved, cfg.storage):
         layout = json.loads(st.read_text(saved, cfg.storage)).get("layout")
@@ -372,24 +370,6 @@ def read_manifest(cfg: LabelConfig) -> Units:
 def member_path(container: str, name: str) -> str:
     """A tar member's identity: ``<tar uri>/<member name>`` (``./`` prefixes dropped)."""
     return f"{container}/{posixpath.normpath(name).lstrip('/')}"
-
-
-def list_container(
-    uri: str, layout: str, image_column: str, storage: StorageConfig | None
-) -> list[Entry]:
-    """The images inside one tar or parquet file, in its own order (one Ray task per file); a
-    tar's from its headers, with each member's offset."""
-    if layout == "parquet":
-        try:
-            n = containers.parquet_rows(uri, image_column, storage)
-        except TransientError:
-            raise
-        except Exception as e:
-            return [Entry(uri, "error", member=f"read_failed: {type(e).__name__}: {e}"[:500])]
-        return [Entry(f"{uri}#{i}", "parquet", uri, str(i)) for i in range(n)]
-    from beit_ray.infer.tars import tar_items
-
-    return [e for e, _, _ in tar_items(uri, layout, storage, read=False)]
 
 
 def mask_uri(output: str, root: str, uri: str) -> str:

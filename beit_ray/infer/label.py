@@ -382,7 +382,7 @@ def check_checkpoint(cfg: LabelConfig) -> Any:
 def check_outputs(cfg: LabelConfig) -> None:
     """On a multi-node cluster, parts, masks (``_masks/``) and the plan go to shared storage:
     actors on every node write there. Joins Ray only when the job joins a cluster."""
-    from beit_ray.train.resources import check_job_outputs
+    from beit_ray.runtime import check_job_outputs
 
     check_job_outputs({"output": cfg.output}, cfg.ray, cfg.storage)
 
@@ -469,6 +469,7 @@ def _graph(cfg: LabelConfig, plan: Plan, items: list[dict[str, Any]], preprocess
         },
         batch_size=1,
         num_cpus=cfg.actors.decode_cpus,
+        **st.TASK_RETRIES,  # a read that outlived its own retries: the task runs again
     )
     a = cfg.actors
     return ds.map_batches(

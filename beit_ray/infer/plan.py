@@ -37,10 +37,11 @@ import pyarrow.parquet as pq
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig
 from beit_ray.infer.config import LabelConfig
-from beit_ray.infer.inputs import CONTAINER_LAYOUTS, Entry, Units, fetch, list_container
+from beit_ray.infer.inputs import CONTAINER_LAYOUTS, PLAN_NAME, Entry, Units, fetch
+from beit_ray.infer.tars import list_container
 from beit_ray.runtime import print0
 
-PLAN_NAME, INPUTS_NAME, LEDGER_DIR, MARKS_DIR = "_PLAN.json", "_INPUTS.parquet", "_PARTS", "_TARS"
+INPUTS_NAME, LEDGER_DIR, MARKS_DIR = "_INPUTS.parquet", "_PARTS", "_TARS"
 TAR_LAYOUTS = ("class_tars", "webdataset")
 TAR_STRIDE = 100_000  # part ids of one streamed tar: tar index × TAR_STRIDE + its chunk
 MARK_RE = re.compile(r"^tar-(\d+)-(\d+)$")

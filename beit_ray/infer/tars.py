@@ -55,3 +55,19 @@ def stream_tar(
             chunk = []
     if chunk:
         yield [e for e, _, _ in chunk], [d for _, d, _ in chunk], [w for _, _, w in chunk]
+
+
+def list_container(
+    uri: str, layout: str, image_column: str, storage: StorageConfig | None
+) -> list[Entry]:
+    """The images inside one tar or parquet file, in its own order (one Ray task per file); a
+    tar's from its headers, with each member's offset."""
+    if layout == "parquet":
+        try:
+            n = containers.parquet_rows(uri, image_column, storage)
+        except TransientError:
+            raise
+        except Exception as e:
+            return [Entry(uri, "error", member=f"read_failed: {type(e).__name__}: {e}"[:500])]
+        return [Entry(f"{uri}#{i}", "parquet", uri, str(i)) for i in range(n)]
+    return [e for e, _, _ in tar_items(uri, layout, storage, read=False)]

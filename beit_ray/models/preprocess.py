@@ -102,7 +102,7 @@ class Preprocessor:
     def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> Preprocessor:
         """From preprocessor_config.json itself, a folder holding it, or a beit-ray run folder."""
         from beit_ray import storage as st
-        from beit_ray.models.load import model_dir
+        from beit_ray.models.checkpoint import model_dir
 
         if str(uri).endswith(".json"):
             path = uri

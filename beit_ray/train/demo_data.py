@@ -68,7 +68,7 @@ def ensure_demo_data(
     ``tokenizer_weights`` where the codebook goes. Needs Ray (the fit runs on Ray Data).
     """
     from beit_ray.data.config import CodebookConfig, FitTokenizerConfig
-    from beit_ray.data.tokenizers.fit import fit_codebook
+    from beit_ray.data.fit import fit_codebook
 
     source = data_cfg.source
     if not os.path.isdir(source):

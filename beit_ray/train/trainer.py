@@ -17,10 +17,10 @@ from typing import Any
 
 from beit_ray import storage
 from beit_ray.config import save_config
-from beit_ray.runtime import init_ray
+from beit_ray.runtime import check_training, init_ray
 from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
 from beit_ray.train.data import TrainData, finetuning_data, pretraining_data
-from beit_ray.train.resources import check_training, process_group_backend
+from beit_ray.train.resources import process_group_backend
 
 
 @dataclass

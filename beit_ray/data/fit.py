@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from beit_ray import storage
 from beit_ray.data.augment import image_rng
 from beit_ray.data.config import FitTokenizerConfig
-from beit_ray.data.pipeline import _raw_epochs, pretrain_batch
-from beit_ray.data.sources import list_source
+from beit_ray.data.listing import list_parts
+from beit_ray.data.pipeline import pretrain_batch
+from beit_ray.data.plan import epoch_raw
 from beit_ray.data.tokenizers.codebook import Codebook, kmeans, patch_features
 
 
@@ -28,14 +30,23 @@ def _features(
     return {"feature": np.concatenate(out)}  # [B * per_image, D]
 
 
+def listing_uri(cfg: FitTokenizerConfig) -> str:
+    """Where the fit lists its source: ``data.listing_uri``, else beside the codebook (storage
+    every node reads, as the codebook's)."""
+    if cfg.data.listing_uri:
+        return cfg.data.listing_uri
+    out = cfg.output.rstrip("/")
+    parent = out.rsplit("/", 1)[0] if "/" in out else "."
+    return storage.join(parent, "_listing-codebook")
+
+
 def fit_codebook(cfg: FitTokenizerConfig) -> Codebook:
     """Sample images, extract cell features in Ray Data tasks, run k-means on the driver."""
     d, c = cfg.data, cfg.codebook
-    listing = list_source(d, cfg.storage, cfg.input or d.source)
-    order = image_rng(d.seed, 0, "<fit-sample>").permutation(len(listing.units))
-    if listing.layout == "folders":
-        listing.units = [listing.units[i] for i in order[: c.sample_images]]
-    raw = _raw_epochs(listing, d, cfg.storage, None, 0, 1).limit(c.sample_images)
+    listing = list_parts(d, cfg.storage, cfg.input or d.source, uri=listing_uri(cfg), count=False)
+    # the first images of epoch 0: its slices come in a seeded order, and listing parts mix
+    # their classes, so a few slices already sample many classes
+    raw = epoch_raw(listing, d, cfg.storage, None, epoch=0).limit(c.sample_images)
     ds = raw.map_batches(
         pretrain_batch,
         fn_kwargs={"cfg": d, "errors_uri": d.errors_uri, "st": cfg.storage},
