@@ -84,6 +84,11 @@ def test_page_classifies_and_segments_an_uploaded_photo(server, browser, photos,
     )
     assert models == "serving classify (8 classes) and segment (8 classes)"
     assert browser.find_element("id", "tasks").is_displayed()  # both deployments: a switch
+    # what the page hides stays hidden whatever its CSS display (the switch of one deployment)
+    assert browser.execute_script(
+        "return [...document.querySelectorAll('[hidden]')].every(e => getComputedStyle(e)"
+        ".display === 'none') && document.querySelectorAll('[hidden]').length >= 3"
+    )
 
     browser.find_element("id", "file").send_keys(str(path))
     wait_for(browser, "document.querySelectorAll('#top li').length === 5")

@@ -97,21 +97,23 @@ def _histogram(task: str, parts: list[str], storage: StorageConfig | None) -> di
 
 
 def _sample_rows(cfg: LabelConfig, chunks: list[int]) -> tuple[list[dict], list[dict]]:
-    """Up to SAMPLE labelled rows drawn round-robin from ``chunks``' parts (so they spread over
-    the run), in path order, and up to EXAMPLE_ERRORS failed ones (path, error)."""
+    """Up to SAMPLE labelled rows evenly spaced over ``chunks``' parts (parts spread over the
+    run, rows spread within each: class folders show every class, not the first few), and up
+    to EXAMPLE_ERRORS failed ones (path, error)."""
     from beit_ray.infer.label import part_name, task_schema
 
     columns = [f.name for f in task_schema(cfg.task) if f.name != "embedding"]
-    ok: list[list[dict]] = []  # per part; at most SAMPLE parts of chunk_size rows each
+    ok: list[dict] = []  # at most SAMPLE parts of chunk_size rows, without embeddings
     failed: list[dict] = []
     for c in chunks:
         table = _read(st.join(cfg.output, part_name(c)), cfg.storage, columns).to_pylist()
         for row in table:
             row["chunk"] = c
-        ok.append([r for r in table if not r["error"]])
+        ok += [r for r in table if not r["error"]]
         failed += [r for r in table if r["error"]][: EXAMPLE_ERRORS - len(failed)]
-    picked = [rows[i] for i in range(max(map(len, ok), default=0)) for rows in ok if i < len(rows)]
-    return sorted(picked[:SAMPLE], key=lambda r: r["path"]), failed
+    if len(ok) > SAMPLE:
+        ok = [ok[i] for i in np.linspace(0, len(ok) - 1, SAMPLE).round().astype(int)]
+    return ok, failed
 
 
 def _image_bytes(cfg: LabelConfig, plan: Any, rows: list[dict]) -> list[bytes | None]:
@@ -226,6 +228,8 @@ def _page(
     failed: list[dict],
     id2label: dict[int, str],
 ) -> str:
+    from beit_ray.infer.inputs import input_root
+
     s = summary
     facts = [
         ("images", s.get("files", 0)),
@@ -246,7 +250,7 @@ def _page(
         "</div>",
         *_errors_section(s, failed),
         *_histogram_section(cfg.task, hist, id2label, s.get("ok", 0)),
-        *_sample_section(cfg.task, rows, images, id2label),
+        *_sample_section(cfg.task, rows, images, id2label, input_root(cfg).rstrip("/")),
         "</body></html>",
     ]
     return "\n".join(out)
@@ -313,14 +317,15 @@ def _histogram_section(
 
 
 def _sample_section(
-    task: str, rows: list[dict], images: list[str | None], id2label: dict[int, str]
+    task: str, rows: list[dict], images: list[str | None], id2label: dict[int, str], root: str
 ) -> list[str]:
     from beit_ray.infer.masks import hex_color
 
     what = "with the mask overlaid" if task == "segment" else "with their top labels"
     out = [f'<h2 id="sample">A sample of {len(rows)} images, {what}</h2>', '<div class="grid">']
     for row, uri in zip(rows, images, strict=True):
-        name = str(row["path"]).rstrip("/").rsplit("/", 1)[-1]
+        path = str(row["path"])  # shown from the input root: class folders name the class
+        name = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
         pic = (
             f'<img src="{uri}" alt="{_e(name)}">'
             if uri
