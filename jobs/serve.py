@@ -10,6 +10,7 @@ Locally (listens on 127.0.0.1 unless --http.host says otherwise):
     curl -s -H 'Content-Type: image/jpeg' --data-binary @cat.jpg 'http://127.0.0.1:8000/classify?top_k=3'
     curl -s -H 'Accept: image/png' -F image=@street.jpg http://127.0.0.1:8000/segment -o mask.png
 
+A page at / takes a dropped image and shows the top classes or the mask over the image.
 OpenAPI docs at /docs; GET /healthz, GET /labels. Ctrl-C (or SIGTERM) stops serving.
 ``python jobs/serve.py --help`` lists every option; --dry-run prints the plan and exits;
 --verbose also shows Ray's and Serve's output, which otherwise goes to runs/logs/serve-<time>.log.
@@ -45,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     console.adopt_loggers()  # Serve's driver-side logger exists from here
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-    console.show(
-        f"serving on http://{cfg.http.host}:{cfg.http.port} (POST /classify, /segment; docs at /docs)"
-    )
+    url = f"http://{cfg.http.host}:{cfg.http.port}"
+    console.show(f"serving on {url}: the page at {url}/ (POST /classify, /segment; docs at /docs)")
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -188,3 +188,55 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message><RequestId>t</RequestId></Error>"
 )
+
+
+# Debian's chromium with the flags that keep it off the network (none here) and out of any
+# profile but its own; selenium finds no driver by itself offline, so it is given chromedriver.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,900",
+)
+
+
+@pytest.fixture()
+def browser(tmp_path_factory):
+    """A headless Chromium driven by selenium; skips only where no chromium is installed
+    (CI installs it: .ci/run)."""
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not binary or not driver_path:
+        pytest.skip("no chromium / chromedriver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver: Any, script: str, timeout: float = 60.0) -> Any:
+    """Poll a JS expression in the page until it is truthy; returns its value."""
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        value = driver.execute_script(f"return ({script});")
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"page never satisfied {script!r}; last value {value!r}")
+        time.sleep(0.1)

@@ -202,11 +202,14 @@ def test_embed_and_segment(ray_session, bucket, checkpoints, photos):
     )
     seg = read_parts(out).to_pandas().set_index("path")
     processor = AutoImageProcessor.from_pretrained(checkpoints["segmentation"])
-    # load_model, not transformers' class: that one feeds UperNet one block earlier (README)
+    # our class on the export (transformers' UperNet on it gives the same logits, upsampled to
+    # its input inside the forward: tests/test_models_upernet.py)
     segmenter = load_model(checkpoints["segmentation"])
     for rel in subset[:3]:
         row = seg.loc[f"s3://{bucket}/in/{rel}"]
-        mask = np.asarray(Image.open(io.BytesIO(st.read_bytes(row["mask_uri"]))))
+        png = Image.open(io.BytesIO(st.read_bytes(row["mask_uri"])))
+        assert png.mode == "P"  # the shared palette: a viewer shows colours, values are ids
+        mask = np.asarray(png)
         image = decoded(files[rel])
         assert mask.shape == image.shape[:2] == (row["height"], row["width"])
         with torch.no_grad():

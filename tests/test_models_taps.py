@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -115,6 +116,14 @@ def test_folders_written_here_keep_their_block_taps(tmp_path):
 
     model = build_model("debug", "segmentation", num_labels=3).eval()
     export_hf(model, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["backbone_config"][
+        "out_features"
+    ] == [
+        "stage1",
+        "stage2",
+        "stage3",
+        "stage4",
+    ]  # a BeitBackbone's stage i is block i (tests/test_models_upernet.py)
     again = load_model(str(tmp_path))
     assert again.config.out_indices == [1, 2, 3, 4] and again.config.beit_ray_taps == "blocks"
     x = torch.randn(1, 3, 32, 32)

@@ -79,6 +79,7 @@ def _png(img: Image.Image) -> bytes:
 
 def test_endpoints_match_batch_predictor(server, checkpoints, photos):
     from beit_ray.data.decode import decode_image
+    from beit_ray.infer.masks import hex_color
     from beit_ray.infer.predictor import Predictor
 
     classifier = Predictor(checkpoints["classification"], "classify", top_k=3)
@@ -109,7 +110,11 @@ def test_endpoints_match_batch_predictor(server, checkpoints, photos):
             assert png.status_code == 200 and png.headers["content-type"] == "image/png"
             mask = np.asarray(Image.open(io.BytesIO(png.content)))
             assert mask.shape == image.shape[:2] and np.array_equal(mask, seg["mask"])
+            assert Image.open(io.BytesIO(png.content)).mode == "P"  # colours in a viewer
             stats = _post(client, f"{server}/segment", data).json()
+            assert [c["color"] for c in stats["classes"]] == [
+                hex_color(c) for c in seg["class_ids"]
+            ]
             assert (stats["height"], stats["width"]) == image.shape[:2]
             assert [c["id"] for c in stats["classes"]] == seg["class_ids"].tolist()
             assert [c["pixels"] for c in stats["classes"]] == seg["pixel_counts"].tolist()
@@ -193,6 +198,8 @@ def test_bad_requests_get_4xx_json(server, photos):
                 assert r.status_code == status, (what, route, r.status_code, r.text[:200])
                 error = r.json()["error"]
                 assert error["message"] and (code is None or error["code"] == code), (what, error)
+        r = _post(client, f"{server}/segment", good, params={"with_mask": "maybe"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "bad_with_mask"
         r = client.post(f"{server}/classify", files={"file": ("x.jpg", good, "image/jpeg")})
         assert r.status_code == 400 and r.json()["error"]["code"] == "missing_image"
         assert client.get(f"{server}/nope").status_code == 404

@@ -116,7 +116,7 @@ def write_shapes(root: str, n_train: int = 48, n_val: int = 8, size: int = 64) -
 
 
 def test_segmentation_learns_above_constant_predictor(ray_session, tmp_path) -> None:
-    from transformers import BeitForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation
 
     from beit_ray.train.tasks import segmentation_metrics
 
@@ -173,5 +173,6 @@ def test_segmentation_learns_above_constant_predictor(ray_session, tmp_path) -> 
     constant = segmentation_metrics(conf)["miou"]
     best = max(r["miou"] for r in evals)
     assert best > constant + 0.1, (best, constant, evals)
-    model = BeitForSemanticSegmentation.from_pretrained(result.model_uri)
+    model = AutoModelForSemanticSegmentation.from_pretrained(result.model_uri)
+    assert type(model).__name__ == "UperNetForSemanticSegmentation"
     assert model.config.num_labels == 3 and model.config.use_auxiliary_head

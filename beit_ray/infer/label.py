@@ -32,13 +32,14 @@ Output under ``--output``:
     _LISTING.parquet     the input listing of this run (path, size)
     _PARTS/              the ledger of written parts (chunk, rows, errors, reasons)
     _SUMMARY.json        counts, error reasons, images/s, checkpoint
+    _PREVIEW.html        a page to open in a browser: errors by kind, the label histogram and
+                         a sample of 64 images with their labels or mask overlays
 Names starting with ``_`` keep ``pandas.read_parquet(output)`` / pyarrow datasets reading
 only the parts.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -308,13 +309,10 @@ class PredictorActor:
 
 
 def png_bytes(mask: np.ndarray) -> bytes:
-    """A class-id map as a lossless PNG (8-bit, or 16-bit beyond 256 classes)."""
-    from PIL import Image
+    """A class-id map as a lossless PNG in the shared palette (:func:`masks.mask_png`)."""
+    from beit_ray.infer.masks import mask_png
 
-    image = Image.fromarray(mask.astype(np.uint16) if mask.dtype != np.uint8 else mask)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return mask_png(mask)
 
 
 # --------------------------------------------------------------------------- writing
@@ -438,12 +436,28 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     summary = _summarize(cfg, plan, ledger, processed, run_seconds, resumed, part_uri)
     summary.update(timing)
     summary["seconds_total"] = round(time.perf_counter() - start, 3)
+    summary["preview"] = _preview(cfg, plan, summary, fresh=processed > 0)
     st.write_text(st.join(cfg.output, SUMMARY_NAME), json.dumps(summary, indent=1), cfg.storage)
     print0(
         f"label: {summary['ok']}/{summary['files']} labelled, {summary['errors']} errors; "
         f"{processed} this run at {summary['images_per_s']:.1f} images/s → {cfg.output}"
     )
     return summary
+
+
+def _preview(cfg: LabelConfig, plan: Plan, summary: dict[str, Any], fresh: bool) -> str | None:
+    """``_PREVIEW.html`` (:mod:`beit_ray.infer.preview`), rewritten when this run labelled
+    something or none exists; a preview that fails is reported, never fails the run."""
+    from beit_ray.infer.preview import PREVIEW_NAME, write_preview
+
+    uri = st.join(cfg.output, PREVIEW_NAME)
+    try:
+        if fresh or not st.exists(uri, cfg.storage):
+            write_preview(cfg, plan, summary)
+        return uri
+    except Exception as e:
+        print0(f"label: no preview ({type(e).__name__}: {e})")
+        return None
 
 
 def _graph(cfg: LabelConfig, plan: Plan, items: list[dict[str, Any]], preprocessor: Any) -> Any:

@@ -12,6 +12,8 @@ transformers BEiT classes takes seconds, and this package does nothing at import
 - ``checkpoint``: where a checkpoint's files are and its tensors in transformers 5 names.
 - ``unilm``: microsoft/unilm BEiT ``.pth`` state dicts → transformers names and config.
 - ``segmentation``: ``BeitForSemanticSegmentation`` tapping 1-based blocks (unilm's UperNet taps).
+- ``upernet``: segmentation exports as transformers' ``UperNetForSemanticSegmentation`` over a
+  ``BeitBackbone`` (the same taps), and back.
 - ``init``: unilm's from-scratch init (trunc-normal 0.02, output projections / sqrt(2 l)).
 - ``posembed``: relative position tables (BEiT's geometric resize) and absolute embeddings.
 - ``layer_decay``: ``param_groups`` with layer-wise lr decay and unilm's weight-decay set.

@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from beit_ray import storage as st
 from beit_ray.config import StorageConfig
-from beit_ray.models import unilm
+from beit_ray.models import unilm, upernet
 from beit_ray.models.build import model_class
 
 RUN_METADATA = "beit_ray.json"
@@ -133,6 +133,8 @@ def read_source(uri: str, storage: StorageConfig | None) -> tuple[PretrainedConf
             shutil.rmtree(tmp, ignore_errors=True)
     if unilm.is_unilm(raw):  # unilm weights saved under an HF config.json
         raw = unilm.to_transformers(raw)
+    if upernet.is_upernet(src_cfg):  # our segmentation export: back to our class's names
+        src_cfg, raw = upernet.from_upernet(src_cfg, raw)
     return src_cfg, raw
 
 

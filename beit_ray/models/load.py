@@ -9,8 +9,11 @@ position information resized when the image size changes (:mod:`beit_ray.models.
 What was not taken from the checkpoint is logged and left on ``model.beit_ray_load_report``; a
 load that would leave most encoder weights at their random init raises instead.
 
-Segmentation ``out_indices`` in configs not written here are read as unilm's 0-based
-block indices, as microsoft/beit-*-finetuned-ade-* hold them (:mod:`beit_ray.models.segmentation`).
+Segmentation models are exported as transformers' ``UperNetForSemanticSegmentation`` over a
+``BeitBackbone`` tapping the trained blocks (:mod:`beit_ray.models.upernet`); such folders load
+back into our class. ``out_indices`` of ``BeitForSemanticSegmentation`` configs not written here
+are read as unilm's 0-based block indices, as microsoft/beit-*-finetuned-ade-* hold them
+(:mod:`beit_ray.models.segmentation`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from transformers import PretrainedConfig
 
 from beit_ray import storage as st
 from beit_ray.config import StorageConfig
+from beit_ray.models import upernet
 from beit_ray.models.build import MODEL_CLASSES, build_from_config, model_class
 from beit_ray.models.checkpoint import RUN_METADATA as RUN_METADATA  # re-exported
 from beit_ray.models.checkpoint import canonical_state, read_source
@@ -53,6 +57,7 @@ HEAD_INIT_SCALE = 1e-3
 """unilm's ``--init_scale``: a new classification head starts at 0.001 × trunc_normal(0.02)."""
 
 _ARCH_TASK: dict[str, Task] = {cls.__name__: task for (_, task), cls in MODEL_CLASSES.items()}
+_ARCH_TASK[upernet.ARCHITECTURE] = "segmentation"  # our segmentation exports (models/upernet.py)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -390,13 +395,35 @@ def export_hf(
     )
     try:
         os.makedirs(local, exist_ok=True)
-        model.save_pretrained(local)
+        if task == "segmentation":
+            _save_upernet(model, local)
+        else:
+            model.save_pretrained(local)
         proc.save(local)
         if st.is_remote(out_dir):
             st.upload_dir(local, out_dir, storage)
     finally:
         if st.is_remote(out_dir):
             shutil.rmtree(local, ignore_errors=True)
+
+
+def _save_upernet(model: nn.Module, folder: str) -> None:
+    """Our segmentation model as transformers' UperNet over a BeitBackbone (models/upernet.py),
+    whose stage taps are the blocks we trained on; the names are checked against that class."""
+    from safetensors.torch import save_file
+    from transformers import UperNetForSemanticSegmentation
+
+    cfg, state = upernet.to_upernet(model.config, model.state_dict())
+    with torch.device("meta"):
+        want = UperNetForSemanticSegmentation(copy.deepcopy(cfg)).state_dict()
+    if set(want) != set(state) or any(want[k].shape != state[k].shape for k in want):
+        raise RuntimeError(
+            f"UperNet export names do not match transformers' class: missing "
+            f"{sorted(set(want) - set(state))[:4]}, extra {sorted(set(state) - set(want))[:4]}"
+        )
+    cfg.save_pretrained(folder)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
 def build_or_load(

@@ -70,10 +70,11 @@ def set_block_taps(config: PretrainedConfig, blocks: list[int]) -> PretrainedCon
 class BeitForSemanticSegmentation(HFBeitForSemanticSegmentation):
     """transformers' BEiT UperNet, fed by the blocks ``config.out_indices`` name (1-based).
 
-    Same name, weights and config as transformers' class, so ``save_pretrained`` writes an
-    architecture transformers knows; only the taps differ (``hidden_states[i]`` instead of
-    ``hidden_states[i - 1]``). A transformers user loading such a folder with transformers' class
-    gets each map from one block earlier.
+    Same name, weights and config as transformers' class; only the taps differ
+    (``hidden_states[i]`` instead of ``hidden_states[i - 1]``), so a folder this class saves
+    itself would give a transformers user each map from one block earlier. ``export_hf``
+    therefore writes transformers' UperNet over a BeitBackbone instead
+    (:mod:`beit_ray.models.upernet`), which taps the same blocks.
     """
 
     @classmethod

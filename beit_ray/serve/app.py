@@ -10,10 +10,13 @@ top_k), decodes and resizes the image exactly as batch labelling does (:class:`P
 ``prepare``), and hands small uint8 tensors to the model deployments. Each model deployment
 holds one :class:`Predictor`, batches requests with ``@serve.batch`` and scales on its own.
 Bad requests get a 4xx JSON ``{"error": {"code", "message"}}`` and never reach a model replica.
+``GET /`` is a page (static HTML + JS from ``static/``) that sends a dropped image to these
+endpoints and draws the answer: top classes as bars, or the mask over the image with a legend.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see real types (Request) on routes.
 import asyncio
+import base64
 import logging
 from typing import Any
 
@@ -61,6 +64,28 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     return _error(e.status_code, "http_error", str(e.detail))
+
+
+def _flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "false").lower()
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise ApiError(422, f"bad_{name}", f"{name} must be true or false, got {raw!r}")
+    return raw in ("1", "true", "yes")
+
+
+STATIC_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "page.js": "text/javascript; charset=utf-8",
+    "page.css": "text/css; charset=utf-8",
+}
+"""The page's files (beit_ray/serve/static/, package data): no CDN, no build step."""
+
+
+def read_static() -> dict[str, bytes]:
+    from importlib.resources import files
+
+    folder = files("beit_ray.serve") / "static"
+    return {name: (folder / name).read_bytes() for name in STATIC_TYPES}
 
 
 # --------------------------------------------------------------------------- model replicas
@@ -157,6 +182,7 @@ class Ingress:
             for task, uri in self.checkpoints.items()
         }
         self._info: dict[str, dict[str, Any]] = {}
+        self.static = read_static()  # the page's few files, read once per replica
 
     # ------------------------------------------------------------------ helpers
     async def _body(self, request: Request) -> bytes:
@@ -261,13 +287,16 @@ class Ingress:
 
     @api.post("/segment", response_model=None)
     async def segment(self, request: Request) -> Response | dict[str, Any]:
-        """Class ids per pixel: a PNG at the original size (Accept: image/png) or JSON stats."""
-        from beit_ray.infer.label import png_bytes
+        """Class ids per pixel: a PNG at the original size (Accept: image/png; a palette image
+        whose values are the ids) or JSON stats with each class's colour in that palette;
+        ``?with_mask=true`` adds the PNG to the JSON (base64 ``mask_png``)."""
+        from beit_ray.infer.masks import hex_color, mask_png
 
+        with_mask = _flag(request, "with_mask")
         pixels, (h, w) = await self._image(request, "segment")
         res = await self._call("segment", pixels, (h, w), 1)
         if "image/png" in request.headers.get("accept", ""):
-            return Response(await asyncio.to_thread(png_bytes, res["mask"]), media_type="image/png")
+            return Response(await asyncio.to_thread(mask_png, res["mask"]), media_type="image/png")
         id2label = (await self._infos())["segment"]["id2label"]
         classes = [
             {
@@ -275,10 +304,26 @@ class Ingress:
                 "label": id2label.get(int(c), str(int(c))),
                 "pixels": int(n),
                 "fraction": float(n) / (h * w),
+                "color": hex_color(int(c)),
             }
             for c, n in zip(res["class_ids"], res["pixel_counts"], strict=True)
         ]
-        return {"height": h, "width": w, "classes": classes, "model": self.checkpoints["segment"]}
+        out: dict[str, Any] = {"height": h, "width": w, "classes": classes}
+        if with_mask:
+            png = await asyncio.to_thread(mask_png, res["mask"])
+            out["mask_png"] = base64.b64encode(png).decode("ascii")
+        return {**out, "model": self.checkpoints["segment"]}
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> Response:
+        """The page: drop an image, see the top classes or the mask (static/index.html)."""
+        return Response(self.static["index.html"], media_type=STATIC_TYPES["index.html"])
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static_file(self, name: str) -> Response:
+        if name not in self.static:
+            raise ApiError(404, "not_found", f"no static file {name!r}")
+        return Response(self.static[name], media_type=STATIC_TYPES[name])
 
     @api.get("/labels")
     async def labels(self) -> dict[str, Any]:
