@@ -41,83 +41,43 @@ only the parts.
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig, to_dict
 from beit_ray.infer.config import LabelConfig, resolve_dtype
 from beit_ray.infer.inputs import input_root, mask_uri, resolve_layout
+from beit_ray.infer.parts import (  # noqa: F401 - part_name, read_parts re-exported
+    PART_RE,
+    done_chunks,
+    part_name,
+    read_parts,
+    task_schema,
+    write_part,
+)
 from beit_ray.infer.plan import (
-    PART_META_KEY,
     Ledger,
     Plan,
     build_plan,
     coverage,
     incomplete,
-    part_counts,
     pending_work,
     read_units,
     tar_marks,
 )
 from beit_ray.runtime import print0
 
-PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 SUMMARY_NAME = "_SUMMARY.json"
 
 
 class LabelInterrupted(RuntimeError):
     """Raised by the ``stop_after_chunks`` hook: a stand-in for a crash, used by tests."""
-
-
-def part_name(chunk: int) -> str:
-    return f"part-{chunk:05d}.parquet"
-
-
-def done_chunks(output: str, storage: StorageConfig | None) -> set[int]:
-    """Chunk ids whose part file exists (complete by construction: written atomically); one
-    listing of the output's top level (1,000 names a request on S3)."""
-    fs, path = st.filesystem(output, storage)
-    if not fs.exists(path):
-        return set()
-    names = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    return {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
-
-
-# --------------------------------------------------------------------------- schemas
-
-
-def task_schema(task: str) -> pa.Schema:
-    """Columns of a part file for ``task`` (the internal ``chunk`` column is dropped on write)."""
-    common = [
-        pa.field("path", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-    ]
-    extra = {
-        "classify": [
-            pa.field("top_ids", pa.list_(pa.int64())),
-            pa.field("top_labels", pa.list_(pa.string())),
-            pa.field("top_scores", pa.list_(pa.float32())),
-        ],
-        "embed": [pa.field("embedding", pa.list_(pa.float32()))],
-        "segment": [
-            pa.field("mask_uri", pa.string()),
-            pa.field("class_ids", pa.list_(pa.int64())),
-            pa.field("pixel_counts", pa.list_(pa.int64())),
-        ],
-    }[task]
-    return pa.schema(common + extra)
 
 
 # --------------------------------------------------------------------------- stages
@@ -313,41 +273,6 @@ def png_bytes(mask: np.ndarray) -> bytes:
     from beit_ray.infer.masks import mask_png
 
     return mask_png(mask)
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def write_part(
-    table: pa.Table, output: str, chunk: int, storage: StorageConfig | None
-) -> dict[str, Any]:
-    """Write one chunk's rows atomically (a reader never sees a half-written part), its counts
-    in the footer; returns the counts."""
-    table = table.drop_columns(["chunk"]).sort_by("path")
-    counts = part_counts(table)
-    table = table.replace_schema_metadata({PART_META_KEY: json.dumps(counts)})
-    fs, root = st.pyarrow_fs(output, storage)
-    final = f"{root.rstrip('/')}/{part_name(chunk)}"
-    if st.is_remote(output):  # one PUT / a completed multipart upload: atomic
-        pq.write_table(table, final, filesystem=fs)
-        return counts
-    os.makedirs(root, exist_ok=True)
-    tmp = f"{root.rstrip('/')}/.{part_name(chunk)}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp, filesystem=fs)
-    os.replace(tmp, final)
-    return counts
-
-
-def read_parts(
-    output: str, storage: StorageConfig | None = None, columns: list[str] | None = None
-) -> pa.Table:
-    """Every part file under ``output`` as one table."""
-    fs, root = st.pyarrow_fs(output, storage)
-    chunks = sorted(done_chunks(output, storage))
-    paths = [f"{root.rstrip('/')}/{part_name(c)}" for c in chunks]
-    if not paths:
-        return pa.table({})
-    return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
 
 
 # --------------------------------------------------------------------------- the job

@@ -45,7 +45,7 @@ READ_THREADS = 16
 
 def write_preview(cfg: LabelConfig, plan: Any, summary: dict[str, Any]) -> str:
     """Write ``_PREVIEW.html`` under ``cfg.output``; returns its URI."""
-    from beit_ray.infer.label import done_chunks, part_name
+    from beit_ray.infer.parts import done_chunks, part_name
 
     chunks = sorted(done_chunks(cfg.output, cfg.storage))
     parts = [st.join(cfg.output, part_name(c)) for c in chunks]
@@ -100,7 +100,7 @@ def _sample_rows(cfg: LabelConfig, chunks: list[int]) -> tuple[list[dict], list[
     """Up to SAMPLE labelled rows evenly spaced over ``chunks``' parts (parts spread over the
     run, rows spread within each: class folders show every class, not the first few), and up
     to EXAMPLE_ERRORS failed ones (path, error)."""
-    from beit_ray.infer.label import part_name, task_schema
+    from beit_ray.infer.parts import part_name, task_schema
 
     columns = [f.name for f in task_schema(cfg.task) if f.name != "embedding"]
     ok: list[dict] = []  # at most SAMPLE parts of chunk_size rows, without embeddings
