@@ -101,7 +101,8 @@ def test_cpu_collective_fails_without_a_cpu_backend_and_runs_in_a_mixed_group(tm
     _group(resources.process_group_backend(True).replace("nccl", "gloo"), tmp_path)
     try:
         cfg = PretrainConfig(checkpoint=CheckpointSection(every_n_minutes=1e-9))
-        assert due(cfg, 3, last=0.0, device=torch.device("cpu"))
+        assert due(cfg, cfg.run.log_every, last=0.0, device=torch.device("cpu"))
+        assert not due(cfg, 3, last=0.0, device=torch.device("cpu"))  # read on logging steps
         sums = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
         out = all_reduce_on(sums, torch.device("cpu"))
         assert out.tolist() == [1.0, 2.0, 3.0] and out.device == sums.device

@@ -37,7 +37,7 @@ from beit_ray.data.config import DataConfig
 from beit_ray.data.decode import DecodeError
 from beit_ray.data.errors import read_errors, write_errors  # noqa: F401 - buffered per task
 from beit_ray.data.listing import PartsListing, in_val_split, list_parts, unit_order  # noqa: F401 - in_val_split re-exported
-from beit_ray.data.plan import epoch_raw
+from beit_ray.data.plan import POSITION_COLUMNS, epoch_raw
 from beit_ray.data.sources import class_index
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,21 @@ def pretrain_batch(
         "tokenizer_pixels": tok if ok is None else tok[ok],
         "key": np.array([str(x) for x in (keys if ok is None else keys[ok])], dtype=object),
     }
-    if "shard" in batch:  # materialize: the output shard rides along to the writer
-        out["shard"] = np.asarray(batch["shard"] if ok is None else batch["shard"][ok], np.int64)
+    return carry(batch, out, ok)
+
+
+CARRIED = ("shard", *POSITION_COLUMNS)
+"""Columns that ride along a decode stage: the materialized shard of a row, its place in the
+epoch (exact resume)."""
+
+
+def carry(
+    batch: dict[str, np.ndarray], out: dict[str, np.ndarray], kept: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """``out`` + the :data:`CARRIED` columns of ``batch`` for its ``kept`` rows (None: all)."""
+    for c in CARRIED:
+        if c in batch:
+            out[c] = np.asarray(batch[c] if kept is None else np.asarray(batch[c])[kept], np.int64)
     return out
 
 
@@ -126,8 +139,8 @@ def labelled_batch(
         region_decode=cfg.region_decode, crop_pct=cfg.crop_pct, flip=cfg.flip,
     )  # fmt: skip
     s = cfg.image_size
-    pix, labels, keys, errors = [], [], [], []
-    for row in _split_rows(batch):
+    pix, labels, keys, kept, errors = [], [], [], [], []
+    for k, row in enumerate(_split_rows(batch)):
         if row["error"]:
             errors.append(_error(row, str(row["error"])))
             continue
@@ -138,12 +151,14 @@ def labelled_batch(
             continue
         labels.append(int(row["label"]))
         keys.append(str(row["key"]))
+        kept.append(k)
     write_errors(errors, errors_uri, st)
-    return {
+    out = {
         "pixel_values": np.stack(pix) if pix else np.zeros((0, 3, s, s), np.uint8),
         "label": np.array(labels, dtype=np.int64),
         "key": np.array(keys, dtype=object),
     }
+    return carry(batch, out, np.array(kept, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- datasets

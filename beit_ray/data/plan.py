@@ -1,29 +1,39 @@
-"""Epoch plans: which inputs an epoch reads, in which order, with which randomness.
+"""Epoch plans: which inputs an epoch reads, in which order, with which randomness, and how a
+resumed epoch skips exactly what was trained on.
 
 A training dataset is *one epoch* of raw rows. Ray Train runs it again for every pass, and
 what makes each pass a new epoch comes from an :class:`EpochClock`, a small actor that rank 0
-sets before each pass (the epoch, and on resume the rows already trained on)::
+sets before each pass (the epoch, and on resume the :class:`EpochProgress` of it)::
 
-    n positions ─ read_positions: position p of the epoch → clock → (epoch, skip) → the epoch's
-                                read slices in a (seed, epoch) order (a slice of a listing part,
-                                or 8 class tars interleaved, or one tar / parquet file) → slice
-                                p → raw rows (+ ``epoch``), which decide every crop, flip,
-                                RandAugment op and mask
+    n positions ─ read_positions: position p of the epoch → clock → (epoch, progress) → the
+                                epoch's read groups in a (seed, epoch) order (slices of listing
+                                parts, or 8 class tars interleaved, or one tar / parquet file)
+                                → group p → raw rows (+ epoch, pos, idx, total), which decide
+                                every crop, flip, RandAugment op and mask
 
 Nothing here grows with epochs × files: the driver holds the listing's units (parts of 1,024
 files, or the tars themselves) and ``n`` read positions, n ≤ MAX_SLICES_PER_EPOCH (slices grow
-past 64 files instead); each read task computes the epoch's order itself. A resumed epoch skips
-the slices whose rows were already consumed instead of reading and dropping them (rows of
-slices in flight at the checkpoint may be read again: at most the prefetch window). Batches
-mix classes three ways: listing parts are shuffled across up to 64 class folders (a read task
-interleaves 8 class tars), slices run in a new order each epoch, and the consumer's local
-shuffle buffer (``data.shuffle_buffer``) mixes the rows of the slices read at once.
+past 64 files instead); each read task computes the epoch's order itself. The order is a pure
+function of (seed, epoch) and the listing, whatever the number of workers.
+
+**Exact resume** (the StreamingDataset idea: resume from what was consumed, not from a guess).
+Every row carries its place in the epoch: ``pos`` (its read group) and ``idx`` (its index in
+that group's stream), and the last row of a group its ``total`` (rows of the group; -1 on the
+others). The training loop records the (pos, idx) of every row it trains on; each checkpoint
+holds the union over all ranks (:class:`EpochProgress`: groups done, and the indices taken of
+the groups in flight). A resumed epoch skips the groups done and, of a group in flight, the
+rows taken: no row is trained on twice or dropped, with or without ``data.images_per_epoch``,
+whatever the number of workers after the restart. Batches mix classes three ways: listing parts
+are shuffled across up to 64 class folders (a read task interleaves 8 class tars), groups run
+in a new order each epoch, and the consumer's local shuffle buffer (``data.shuffle_buffer``)
+mixes the rows of the groups read at once.
 
 Without a clock (library use, tests) the epoch is fixed: ``epoch_raw(..., epoch=3)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,29 +56,116 @@ TARS_PER_TASK = 8
 consumer's shuffle buffer mixes the blocks of the tasks running at once."""
 
 
+POSITION_COLUMNS = ("pos", "idx", "total")
+"""Where each training row sits in its epoch (all int64): read group, index in the group's
+stream, and on the group's last row the group's row count (-1 on the others)."""
+
+
+class EpochProgress:
+    """What of one epoch has been trained on: read groups done, and of the groups in flight the
+    row indices taken. Small: groups in flight × their rows, never the epoch's rows."""
+
+    def __init__(
+        self,
+        done: set[int] | None = None,
+        taken: dict[int, set[int]] | None = None,
+        totals: dict[int, int] | None = None,
+    ) -> None:
+        self.done = done or set()
+        self.taken = taken or {}
+        self.totals = totals or {}
+
+    def add(self, pos: Any, idx: Any, total: Any) -> None:
+        """Rows trained on (arrays of equal length)."""
+        rows = zip(
+            np.asarray(pos).tolist(), np.asarray(idx).tolist(), np.asarray(total).tolist(),
+            strict=True,
+        )  # fmt: skip
+        for p, i, t in rows:
+            if p in self.done:
+                continue
+            self.taken.setdefault(p, set()).add(i)
+            if t >= 0:
+                self.totals[p] = t
+            self._close(p)
+
+    def _close(self, p: int) -> None:
+        if p in self.totals and len(self.taken.get(p, ())) >= self.totals[p]:
+            self.done.add(p)
+            self.taken.pop(p, None)
+            self.totals.pop(p, None)
+
+    def merge(self, other: EpochProgress) -> EpochProgress:
+        """The union of two ranks' progress (each row goes to one rank)."""
+        out = EpochProgress(self.done | other.done, {}, {**self.totals, **other.totals})
+        for p in set(self.taken) | set(other.taken):
+            if p not in out.done:
+                out.taken[p] = self.taken.get(p, set()) | other.taken.get(p, set())
+        for p in list(out.taken):
+            out._close(p)
+        for p in out.done:
+            out.totals.pop(p, None)
+        return out
+
+    def skip(self, pos: int) -> set[int] | None:
+        """The row indices of group ``pos`` already trained on (all of them: None)."""
+        return None if pos in self.done else self.taken.get(pos, set())
+
+    @property
+    def rows_in_flight(self) -> int:
+        """Rows taken of the groups not yet done."""
+        return sum(len(v) for v in self.taken.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "done": sorted(self.done),
+            "taken": {str(p): _runs(sorted(v)) for p, v in self.taken.items()},
+            "totals": {str(p): t for p, t in self.totals.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> EpochProgress:
+        if not d:
+            return cls()
+        taken = {int(p): {i for a, b in r for i in range(a, b)} for p, r in d["taken"].items()}
+        totals = {int(p): int(t) for p, t in d.get("totals", {}).items()}
+        return cls(set(d["done"]), taken, totals)
+
+
+def _runs(xs: list[int]) -> list[list[int]]:
+    """Sorted ints as [start, stop) runs: a group's taken rows are mostly a few runs."""
+    out: list[list[int]] = []
+    for x in xs:
+        if out and out[-1][1] == x:
+            out[-1][1] = x + 1
+        else:
+            out.append([x, x + 1])
+    return out
+
+
 class EpochClock:
-    """The epoch the next pass reads, and the rows of it to skip (a resumed epoch).
+    """The epoch the next pass reads, and what of it was trained on (a resumed epoch).
 
     A Ray actor (:func:`make_clock`); rank 0 calls ``set`` before each pass, each read task
     calls ``get`` once. Ray Train starts a pass on every worker together, after rank 0's set,
     so the pass's tasks all see the value set for it.
     """
 
-    def __init__(self, epoch: int = 0, skip_rows: int = 0) -> None:
-        self.epoch, self.skip_rows = epoch, skip_rows
+    def __init__(self, epoch: int = 0, progress: dict[str, Any] | None = None) -> None:
+        self.epoch, self.progress = epoch, progress
 
-    def set(self, epoch: int, skip_rows: int = 0) -> None:
-        self.epoch, self.skip_rows = epoch, skip_rows
+    def set(self, epoch: int, progress: dict[str, Any] | None = None) -> None:
+        self.epoch, self.progress = epoch, progress
 
-    def get(self) -> tuple[int, int]:
-        return self.epoch, self.skip_rows
+    def get(self) -> tuple[int, dict[str, Any] | None]:
+        return self.epoch, self.progress
 
 
-def make_clock(epoch: int = 0, skip_rows: int = 0) -> Any:
+def make_clock(epoch: int = 0) -> Any:
     """A new :class:`EpochClock` actor (no CPU reserved: it only answers two calls a pass)."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=-1)(EpochClock).remote(epoch, skip_rows)
+    return ray.remote(num_cpus=0, max_restarts=-1)(EpochClock).remote(epoch)
 
 
 def slices(listing: PartsListing, cfg: DataConfig, split: str | None) -> list[tuple[int, int, int]]:
@@ -101,24 +198,16 @@ def epoch_groups(
     cfg: DataConfig,
     split: str | None,
     epoch: int,
-    skip: int = 0,
     shuffle: bool = True,
 ) -> list[list[tuple[int, int, int]]]:
-    """The epoch's read tasks in order: each a list of (unit, start, count) slices (one, or
-    ``TARS_PER_TASK`` class tars), the slices in a (seed, epoch) order, minus the slices whose
-    ``skip`` rows a resumed epoch has consumed."""
-    key = (listing.uri, listing.root, split, epoch, skip, shuffle, cfg.seed)
+    """The epoch's read groups in order: each a list of (unit, start, count) slices (one, or
+    ``TARS_PER_TASK`` class tars), the slices in a (seed, epoch) order."""
+    key = (listing.uri, listing.root, split, epoch, shuffle, cfg.seed)
     if key in _GROUPS:
         return _GROUPS[key]
     plan = slices(listing, cfg, split)
     order = unit_order(len(plan), cfg.seed, epoch) if shuffle else np.arange(len(plan))
-    per_row = _rows_per_slice(listing, plan, split)
-    done, todo = 0.0, []
-    for j in order:
-        if skip and done + per_row[j] <= skip:
-            done += per_row[j]
-            continue
-        todo.append(plan[j])
+    todo = [plan[j] for j in order]
     # A class tar holds one class: a read task interleaves several (drawn anew each epoch).
     # Past the cap on read tasks, a task reads several slices.
     tars = listing.layout == "class_tars" and not _val_index(listing, split)
@@ -133,23 +222,6 @@ def epoch_groups(
 _GROUPS: dict[tuple[Any, ...], list[list[tuple[int, int, int]]]] = {}
 
 
-def _rows_per_slice(
-    listing: PartsListing, plan: list[tuple[int, int, int]], split: str | None
-) -> list[float]:
-    """Expected rows of each slice in ``split`` (for skipping consumed rows on resume)."""
-    if _val_index(listing, split):
-        return [float(count) for _, _, count in plan]
-    if listing.rows is None:
-        return [0.0] * len(plan)
-    out = []
-    for unit, _, count in plan:
-        n = listing.rows[unit]
-        v = (listing.val_rows or [0] * len(listing.rows))[unit] if listing.val_fraction else 0
-        frac = 1.0 if split is None or n == 0 else (v if split == "val" else n - v) / n
-        out.append((n if count < 0 else count) * frac)
-    return out
-
-
 def read_positions(
     batch: dict[str, np.ndarray],
     listing: PartsListing,
@@ -162,21 +234,39 @@ def read_positions(
     shuffle: bool,
 ):  # noqa: ANN201 - generator of raw-row blocks
     """Ray Data fn: read task positions (``id``) of the pass's epoch → raw rows
-    (``sources.RAW_COLUMNS`` + ``epoch``), in chunks of 64."""
-    from beit_ray.data.sources import chunked
+    (``sources.RAW_COLUMNS`` + ``epoch`` + :data:`POSITION_COLUMNS`), in chunks of 64; what a
+    resumed epoch trained on already is left out."""
+    from beit_ray.data.sources import RAW_COLUMNS, chunked
 
-    skip = 0
+    progress = EpochProgress()
     if clock is not None:
         import ray
 
-        epoch, skip = ray.get(clock.get.remote())
-    groups = epoch_groups(listing, cfg, split, epoch, skip, shuffle)
+        epoch, saved = ray.get(clock.get.remote())
+        progress = EpochProgress.from_json(saved)
+    groups = epoch_groups(listing, cfg, split, epoch, shuffle)
     ids = {c: i for i, c in enumerate(classes or [])}
     for pos in batch["id"]:
-        if pos >= len(groups):  # a resumed epoch has fewer tasks left than positions
+        skip = progress.skip(int(pos))
+        if pos >= len(groups) or skip is None:  # done before a restart
             continue
-        for block in chunked(read_group(groups[pos], listing, cfg, st, ids, split)):
+        rows = _placed(read_group(groups[pos], listing, cfg, st, ids, split), int(pos), skip)
+        for block in chunked(rows, columns=(*RAW_COLUMNS, *POSITION_COLUMNS)):
             yield _with_epoch(block, epoch)
+
+
+def _placed(rows: Iterator[dict[str, Any]], pos: int, skip: set[int]) -> Iterator[dict[str, Any]]:
+    """Rows with their place in the epoch (pos, idx; total on the last), minus ``skip``."""
+    idx, last = 0, None
+    for row in rows:
+        if last is not None and last["idx"] not in skip:
+            yield last
+        last = {**row, "pos": pos, "idx": idx, "total": -1}
+        idx += 1
+    if last is not None:
+        last["total"] = idx
+        if last["idx"] not in skip:
+            yield last
 
 
 def read_group(
@@ -315,7 +405,7 @@ def epoch_raw(
         raise ValueError(f"data.source: no {listing.layout} inputs found under {listing.root}")
     # One range block per read task of the epoch (positions in the epoch's order): the read
     # tasks are planned on the driver as these few numbers, their slices made in the tasks.
-    n = max(1, len(epoch_groups(listing, cfg, split, epoch, 0, shuffle)))
+    n = max(1, len(epoch_groups(listing, cfg, split, epoch, shuffle)))
     # from_items: n one-row blocks put by the driver (ray.data.range would run a task each).
     positions = ray.data.from_items([{"id": i} for i in range(n)], override_num_blocks=n)
     return positions.map_batches(

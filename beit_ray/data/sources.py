@@ -80,11 +80,16 @@ def class_index(
 # --------------------------------------------------------------------------- reading (in Ray tasks)
 
 
-def _rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+INT_COLUMNS = ("label", "pos", "idx", "total")
+
+
+def _rows(
+    rows: list[dict[str, Any]], columns: tuple[str, ...] = RAW_COLUMNS
+) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for c in RAW_COLUMNS:
+    for c in columns:
         vals = [r[c] for r in rows]
-        out[c] = np.array(vals, dtype=np.int64) if c == "label" else np.array(vals, dtype=object)
+        out[c] = np.array(vals, dtype=np.int64 if c in INT_COLUMNS else object)
     return out
 
 
@@ -177,13 +182,15 @@ def iter_unit(
     return iter_tar(uri, root, layout, classes, st)
 
 
-def chunked(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
-    """Raw rows as column batches of FILES_PER_READ_TASK rows (a tar is never held whole)."""
+def chunked(
+    rows: Iterable[dict[str, Any]], columns: tuple[str, ...] = RAW_COLUMNS
+) -> Iterator[dict[str, np.ndarray]]:
+    """Rows as column batches of FILES_PER_READ_TASK rows (a tar is never held whole)."""
     chunk: list[dict[str, Any]] = []
     for r in rows:
         chunk.append(r)
         if len(chunk) >= FILES_PER_READ_TASK:
-            yield _rows(chunk)
+            yield _rows(chunk, columns)
             chunk = []
     if chunk:
-        yield _rows(chunk)
+        yield _rows(chunk, columns)

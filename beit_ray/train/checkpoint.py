@@ -23,14 +23,18 @@ STATE_FILE = "train_state.json"
 
 @dataclass
 class TrainState:
-    """Where training is: optimizer steps done, data epoch, passes over the dataset done and
-    micro-batches consumed in the current pass (a pass may hold several epochs)."""
+    """Where training is: optimizer steps done, data epoch, passes over the dataset done,
+    micro-batches consumed in the current pass (a pass may hold several epochs) and the rows of
+    the current epoch trained on."""
 
     step: int = 0
     epoch: int = 0
     passes: int = 0
     micro_in_pass: int = 0
     best: float | None = None
+    progress: dict[str, Any] | None = None
+    """What of the current epoch every rank has trained on (``plan.EpochProgress.to_json``): a
+    resumed epoch skips exactly that."""
 
 
 def save(engine: Any, state: TrainState, metrics: dict[str, float], rank: int) -> None:

@@ -266,8 +266,9 @@ class CheckpointSection:
     """Run name; running the same name again resumes from its latest checkpoint."""
     every_n_steps: int = 0
     """Checkpoint every N optimizer steps (0: only at the end / each epoch for fine-tuning)."""
-    every_n_minutes: float = 0.0
-    """Checkpoint when this many minutes passed since the last one (0: off)."""
+    every_n_minutes: float = 30.0
+    """Checkpoint when this many minutes passed since the last one (read on logging steps; 0:
+    off): a lost worker or a preempted node costs at most this much work."""
     keep_last: int = 2
     """Checkpoints kept (fine-tuning also keeps the best by its validation metric)."""
     max_failures: int = 1
@@ -322,6 +323,9 @@ class DebugSection:
     """Optimizer step at which fail_rank exits."""
     stop_at_step: int | None = None
     """Checkpoint and stop cleanly after this step, as a preempted job would (rerun to resume)."""
+    record_rows: str | None = None
+    """A local folder: each rank appends, per micro-step, the epoch places (pos, idx) of the rows
+    it trained on (a test hook: a resumed epoch must see every image once)."""
 
 
 @dataclass

@@ -33,6 +33,9 @@ class TrainData:
     clock: Any = None
     """The :class:`~beit_ray.data.plan.EpochClock` of "train": rank 0 sets the epoch of each
     pass (a pass is one epoch, with its own order, crops, flips and masks)."""
+    positions: bool = False
+    """"train" rows carry their place in the epoch (``plan.POSITION_COLUMNS``): checkpoints
+    record what was trained on, and a resumed epoch skips exactly that."""
 
 
 def pretraining_data(cfg: PretrainConfig) -> TrainData:
@@ -54,7 +57,7 @@ def pretraining_data(cfg: PretrainConfig) -> TrainData:
     )
     return TrainData(
         {"train": ds}, cfg.run.epochs, rows_per_pass=cfg.data.images_per_epoch or listing.images(),
-        ray_data_cpus=1.0 + actors, clock=clock,
+        ray_data_cpus=1.0 + actors, clock=clock, positions=True,
     )  # fmt: skip
 
 
@@ -90,7 +93,7 @@ def finetuning_data(cfg: FinetuneConfig) -> TrainData:
     rows = cfg.data.images_per_epoch or listing.images("train" if frac else None)
     return TrainData(
         {"train": train, "val": val}, cfg.run.epochs, dict(enumerate(names)),
-        rows_per_pass=rows, clock=clock,
+        rows_per_pass=rows, clock=clock, positions=True,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from beit_ray import storage
+from beit_ray.data.plan import POSITION_COLUMNS, EpochProgress
 from beit_ray.runtime import say, worker_threads
 from beit_ray.train import checkpoint
 from beit_ray.train.checkpoint import TrainState
@@ -89,6 +90,11 @@ class Loop:
         self.total, self.run_uri = config["total_steps"], config["run_uri"]
         self.clock = config.get("clock")
         self.last_ckpt = time.monotonic()
+        self.position_dtypes = (
+            dict.fromkeys(POSITION_COLUMNS, torch.int64) if config.get("positions") else {}
+        )
+        self.progress = EpochProgress.from_json(state.progress)
+        self.pending: list[tuple[torch.Tensor, ...]] = []
 
     def train_pass(self) -> bool:
         """Train through the rest of this pass; True if the run stops inside it."""
@@ -101,18 +107,17 @@ class Loop:
             self.cfg.deepspeed.micro_batch_size,
         )
         clock = self.clock
-        world = cfg.scaling.num_workers
         if clock is not None and self.rank == 0:
             # This pass reads epoch `state.epoch`; a resumed one skips the rows already trained
             # on. Every worker starts the pass together (Ray Data's split barrier), after this.
-            ray.get(clock.set.remote(state.epoch, state.micro_in_pass * micro * world))
+            ray.get(clock.set.remote(state.epoch, state.progress))
         shard = ray.train.get_dataset_shard("train")
         buffer = getattr(getattr(cfg, "data", None), "shuffle_buffer", 0)
         batches = timed(
             iter(
                 shard.iter_torch_batches(
                     batch_size=micro,
-                    dtypes=self.task.dtypes,
+                    dtypes={**self.task.dtypes, **self.position_dtypes},
                     drop_last=True,
                     # Mixes the rows of the inputs read at once: batches span many classes.
                     local_shuffle_buffer_size=buffer or None,
@@ -127,6 +132,11 @@ class Loop:
         seen = 0
         for batch, wait in batches:
             seen += 1
+            if self.position_dtypes:  # the rows this step trains on, for the next checkpoint
+                # kept as (device) tensors: read on the host at log steps and checkpoints only
+                self.pending.append(tuple(batch.pop(c) for c in POSITION_COLUMNS))
+                if cfg.debug.record_rows:
+                    record_rows(cfg.debug.record_rows, self.rank, state, self.pending[-1])
             boundary = engine.is_gradient_accumulation_boundary()
             set_lr(engine, lr_at(state.step, self.total, cfg))
             gen = torch.Generator().manual_seed(
@@ -142,6 +152,8 @@ class Loop:
                 continue
             state.step += 1
             maybe_fail(cfg, self.rank, state.step, self.run_uri)
+            if state.step % cfg.run.log_every == 0:  # the host reads the device here anyway
+                self.flush_progress()
             if self.obs and (state.step % cfg.run.log_every == 0 or state.step == self.total):
                 extra = {
                     "lr": lr_at(state.step - 1, self.total, cfg),
@@ -156,11 +168,18 @@ class Loop:
             raise RuntimeError(f"rank {self.rank}: the training data gave no batch of {micro} rows")
         return False
 
+    def flush_progress(self) -> None:
+        """Move the recorded rows' positions to the host, into this rank's progress."""
+        for pos, idx, total in self.pending:
+            self.progress.add(pos.cpu().numpy(), idx.cpu().numpy(), total.cpu().numpy())
+        self.pending = []
+
     def epoch_done(self, new_epoch: int) -> None:
         """Move to ``new_epoch``; validate every ``eval_every_epochs`` epochs."""
         if new_epoch <= self.state.epoch:
             return
-        self.state.epoch = new_epoch
+        self.state.epoch, self.state.progress = new_epoch, None
+        self.progress, self.pending = EpochProgress(), []
         every = getattr(self.cfg, "eval_every_epochs", 1)
         if self.task.score and new_epoch % every == 0 and self.state.step < self.total:
             self.evaluate()
@@ -184,6 +203,9 @@ class Loop:
         if self.obs:
             self.obs.sync()
         s = self.state
+        if self.position_dtypes:  # every rank's rows of this epoch: the union goes in the state
+            self.flush_progress()
+            s.progress = all_progress(self.progress).to_json()
         # Checkpoints without a validation score rank lowest: of those only the latest is kept.
         score = metrics.get(self.task.score, -1.0) if self.task.score else -1.0
         checkpoint.save(
@@ -228,6 +250,20 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
     return engine
 
 
+def all_progress(mine: EpochProgress) -> EpochProgress:
+    """The union of every rank's :class:`EpochProgress` (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine.to_json())
+    out = EpochProgress()
+    for d in gathered:
+        out = out.merge(EpochProgress.from_json(d))
+    return out
+
+
 def timed(
     batches: Iterator[dict[str, torch.Tensor]],
 ) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
@@ -258,11 +294,29 @@ def due(cfg: TrainConfig, step: int, last: float, device: torch.device | str = "
     c = cfg.checkpoint
     if c.every_n_steps and step % c.every_n_steps == 0:
         return True
-    if not c.every_n_minutes:
-        return False
+    if not c.every_n_minutes or step % cfg.run.log_every:
+        return False  # the clock is read on logging steps only: no collective in other steps
     flag = torch.tensor([float(time.monotonic() - last >= 60 * c.every_n_minutes)], device=device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+def record_rows(folder: str, rank: int, state: TrainState, places: tuple[Any, ...]) -> None:
+    """Test hook (``debug.record_rows``): append this micro-step's rows' (pos, idx), with the
+    step they count towards and this process's id, to ``<folder>/rows-rank<r>.jsonl``."""
+    import json
+
+    pos, idx, _ = (t.cpu().tolist() for t in places)
+    line = {
+        "pid": os.getpid(),
+        "step": state.step + 1,
+        "epoch": state.epoch,
+        "pos": pos,
+        "idx": idx,
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rows-rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def maybe_fail(cfg: TrainConfig, rank: int, step: int, run_uri: str) -> None:

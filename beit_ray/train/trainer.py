@@ -17,6 +17,7 @@ from typing import Any
 
 from beit_ray import storage
 from beit_ray.config import save_config
+from beit_ray.data.plan import POSITION_COLUMNS
 from beit_ray.runtime import check_training, init_ray
 from beit_ray.train.config import FinetuneConfig, PretrainConfig, TrainConfig
 from beit_ray.train.data import TrainData, finetuning_data, pretraining_data
@@ -81,7 +82,10 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
         {"id2label": {int(k): str(v) for k, v in data.id2label.items()}} if data.id2label else {}
     )
     task = make_task(cfg, extra)
-    datasets = {k: ds.select_columns(list(task.dtypes)) for k, ds in data.datasets.items()}
+    columns = {k: list(task.dtypes) for k in data.datasets}
+    if data.positions:  # each row's place in the epoch: what a checkpoint records as trained on
+        columns["train"] += list(POSITION_COLUMNS)
+    datasets = {k: ds.select_columns(columns[k]) for k, ds in data.datasets.items()}
     # With max_steps the data is iterated as often as needed; the schedule follows max_steps.
     passes = 1 << 30 if cfg.run.max_steps else data.passes
     total = cfg.run.max_steps or data.passes * steps_per_pass(
@@ -97,6 +101,7 @@ def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
             "passes": passes,
             "run_uri": uri,
             "clock": data.clock,
+            "positions": data.positions,
         },
         torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ScalingConfig(
