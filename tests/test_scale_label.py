@@ -25,20 +25,31 @@ def _cfg(src, out, **kw) -> LabelConfig:
     return LabelConfig(input=str(src), output=str(out), checkpoint="x", **kw)
 
 
-def test_listing_streams_sorted_and_skips_hidden(tmp_path, monkeypatch):
-    monkeypatch.setattr(inputs, "LISTING_BATCH", 3)  # several row groups
+def test_listing_walks_in_path_order_and_skips_hidden(tmp_path, monkeypatch):
+    from beit_ray.data import walk
+
+    monkeypatch.setattr(walk, "RUN_FILES", 3)  # runs of 3 files: several parts
+    monkeypatch.setattr(walk, "DIRS_PER_TASK", 1)  # a walking task per top-level folder
     src = tmp_path / "in"
     names = ["a.jpg", "a/b.jpg", "a/c/d.png", "a-b.jpg", "b.jpg", "z/y.jpg", "a0.jpg", "ä.jpg"]
     for n in names + [".DS_Store", "_SUCCESS", "a/.hidden/x.jpg", "out/part-00000.parquet"]:
         (src / n).parent.mkdir(parents=True, exist_ok=True)
         (src / n).write_bytes(b"x" * len(n))
-    units = list_inputs(_cfg(src, src / "out"))
-    table = pq.read_table(units.uri)
-    paths = table.column("path").to_pylist()
+    cfg = _cfg(src, src / "out")
+    units = list_inputs(cfg)
+    paths = units.paths()
     assert paths == sorted(str(src / n) for n in names)  # full-path order, nothing hidden
-    assert table.column("size").to_pylist() == [len(p) - len(str(src)) - 1 for p in paths]
+    sizes = [s for b in units.batches(None) for s in b.column("size").to_pylist()]
+    assert sizes == [len(p) - len(str(src)) - 1 for p in paths]
     assert units.count == len(names) and units.kinds == {"tar": 0, "parquet": 0, "image": 8}
-    assert pq.ParquetFile(units.uri).metadata.num_row_groups == 3
+    assert len(units.parts) >= 3 and not units.reused
+    again = list_inputs(cfg)  # a rerun reads the saved listing back: nothing is walked
+    monkeypatch.setattr(walk, "walk", lambda *a, **k: pytest.fail("listed again"))
+    assert again.reused and again.paths() == paths and again.count == units.count
+    (src / "new.jpg").write_bytes(b"n")
+    cfg.relist = True
+    monkeypatch.undo()
+    assert len(list_inputs(cfg).paths()) == len(names) + 1  # --relist walks it again
 
 
 def test_plan_chunks_roundtrip_and_digest(tmp_path, monkeypatch):

@@ -9,15 +9,15 @@ On disk (local or s3://), written once and reused by every later call with the s
 layout, seed and split (a resumed run reads it back instead of listing again)::
 
     <uri>/_index.json                      source, layout, classes, units, rows per unit
-    <uri>/part-<group>-<k>.parquet         class folders: {path, key, class, size} rows
+    <uri>/part-r<run>-<k>.parquet          class folders: {path, key, class, size} rows
 
-Class folders are listed as a distributed job: the driver lists the top level once (the class
-folders, O(classes)), then groups of ``DIRS_PER_TASK`` folders are listed in parallel Ray tasks
-(threads when Ray is not running); each task shuffles its files by (seed, group) and writes them
-as parts of ``PART_ROWS`` rows, so a part, the unit that training reads, holds files of many
-classes. Tars, WebDataset shards and parquet files are their own units (listed once; a source
-holds thousands of them, not millions); their rows come from parquet footers and tar headers,
-read in parallel tasks when first needed, or from ``data.images_per_epoch``.
+Class folders (or any tree of images, or a flat prefix) are walked by :func:`walk.walk`, the one
+listing of every job: parallel tasks over runs of top-level folders (local) or key ranges (S3),
+each shuffling its run of files by (seed, run) into parts of ``PART_ROWS`` rows, so a part, the
+unit that training reads, holds files of many classes. Tars, WebDataset shards and parquet
+files are their own units (walked the same way; a source holds thousands of them, not
+millions); their rows come from parquet footers and tar headers, read in parallel tasks when
+first needed, or from ``data.images_per_epoch``.
 
 A user's manifest (``data.manifest``: parquet or CSV with a ``path`` or ``key`` column, e.g. an
 S3 Inventory report) replaces the folder listing: it is read in Ray tasks and written as parts.
@@ -31,8 +31,6 @@ import json
 import logging
 import posixpath
 import tempfile
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,14 +42,12 @@ from beit_ray.data import containers
 from beit_ray.data.augment import image_rng, stable_hash
 from beit_ray.data.config import DataConfig
 from beit_ray.data.sources import IMAGE_SUFFIXES, TAR_SUFFIXES, relative_key, tar_stem
-from beit_ray.data.walk import first_look, iter_top_files, walk_ranges
+from beit_ray.data.walk import first_look, run_tasks, walk
 
 log = logging.getLogger(__name__)
 
 PART_ROWS = 1024
 """Files per listing part: one read task reads a part (at ~1 ms a file, about a second)."""
-DIRS_PER_TASK = 64
-"""Class folders per listing task: a part then mixes up to this many classes."""
 INDEX = "_index.json"
 VERSION = 1
 
@@ -173,11 +169,11 @@ def list_parts(
     if cfg.manifest:
         listing = _list_manifest(cfg, st, root, uri, val_fraction)
     else:
-        layout, dirs, top = _detect(root, cfg, st)
+        layout = _detect(root, cfg, st)
         if layout == "folders":
-            listing = _list_folders(cfg, st, root, uri, dirs, top, val_fraction)
+            listing = _list_folders(cfg, st, root, uri, val_fraction)
         else:
-            listing = _list_files(cfg, st, root, layout, top, dirs, val_fraction)
+            listing = _list_files(cfg, st, root, layout, val_fraction)
     listing.uri = uri
     listing = _counted(listing, cfg, st, count)
     storage.write_text(index, listing.to_json(), st)
@@ -192,7 +188,7 @@ def _counted(
     if listing.layout == "class_tars":
         return _index_class_tars(listing, st)
     fn = _parquet_rows if listing.layout == "parquet" else _wds_rows
-    counts = _run_tasks(fn, listing.units, {"st": st, "listing": listing, "cfg": cfg})
+    counts = run_tasks(fn, listing.units, {"st": st, "listing": listing, "cfg": cfg})
     listing.rows = [c[0] for c in counts]
     listing.val_rows = [c[1] for c in counts]
     return listing
@@ -201,56 +197,38 @@ def _counted(
 # --------------------------------------------------------------------------- layout detection
 
 
-def _detect(
-    root: str, cfg: DataConfig, st: StorageConfig | None
-) -> tuple[str, list[str], list[str] | None]:
-    """(layout, top-level folders, top-level files) from one bounded look at the root; the files
-    are None when the top level is flat (more than ``walk.FIRST_LOOK_FILES``: they are listed by
-    tasks, and the layout is decided from the first ones)."""
+def _detect(root: str, cfg: DataConfig, st: StorageConfig | None) -> str:
+    """The layout (``data.layout``, or what ``auto`` finds) from one bounded look at the root:
+    parquet files, tars (their first headers tell class tars from WebDataset), else folders."""
+    if cfg.layout != "auto":
+        return cfg.layout
     look = first_look(root, st)
-    dirs, top = look.dirs, look.files
-    files = top if look.complete else None
-    layout = cfg.layout
-    if layout != "auto":
-        return layout, dirs, files
+    top = look.files
     if any(u.lower().endswith(".parquet") for u in top):
-        return "parquet", dirs, files
+        return "parquet"
     tars = [u for u in top if u.lower().endswith(TAR_SUFFIXES)]
-    if not tars and dirs and not any(u.lower().endswith(IMAGE_SUFFIXES) for u in top):
+    if not tars and look.dirs and not any(u.lower().endswith(IMAGE_SUFFIXES) for u in top):
         # Nested shards (root/train/shard-0.tar): look one level down before calling it folders.
-        sample = first_look(dirs[0], st, limit=64).files
+        sample = first_look(look.dirs[0], st, limit=64).files
         if any(s.lower().endswith(".parquet") for s in sample):
-            return "parquet", dirs, files
+            return "parquet"
         tars = [s for s in sample if s.lower().endswith(TAR_SUFFIXES)]
     if tars:
-        return containers.peek_layout(tars[0], st), dirs, files
-    return "folders", dirs, files
+        return containers.peek_layout(tars[0], st)
+    return "folders"
 
 
 # --------------------------------------------------------------------------- class folders
 
 
 def _list_folders(
-    cfg: DataConfig,
-    st: StorageConfig | None,
-    root: str,
-    uri: str,
-    dirs: list[str],
-    top: list[str] | None,
-    val_fraction: float | None,
+    cfg: DataConfig, st: StorageConfig | None, root: str, uri: str, val_fraction: float | None
 ) -> PartsListing:
-    """Groups of class folders listed in parallel tasks; a flat S3 prefix (``top`` None) in
-    key-range tasks instead, which list the folders too; a flat local folder's loose files
-    streamed by the first task."""
+    """Every image below the root, walked in parallel tasks (:func:`walk.walk`), each run of
+    files shuffled into listing parts in its task."""
     args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
-    if top is None and storage.is_remote(root):
-        written = [w for _, w in walk_ranges(root, st, _range_parts, args)]
-        return _from_parts(written, root, uri, cfg.seed, val_fraction)
-    groups: list[list[str]] = [
-        dirs[i : i + DIRS_PER_TASK] for i in range(0, len(dirs), DIRS_PER_TASK)
-    ]
-    tasks = [(k, g, top if k == 0 else []) for k, g in enumerate(groups)] or [(0, [], top)]
-    return _from_parts(_run_tasks(_list_group, tasks, args), root, uri, cfg.seed, val_fraction)
+    written = [w for _, w in walk(root, st, _range_parts, args)]
+    return _from_parts(written, root, uri, cfg.seed, val_fraction)
 
 
 def _from_parts(
@@ -272,28 +250,6 @@ def _from_parts(
     )  # fmt: skip
 
 
-def _list_group(
-    task: tuple[int, list[str], list[str]],
-    root: str,
-    uri: str,
-    st: StorageConfig | None,
-    seed: int,
-    val_fraction: float | None,
-) -> list[tuple[str, int, int, list[str]]]:
-    """List a group of class folders (+ loose top-level files), shuffle, write parts.
-    Returns (part name, rows, val rows, classes) per part."""
-    k, dirs, loose = task  # loose None: the root's own files, streamed (a flat local folder)
-    fs, _ = storage.filesystem(root, st)
-    prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
-    found: list[tuple[str, int]] = []
-    for d in dirs:
-        files = fs.find(storage.strip_scheme(d) if prefix else d, detail=True)
-        found += [(prefix + name, int(info.get("size") or 0)) for name, info in files.items()]
-    found += iter_top_files(root) if loose is None else [(u, -1) for u in loose]
-    args = (root, uri, st, seed, val_fraction)
-    return _shuffled_parts(found, f"<listing-group-{k}>", f"{k:05d}", *args)
-
-
 def _range_parts(
     name: str,
     items: list[tuple[str, int]],
@@ -303,7 +259,7 @@ def _range_parts(
     seed: int,
     val_fraction: float | None,
 ) -> list[tuple[str, int, int, list[str]]]:
-    """One S3 key range's images, shuffled, as parts (in the range task)."""
+    """One run of the walk's files: its images, shuffled, as parts (in the walking task)."""
     args = (root, uri, st, seed, val_fraction)
     return _shuffled_parts(items, f"<listing-range-{name}>", f"r{name}", *args)
 
@@ -384,7 +340,7 @@ def _list_manifest(
         raise ValueError(f"data.manifest: no parquet or CSV files at {cfg.manifest}")
     tasks = list(enumerate(files))
     args = dict(root=root, uri=uri, st=st, seed=cfg.seed, val_fraction=val_fraction)
-    return _from_parts(_run_tasks(_manifest_task, tasks, args), root, uri, cfg.seed, val_fraction)
+    return _from_parts(run_tasks(_manifest_task, tasks, args), root, uri, cfg.seed, val_fraction)
 
 
 def _manifest_task(
@@ -432,30 +388,12 @@ def _list_files(
     st: StorageConfig | None,
     root: str,
     layout: str,
-    top: list[str] | None,
-    dirs: list[str],
     val_fraction: float | None,
 ) -> PartsListing:
+    """Tars or parquet files below the root, walked as every listing is (a source holds
+    thousands of them, not millions: their URIs are the units)."""
     suffixes = (".parquet",) if layout == "parquet" else TAR_SUFFIXES
-    if top is None:  # a flat top level: list it in tasks (shards are thousands, not millions)
-        if storage.is_remote(root):
-            found = walk_ranges(root, st, _suffixed, {"suffixes": suffixes})
-            files = sorted(u for _, chunk in found for u in chunk)
-        else:
-            files = sorted(u for u, _ in iter_top_files(root) if u.lower().endswith(suffixes))
-            files += [
-                u
-                for c in _run_tasks(_find_files, [(d, suffixes) for d in dirs], {"st": st})
-                for u in c
-            ]
-            files.sort()
-    elif dirs:  # shards one level down (or deeper): list the folders in parallel
-        found = _run_tasks(_find_files, [(d, suffixes) for d in dirs], {"st": st})
-        files = sorted(
-            [u for u in top if u.lower().endswith(suffixes)] + [u for c in found for u in c]
-        )
-    else:
-        files = sorted(u for u in top if u.lower().endswith(suffixes))
+    files = [u for _, run in walk(root, st, _suffixed, {"suffixes": suffixes}) for u in run]
     if not files:
         raise ValueError(f"data.source: no {layout} inputs found under {root}")
     classes = (
@@ -470,11 +408,6 @@ def _list_files(
 
 def _suffixed(name: str, items: list[tuple[str, int]], suffixes: tuple[str, ...]) -> list[str]:
     return [u for u, _ in items if u.lower().endswith(suffixes)]
-
-
-def _find_files(task: tuple[str, tuple[str, ...]], st: StorageConfig | None) -> list[str]:
-    d, suffixes = task
-    return [u for u in storage.list_files(d, st) if u.lower().endswith(suffixes)]
 
 
 def _parquet_rows(unit: str, st: StorageConfig | None, listing: PartsListing, cfg: DataConfig):  # noqa: ANN202
@@ -506,7 +439,7 @@ def _index_class_tars(listing: PartsListing, st: StorageConfig | None) -> PartsL
     tasks = [
         (k, list(range(i, min(i + VAL_GROUP, n)))) for k, i in enumerate(range(0, n, VAL_GROUP))
     ]
-    out = _run_tasks(_tar_group_index, tasks, {"st": st, "listing": listing})
+    out = run_tasks(_tar_group_index, tasks, {"st": st, "listing": listing})
     listing.rows = [c[0] for counts, _ in out for c in counts]
     listing.val_rows = [c[1] for counts, _ in out for c in counts]
     written = [part for _, part in out]
@@ -551,57 +484,6 @@ def _tar_group_index(
         path = storage.strip_scheme(storage.join(listing.uri, name))
         pq.write_table(pa.table(rows), path, filesystem=fs)
     return counts, (name, len(rows["key"]))
-
-
-# --------------------------------------------------------------------------- running tasks
-
-
-def _run_tasks(fn: Callable[..., Any], items: Iterable[Any], kwargs: dict[str, Any]) -> list[Any]:
-    """``fn(item, **kwargs)`` for every item: Ray tasks when Ray is up (bounded in flight), else
-    a thread pool; results in item order."""
-    items = list(items)
-    try:
-        import ray
-
-        use_ray = ray.is_initialized() and len(items) > 1
-    except ImportError:  # pragma: no cover - ray is a core dependency
-        use_ray = False
-    if not use_ray:
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(pool.map(lambda it: fn(it, **kwargs), items))
-    kw = ray.put(kwargs)
-    out: dict[int, Any] = {}
-    pending: dict[Any, int] = {}
-    queue = list(enumerate(items))
-    while queue or pending:
-        while queue and len(pending) < 256:
-            i, it = queue.pop(0)
-            pending[_call.remote(fn, it, kw)] = i
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            out[pending.pop(ref)] = ray.get(ref)
-    return [out[i] for i in range(len(items))]
-
-
-def _call_impl(fn: Callable[..., Any], item: Any, kwargs: dict[str, Any]) -> Any:
-    return fn(item, **kwargs)
-
-
-class _Remote:
-    """Lazily made Ray remote function (the library does nothing with Ray at import time)."""
-
-    def __init__(self) -> None:
-        self._fn: Any = None
-
-    def remote(self, fn: Callable[..., Any], item: Any, kwargs: Any) -> Any:
-        import ray
-
-        if self._fn is None:
-            self._fn = ray.remote(num_cpus=0.25, max_retries=3)(_call_impl)
-        return self._fn.remote(fn, item, kwargs)
-
-
-_call = _Remote()
 
 
 def unit_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -1,25 +1,32 @@
-"""List what is under a prefix without one long sequential stream: a first bounded look, then
-key ranges listed in parallel.
+"""List what is under a prefix, the one way every job lists: a first bounded look, then the
+files in parallel tasks, in path order.
 
     look = first_look(root, st)            # dirs + files of the top level, or ``complete=False``
-    parts = walk_ranges(root, st, handle)  # every key below root, in parallel key-range tasks
+    parts = walk(root, st, handle)         # every file below root, in parallel tasks
+    results = run_tasks(fn, items, kw)     # fn(item, **kw) per item: Ray tasks, else threads
 
-S3 lists 1,000 keys a request, sorted. A bucket of 100 M objects is 100 k requests: ~1.5 h in
-one stream at 50 ms a request, and ~120 GB if the listing is held in memory. Here a task lists
-the keys in a range ``(lo, hi]`` page by page; after ``pages`` pages it hands what is left of
-its range, ``(last key seen, hi]``, back cut into new ranges, which run as new tasks. The cuts
-are spread evenly over the space of the bytes its keys use (digits, hex, ...), as many as the
-density of the keys it saw says the rest holds (``FANOUT`` for an open-ended range). No split
-needs to know the key distribution in advance: a range that proves big is cut again, an empty
-one costs one request. After a few rounds most of the bucket is listed in parallel
+:func:`walk` calls ``handle(name, [(uri, size), ...], **kwargs)`` in its tasks on consecutive
+runs of files (hidden ones, a name under the root starting with ``.`` or ``_``, left out), and
+returns ``(name, result)`` sorted by name, which is path order: training shuffles each run into
+listing parts, labelling writes it as a part of its sorted listing, tar and parquet discovery
+keeps the runs' containers. Nothing the driver holds grows with the files.
+
+**S3** lists 1,000 keys a request, sorted. A bucket of 100 M objects is 100 k requests: ~1.5 h
+in one stream at 50 ms a request, and ~120 GB if the listing is held in memory. Here a task
+lists the keys in a range ``(lo, hi]`` page by page; after ``pages`` pages it hands what is left
+of its range, ``(last key seen, hi]``, back cut into new ranges, which run as new tasks. The
+cuts are spread evenly over the space of the bytes its keys use (digits, hex, ...), as many as
+the density of the keys it saw says the rest holds (``FANOUT`` for an open-ended range). No
+split needs to know the key distribution in advance: a range that proves big is cut again, an
+empty one costs one request. After a few rounds most of the bucket is listed in parallel
 (``bench/listing_ranges.py``), and neither a task nor the driver holds more than one task's
-keys (``handle`` turns them into a parquet part, or a short list, in the task).
+keys. A range's name is its place in the split tree (``0003.0012.0000``): sorting the names
+sorts the parts in key order.
 
-A range's name is its place in the split tree (``0003.0012.0000``): sorting the names sorts the
-parts in key order, so a sorted listing is the parts read in name order.
-
-Local folders and other stores are walked in one task (a local folder streams from the kernel;
-no request latency to hide).
+**Local folders** are cut at the top level: runs of top-level entries, sorted as their paths
+sort, with at most ``DIRS_PER_TASK`` folders a run, are walked by one task each (the kernel
+streams a folder: no request latency to hide, but a million files still take a while). A top
+level of more than ``FIRST_LOOK_FILES`` files is walked by one task.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ FIRST_LOOK_FILES = 10_000
 """Top-level files the first look holds at most; beyond it the top level is 'flat' and listed
 by :func:`walk_ranges` in tasks."""
 MAX_IN_FLIGHT = 256
+DIRS_PER_TASK = 64
+"""Top-level folders (e.g. classes) one local walking task lists."""
+RUN_FILES = 65_536
+"""Files a walking task hands to ``handle`` at once, at most (bounds a task's memory)."""
 _CUT_DIGITS = 4
 _LOW, _HIGH = 0x20, 0x7E  # printable ASCII: the cut alphabet (valid UTF-8, safe in a request)
 _PRINTABLE = bytes(range(_LOW, _HIGH + 2))  # + DEL, the ceiling's byte
@@ -133,12 +144,34 @@ def first_look(root: str, st: StorageConfig | None = None, limit: int | None = N
     return look
 
 
-def iter_top_files(root: str) -> Iterator[tuple[str, int]]:
-    """(path, size) of the files directly in a local folder, streamed (unsorted)."""
-    with os.scandir(storage.strip_scheme(root).rstrip("/")) as it:
-        for e in it:
-            if e.is_file():
-                yield e.path, e.stat().st_size
+def hidden(uri: str, root: str) -> bool:
+    """A name under ``root`` starting with . or _ (.DS_Store, ._x.jpg, _SUCCESS, _listing/)."""
+    rel = uri[len(root.rstrip("/")) :].lstrip("/")
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _sorted_entries(folder: str) -> list[os.DirEntry[str]]:
+    """A folder's entries as their full paths sort: a folder's name sorts with its "/"."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+    return [e for _, e in sorted((e.name + ("/" if e.is_dir() else ""), e) for e in entries)]
+
+
+def iter_local(path: str) -> Iterator[tuple[str, int]]:
+    """(path, size) of the files at or below a local ``path`` in path order, one folder's
+    entries in memory at a time; hidden names skipped."""
+    if os.path.isfile(path):
+        yield path, os.path.getsize(path)
+        return
+    for e in _sorted_entries(path):
+        if e.name.startswith((".", "_")):
+            continue
+        if e.is_dir():
+            yield from iter_local(e.path)
+        elif e.is_file():
+            yield e.path, e.stat().st_size
 
 
 # --------------------------------------------------------------------------- key ranges
@@ -295,7 +328,7 @@ def walk_ranges(
     args = (root.rstrip("/"), st, handle, kwargs, pages or PAGES_PER_TASK, PAGE_KEYS)
     out: list[tuple[str, Any]] = []
     queue = [KeyRange("")]
-    submit, wait_any, close = _executor(threads)
+    submit, wait_any, close, _ = _executor(threads)
     pending: dict[Any, KeyRange] = {}
     try:
         while queue or pending:
@@ -312,10 +345,134 @@ def walk_ranges(
     return sorted(out, key=lambda t: t[0])
 
 
+# --------------------------------------------------------------------------- the one walk
+
+
+def walk(
+    root: str,
+    st: StorageConfig | None,
+    handle: Callable[..., Any],
+    kwargs: dict[str, Any] | None = None,
+    threads: bool = False,
+) -> list[tuple[str, Any]]:
+    """Every file below ``root`` (hidden ones left out), listed in parallel tasks that call
+    ``handle(name, [(uri, size), ...], **kwargs)`` on consecutive runs of files; returns
+    (name, result) sorted by name, which is path order. Ray tasks when Ray is up (unless
+    ``threads``), else threads."""
+    root = root.rstrip("/")
+    args = {"handle": handle, "root": root, "kwargs": kwargs or {}}
+    if _is_s3(root):
+        return walk_ranges(root, st, _visible_only, args, threads=threads)
+    if storage.is_remote(root):  # other object stores: fsspec's listing, in one task
+        return _flat(run_tasks(_walk_store, [(0, root)], {**args, "st": st}, threads))
+    look = first_look(root, st)
+    if not look.complete:  # a flat folder of many files: one task walks it all
+        return _flat(run_tasks(_walk_paths, [(0, [root])], args, threads))
+    entries = [e.path for e in _sorted_entries(storage.strip_scheme(root))]
+    entries = [e for e in entries if not hidden(e, storage.strip_scheme(root))]
+    tasks: list[tuple[int, list[str]]] = []
+    run: list[str] = []
+    dirs = 0
+    for e in entries:
+        if os.path.isdir(e):
+            if dirs == DIRS_PER_TASK:
+                tasks.append((len(tasks), run))
+                run, dirs = [], 0
+            dirs += 1
+        run.append(e)
+    if run or not tasks:
+        tasks.append((len(tasks), run))
+    return _flat(run_tasks(_walk_paths, tasks, args, threads))
+
+
+def _flat(results: list[list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
+    return sorted((x for r in results for x in r), key=lambda t: t[0])
+
+
+def _runs(
+    k: int, files: Iterator[tuple[str, int]], handle: Callable[..., Any], kwargs: dict[str, Any]
+) -> list[tuple[str, Any]]:
+    """``handle`` on consecutive runs of at most RUN_FILES files, named ``<k>.<j>``."""
+    out, run = [], []
+    for f in files:
+        run.append(f)
+        if len(run) == RUN_FILES:
+            out.append(
+                (f"{k:05d}.{len(out):05d}", handle(f"{k:05d}.{len(out):05d}", run, **kwargs))
+            )
+            run = []
+    if run or not out:
+        out.append((f"{k:05d}.{len(out):05d}", handle(f"{k:05d}.{len(out):05d}", run, **kwargs)))
+    return out
+
+
+def _walk_paths(
+    task: tuple[int, list[str]], handle: Callable[..., Any], root: str, kwargs: dict[str, Any]
+) -> list[tuple[str, Any]]:
+    """A local walking task: the files at or below its top-level entries, in path order."""
+    k, paths = task
+    files = (f for p in paths for f in iter_local(p))
+    return _runs(k, files, handle, kwargs)
+
+
+def _walk_store(
+    task: tuple[int, str],
+    handle: Callable[..., Any],
+    root: str,
+    kwargs: dict[str, Any],
+    st: StorageConfig | None,
+) -> list[tuple[str, Any]]:
+    k, uri = task
+    fs, path = storage.filesystem(uri, st)
+    scheme = _scheme(uri)
+    found = sorted(fs.find(path, detail=True).items())
+    files = (
+        (scheme + p, int(info.get("size") or -1))
+        for p, info in found
+        if not hidden(scheme + p, root)
+    )
+    return _runs(k, files, handle, kwargs)
+
+
+def _visible_only(
+    name: str, items: list[tuple[str, int]], handle: Callable[..., Any], root: str,
+    kwargs: dict[str, Any],
+) -> Any:  # fmt: skip
+    """A key range's files without the hidden ones, to ``handle``."""
+    return handle(name, [(u, s) for u, s in items if not hidden(u, root)], **kwargs)
+
+
+def run_tasks(
+    fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any], threads: bool = False
+) -> list[Any]:
+    """``fn(item, **kwargs)`` for every item, in item order: Ray tasks of 0.25 CPU when Ray is
+    up (at most MAX_IN_FLIGHT at once; unless ``threads``), else 16 threads."""
+    submit, wait_any, close, share = _executor(threads or len(items) <= 1)
+    kw = share(kwargs)  # once, not with every task (it may hold a listing)
+    out: dict[int, Any] = {}
+    pending: dict[Any, int] = {}
+    queue = list(enumerate(items))[::-1]
+    try:
+        while queue or pending:
+            while queue and len(pending) < MAX_IN_FLIGHT:
+                i, item = queue.pop()
+                pending[submit(_call_kw, fn, item, kw)] = i
+            for ref, result in wait_any(list(pending)):
+                out[pending.pop(ref)] = result
+    finally:
+        close()
+    return [out[i] for i in range(len(items))]
+
+
+def _call_kw(fn: Callable[..., Any], item: Any, kwargs: dict[str, Any]) -> Any:
+    return fn(item, **kwargs)
+
+
 def _executor(
     threads: bool = False,
-) -> tuple[Callable[..., Any], Callable[[list[Any]], list[tuple[Any, Any]]], Any]:
-    """(submit, wait for some, close): Ray tasks of 0.25 CPU when Ray is up, else threads."""
+) -> tuple[Callable[..., Any], Callable[[list[Any]], list[tuple[Any, Any]]], Any, Any]:
+    """(submit, wait for some, close, share): Ray tasks of 0.25 CPU when Ray is up, else
+    threads; ``share`` puts an argument every task gets into the object store once."""
     import ray
 
     if ray.is_initialized() and not threads:
@@ -328,14 +485,14 @@ def _executor(
             done, _ = ray.wait(refs, num_returns=1)
             return [(ref, ray.get(ref)) for ref in done]
 
-        return submit, wait_ray, lambda: None
+        return submit, wait_ray, lambda: None, ray.put
     pool = ThreadPoolExecutor(max_workers=16)
 
     def wait_threads(futures: list[Future[Any]]) -> list[tuple[Any, Any]]:
         done, _ = wait(futures, return_when=FIRST_COMPLETED)
         return [(f, f.result()) for f in done]
 
-    return pool.submit, wait_threads, pool.shutdown
+    return pool.submit, wait_threads, pool.shutdown, lambda x: x
 
 
 def _call(fn: Callable[..., Any], *a: Any) -> Any:

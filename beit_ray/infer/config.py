@@ -123,6 +123,9 @@ class LabelConfig:
     """Manifest input: the column holding image URIs (falls back to "path" when absent)."""
     chunk_size: int = 256
     """Inputs per output file. Chunks are the unit of resumption: a rerun skips written ones."""
+    relist: bool = False
+    """List the input again instead of reusing the listing a first run saved (``_LISTING/``):
+    objects added since become new work (and removed ones keep their rows)."""
     predict: PredictConfig = field(default_factory=PredictConfig)
     """Prediction settings."""
     actors: ActorsConfig = field(default_factory=ActorsConfig)

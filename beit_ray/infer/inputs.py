@@ -18,6 +18,7 @@ the task that labels them (:mod:`beit_ray.infer.tars`).
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from collections.abc import Iterator
@@ -30,10 +31,12 @@ import pyarrow.parquet as pq
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig
 from beit_ray.data import containers
+from beit_ray.data.walk import hidden, walk
 from beit_ray.infer.config import LabelConfig
 from beit_ray.storage import TransientError
 
 LISTING_NAME, MASKS_DIR, PLAN_NAME = "_LISTING.parquet", "_masks", "_PLAN.json"
+LISTING_DIR = "_LISTING"
 CONTAINER_LAYOUTS = ("class_tars", "webdataset", "parquet")
 LISTING_BATCH = 65_536  # rows per listing row group: bounded driver memory at any input size
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64())])
@@ -71,42 +74,15 @@ class Units:
             fs, path = st.pyarrow_fs(uri, storage)
             yield from pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=LISTING_BATCH)
 
+    reused: bool = False
+    """Read back from an earlier run's ``_LISTING/_index.json`` (nothing was listed)."""
+
     def paths(self, storage: StorageConfig | None = None) -> list[str]:
         """Every unit as a list (small inputs and tests only)."""
         return [p for b in self.batches(storage) for p in b.column("path").to_pylist()]
 
 
 # --------------------------------------------------------------------------- listing
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
-def _walk_local(root: str) -> Iterator[tuple[str, int]]:
-    """(path, size) below ``root`` in the order of the sorted full paths, one folder at a time.
-    Entries sort by name with "/" after folders, which is how their full paths sort."""
-    try:
-        entries = list(os.scandir(root))
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return
-    keyed = sorted((e.name + ("/" if e.is_dir() else ""), e) for e in entries)
-    for _, e in keyed:
-        if e.is_dir():
-            yield from _walk_local(e.path)
-        elif e.is_file():
-            yield e.path, e.stat().st_size
-
-
-def iter_files(uri: str, storage: StorageConfig | None) -> Iterator[tuple[str, int]]:
-    """(uri, size) of every file below ``uri``, sorted, streamed."""
-    if not st.is_remote(uri):
-        yield from _walk_local(st.strip_scheme(uri).rstrip("/"))
-    else:  # other stores (S3 is listed by key-range tasks: list_inputs): fsspec's listing (whole, then streamed)
-        fs, path = st.filesystem(uri, storage)
-        scheme = uri.split("://", 1)[0]
-        for p, info in sorted(fs.find(path, detail=True).items()):
-            yield f"{scheme}://{p}", int(info.get("size") or -1)
 
 
 class ListingWriter:
@@ -153,39 +129,28 @@ def _kind(uri: str) -> str:
 
 def _is_input(uri: str, root: str, out_root: str) -> bool:
     """Hidden files (.DS_Store, _SUCCESS) are not inputs; nor are our own outputs."""
-    return not (_hidden(uri[len(root) :].lstrip("/")) or uri.startswith(out_root))
+    return not (hidden(uri, root) or uri.startswith(out_root))
 
 
 def list_inputs(cfg: LabelConfig) -> Units:
     """Every file below ``cfg.input`` except hidden ones and our own outputs, as a sorted parquet
-    listing under the output. An S3 prefix is listed by parallel key-range tasks
-    (:mod:`beit_ray.data.walk`), each writing its keys as one part; other inputs in one stream."""
+    listing under the output (``_LISTING/part-*.parquet``, in path order), walked as every job
+    lists (:func:`beit_ray.data.walk.walk`: key ranges on S3, runs of top-level folders
+    locally) by Ray tasks when this driver is connected, else threads: listing waits on
+    requests, and a no-op rerun should not start a cluster to find it has no work. A rerun
+    reuses the saved listing (``_LISTING/_index.json``) unless ``relist``."""
     root = input_root(cfg)
-    out_root = input_root(cfg, cfg.output) + "/"
-    if root.split("://", 1)[0] in ("s3", "s3a"):
-        return _list_ranges(cfg, root, out_root)
-    writer = ListingWriter(st.join(cfg.output, LISTING_NAME), cfg.storage)
-    kinds = {"tar": 0, "parquet": 0, "image": 0}
-    for uri, size in iter_files(root, cfg.storage):
-        if not _is_input(uri, root, out_root):
-            continue
-        kind = _kind(uri)
-        if kind:
-            kinds[kind] += 1
-        writer.add(uri, size)
-    writer.close()
-    return Units(writer.uri, writer.count, kinds)
-
-
-def _list_ranges(cfg: LabelConfig, root: str, out_root: str) -> Units:
-    from beit_ray.data.walk import walk_ranges
-
-    # Ray tasks when this driver is already connected, else 16 threads: listing waits on
-    # requests, not CPUs, and a no-op rerun should not start a cluster to find it has no work
-    folder = st.join(cfg.output, LISTING_NAME.replace(".parquet", ""))
+    folder = st.join(cfg.output, LISTING_DIR)
+    index = st.join(folder, "_index.json")
+    if not cfg.relist and st.exists(index, cfg.storage):
+        saved = json.loads(st.read_text(index, cfg.storage))
+        if saved.get("root") == root:
+            parts = [st.join(folder, name) for name in saved["parts"]]
+            return Units(folder, saved["count"], saved["kinds"], parts, reused=True)
     st.makedirs(folder, cfg.storage)  # a local output folder (object stores have none)
+    out_root = input_root(cfg, cfg.output) + "/"
     args = {"folder": folder, "root": root, "out_root": out_root, "storage": cfg.storage}
-    written = walk_ranges(root, cfg.storage, _write_range, args)
+    written = walk(root, cfg.storage, _write_range, args)
     kinds = {"tar": 0, "parquet": 0, "image": 0}
     parts, count = [], 0
     for _, (uri, n, part_kinds) in written:
@@ -194,6 +159,9 @@ def _list_ranges(cfg: LabelConfig, root: str, out_root: str) -> Units:
             count += n
         for k, v in part_kinds.items():
             kinds[k] += v
+    record = {"root": root, "count": count, "kinds": kinds}
+    record["parts"] = [posixpath.basename(u) for u in parts]
+    st.write_text(index, json.dumps(record), cfg.storage)  # last: a listing is whole or absent
     return Units(folder, count, kinds, parts)
 
 
