@@ -359,7 +359,9 @@ def export_hf(
     """Write config.json, model.safetensors and preprocessor_config.json to ``out_dir``.
 
     ``transformers.AutoModelFor*.from_pretrained(out_dir)`` and ``AutoImageProcessor`` then
-    reproduce this model. ``image_size`` resizes the model first; ``preprocessor`` overrides
+    reproduce this model; a segmentation model is written as transformers'
+    ``UperNetForSemanticSegmentation`` over a ``BeitBackbone`` tapping the same blocks
+    (:mod:`beit_ray.models.upernet`). ``image_size`` resizes the model first; ``preprocessor`` overrides
     keys of the written preprocessor config. The model must be whole (consolidated), not
     ZeRO-3 partitioned. ``out_dir`` may be a URI (written locally, then uploaded).
     """
