@@ -403,3 +403,42 @@ def test_collect_times_the_first_result_and_the_rate_after_it(tmp_path):
     one = type("One", (), {"iter_batches": lambda self, **_: iter([batch([0, 1])])})()
     _, timing = _collect(one, Ledger(str(tmp_path / "b"), None), time.perf_counter())
     assert timing["images_per_s_after_first"] is None  # a single batch: no rate after it
+
+
+def test_a_rerun_reuses_its_listing_and_relist_labels_only_what_is_new(
+    ray_session, photos, checkpoints, tmp_path, capsys
+):
+    """A growing input: a rerun reads nothing again (the saved plan); objects added since are
+    not seen until --relist, which labels them as new chunks after the old ones, once each,
+    and keeps the rows of files that are gone."""
+    from beit_ray.infer import inputs
+
+    src = tmp_path / "in"
+    jpg = {n: jpeg_bytes(photos[n]) for n in ("astronaut", "chelsea", "coffee", "rocket")}
+    for i, (n, data) in enumerate(jpg.items()):
+        (src / f"{i}-{n}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (src / f"{i}-{n}.jpg").write_bytes(data)
+    out = tmp_path / "out"
+    args = dict(input=src, output=out, checkpoint=checkpoints["classification"], chunk_size=3)
+    assert label(_cfg(**args))["processed_this_run"] == 4
+    (src / "9-new.jpg").write_bytes(jpg["coffee"])  # added after the first run
+    (src / "2-coffee.jpg").unlink()  # and one gone
+
+    real_walk = inputs.walk
+    inputs.walk = lambda *a, **k: pytest.fail("a plain rerun walked the input")
+    try:
+        assert label(_cfg(**args))["processed_this_run"] == 0  # the saved plan: no listing
+    finally:
+        inputs.walk = real_walk
+    capsys.readouterr()
+    summary = label(_cfg(**args, relist=True))
+    said = capsys.readouterr().out
+    assert "1 new (labelled now), 1 gone since" in said
+    assert summary["processed_this_run"] == 1 and summary["files"] == 5
+    table = read_parts(str(out)).to_pandas()
+    paths = table["path"].tolist()
+    assert len(paths) == len(set(paths)) == 5 and str(src / "9-new.jpg") in paths
+    assert str(src / "2-coffee.jpg") in paths  # labelled before it went: its row stays
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [part_name(c) for c in (0, 1, 2)]
+    assert label(_cfg(**args, relist=True))["processed_this_run"] == 0  # nothing new since
+    assert label(_cfg(**args))["processed_this_run"] == 0

@@ -22,6 +22,7 @@ from conftest import jpeg_bytes, moto_requests
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, parse_args
 from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.inputs import Units
 from beit_ray.infer.label import LabelInterrupted, label, read_parts
 
 pytestmark = pytest.mark.integration
@@ -203,10 +204,12 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
         assert list(row["top_labels"]) == [f"c{i}" for i in ids]
     plan = json.loads(st.read_text(f"{out}/_PLAN.json"))
     assert plan["layout"] == layout
-    if tars:
-        assert plan["mode"] == "tars" and plan["tars"] == len(st.list_files(f"{out}/_TARS"))
+    (first_gen,) = plan["generations"]  # one run's inputs (no --relist): one generation
+    _, _, units, inputs, _ = first_gen
+    if tars:  # units are the tars, each read to its end (a marker each)
+        assert plan["mode"] == "tars" and units == len(st.list_files(f"{out}/_TARS"))
     else:
-        assert plan["inputs"] == n
+        assert inputs == n
 
 
 def test_layout_selection_errors(s3_server, layouts, classifier, tmp_path, photos):
@@ -223,20 +226,29 @@ def test_layout_selection_errors(s3_server, layouts, classifier, tmp_path, photo
     with pytest.raises(ConfigError, match="mixes 1 tar files, 1 image files"):
         label(cfg)  # auto never drops one kind silently
     from beit_ray.infer.inputs import resolve_layout
+    from beit_ray.infer.plan import build_plan
 
     # an explicit layout picks one kind; a single tar or parquet file is an input too
-    out = str(tmp_path / "o")
+    outs = iter(range(10))
 
     def units(cfg: LabelConfig) -> tuple[str, list[str]]:
-        layout, found = resolve_layout(cfg)
-        return layout, found.paths()
+        """The layout and the files its plan reads (the listing holds every file)."""
+        cfg.output = str(tmp_path / f"o{next(outs)}")
+        layout, listing = resolve_layout(cfg)
+        plan = build_plan(cfg, layout, listing)
+        if plan.mode == "tars":  # streamed tars: the plan's units are the tars
+            return layout, [u for g in plan.generations for u in Units(g.uri, g.chunks).paths()]
+        entries = [e for c in range(plan.chunks) for e in plan.entries(c, None)]
+        return layout, sorted({e.container or e.path for e in entries})
 
-    assert units(_cfg(input=mixed, output=out, layout="files"))[1] == [
+    assert units(_cfg(input=mixed, layout="files", checkpoint=classifier))[1] == [
         str(mixed / "a.jpg"),
         str(mixed / "b.tar"),
     ]
-    assert units(_cfg(input=mixed, output=out, layout="class_tars"))[1] == [str(mixed / "b.tar")]
+    assert units(_cfg(input=mixed, layout="class_tars", checkpoint=classifier))[1] == [
+        str(mixed / "b.tar")
+    ]
     one = f"s3://{bucket}/pq/a.parquet"
-    assert units(_cfg(input=one, output=out)) == ("parquet", [one])
+    assert units(_cfg(input=one, checkpoint=classifier)) == ("parquet", [one])
     one = f"s3://{bucket}/wds/shard-000000.tar"
-    assert units(_cfg(input=one, output=out)) == ("webdataset", [one])
+    assert units(_cfg(input=one, checkpoint=classifier)) == ("webdataset", [one])

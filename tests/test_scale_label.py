@@ -43,13 +43,14 @@ def test_listing_walks_in_path_order_and_skips_hidden(tmp_path, monkeypatch):
     assert sizes == [len(p) - len(str(src)) - 1 for p in paths]
     assert units.count == len(names) and units.kinds == {"tar": 0, "parquet": 0, "image": 8}
     assert len(units.parts) >= 3 and not units.reused
+    monkeypatch.setattr(inputs, "walk", lambda *a, **k: pytest.fail("listed again"))
     again = list_inputs(cfg)  # a rerun reads the saved listing back: nothing is walked
-    monkeypatch.setattr(walk, "walk", lambda *a, **k: pytest.fail("listed again"))
     assert again.reused and again.paths() == paths and again.count == units.count
     (src / "new.jpg").write_bytes(b"n")
     cfg.relist = True
     monkeypatch.undo()
-    assert len(list_inputs(cfg).paths()) == len(names) + 1  # --relist walks it again
+    relisted = list_inputs(cfg)  # --relist walks it again, into a new version
+    assert len(relisted.paths()) == len(names) + 1 and relisted.version == units.version + 1
 
 
 def test_plan_chunks_roundtrip_and_digest(tmp_path, monkeypatch):
@@ -277,7 +278,7 @@ def test_streamed_tars_resume_by_marker_and_chunk(tmp_path):
         got = read_units(batch, p, None, "image", out)
         return [(c, [e.member for e in entries]) for c, entries, _, _ in got]
 
-    items, resumed = pending_work(p, units, set(), {}, None)
+    items, resumed = pending_work(p, set(), {}, None)
     assert resumed == 0 and [i["skip"] for i in items] == ["", ""]
     # a crash: tar 0 read to its end, only chunks 0 and 2 of its 3 written; tar 1 not begun
     got = run(items[:1])
@@ -288,13 +289,13 @@ def test_streamed_tars_resume_by_marker_and_chunk(tmp_path):
         incomplete(p, done, tar_marks(out, None))
         == "1 tars not read to their end, 1 chunks missing"
     )
-    items, resumed = pending_work(p, units, done, tar_marks(out, None), None)
+    items, resumed = pending_work(p, done, tar_marks(out, None), None)
     assert resumed == 0 and [(i["chunk"], i["skip"]) for i in items] == [(0, "0,2"), (1, "")]
     got = run(items)
     assert [c for c, _ in got] == [1, TAR_STRIDE] and got[0][1] == ["n0_2.JPEG", "n0_3.JPEG"]
     done |= {1, TAR_STRIDE}
     marks = tar_marks(out, None)
     assert marks == {0: 5, 1: 2} and incomplete(p, done, marks) == ""
-    assert pending_work(p, units, done, marks, None) == ([], 2)
+    assert pending_work(p, done, marks, None) == ([], 2)
     assert [p.chunk_rows(c, marks) for c in (0, 2, TAR_STRIDE)] == [2, 1, 2]
     assert not p.holds(3, marks) and not p.holds(2 * TAR_STRIDE, marks) and p.holds(2, marks)

@@ -35,7 +35,7 @@ from beit_ray.data.walk import hidden, walk
 from beit_ray.infer.config import LabelConfig
 from beit_ray.storage import TransientError
 
-LISTING_NAME, MASKS_DIR, PLAN_NAME = "_LISTING.parquet", "_masks", "_PLAN.json"
+MASKS_DIR, PLAN_NAME = "_masks", "_PLAN.json"
 LISTING_DIR = "_LISTING"
 CONTAINER_LAYOUTS = ("class_tars", "webdataset", "parquet")
 LISTING_BATCH = 65_536  # rows per listing row group: bounded driver memory at any input size
@@ -75,7 +75,11 @@ class Units:
             yield from pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=LISTING_BATCH)
 
     reused: bool = False
-    """Read back from an earlier run's ``_LISTING/_index.json`` (nothing was listed)."""
+    """Read back as an earlier run saved it (nothing was listed)."""
+    version: int = 0
+    """Listing version: 0 for a first run's, one more for each ``--relist``."""
+    root: str = ""
+    """What was listed."""
 
     def paths(self, storage: StorageConfig | None = None) -> list[str]:
         """Every unit as a list (small inputs and tests only)."""
@@ -134,19 +138,17 @@ def _is_input(uri: str, root: str, out_root: str) -> bool:
 
 def list_inputs(cfg: LabelConfig) -> Units:
     """Every file below ``cfg.input`` except hidden ones and our own outputs, as a sorted parquet
-    listing under the output (``_LISTING/part-*.parquet``, in path order), walked as every job
-    lists (:func:`beit_ray.data.walk.walk`: key ranges on S3, runs of top-level folders
+    listing under the output (``_LISTING/v<k>/part-*.parquet``, in path order), walked as every
+    job lists (:func:`beit_ray.data.walk.walk`: key ranges on S3, runs of top-level folders
     locally) by Ray tasks when this driver is connected, else threads: listing waits on
-    requests, and a no-op rerun should not start a cluster to find it has no work. A rerun
-    reuses the saved listing (``_LISTING/_index.json``) unless ``relist``."""
+    requests, and a no-op rerun should not start a cluster to find it has no work. The listing
+    a first run saved is reused unless ``relist``, which walks again into a new version."""
     root = input_root(cfg)
-    folder = st.join(cfg.output, LISTING_DIR)
-    index = st.join(folder, "_index.json")
-    if not cfg.relist and st.exists(index, cfg.storage):
-        saved = json.loads(st.read_text(index, cfg.storage))
-        if saved.get("root") == root:
-            parts = [st.join(folder, name) for name in saved["parts"]]
-            return Units(folder, saved["count"], saved["kinds"], parts, reused=True)
+    current = load_listing(cfg)
+    if current is not None and current.root == root and not cfg.relist:
+        return current
+    version = 0 if current is None else current.version + 1
+    folder = listing_folder(cfg, version)
     st.makedirs(folder, cfg.storage)  # a local output folder (object stores have none)
     out_root = input_root(cfg, cfg.output) + "/"
     args = {"folder": folder, "root": root, "out_root": out_root, "storage": cfg.storage}
@@ -159,10 +161,40 @@ def list_inputs(cfg: LabelConfig) -> Units:
             count += n
         for k, v in part_kinds.items():
             kinds[k] += v
-    record = {"root": root, "count": count, "kinds": kinds}
-    record["parts"] = [posixpath.basename(u) for u in parts]
-    st.write_text(index, json.dumps(record), cfg.storage)  # last: a listing is whole or absent
-    return Units(folder, count, kinds, parts)
+    return save_listing(cfg, Units(folder, count, kinds, parts, version=version, root=root))
+
+
+def listing_folder(cfg: LabelConfig, version: int) -> str:
+    return st.join(cfg.output, LISTING_DIR, f"v{version:04d}")
+
+
+def save_listing(cfg: LabelConfig, units: Units) -> Units:
+    """Record a listing version (its index, then the pointer to it: a listing is whole or
+    absent)."""
+    record = {
+        "version": units.version, "root": units.root, "count": units.count,
+        "kinds": units.kinds, "parts": [posixpath.basename(u) for u in units.parts or []],
+    }  # fmt: skip
+    st.write_text(st.join(units.uri, "_index.json"), json.dumps(record), cfg.storage)
+    current = st.join(cfg.output, LISTING_DIR, "_current.json")
+    st.write_text(current, json.dumps({"version": units.version}), cfg.storage)
+    return units
+
+
+def load_listing(cfg: LabelConfig, version: int | None = None) -> Units | None:
+    """Listing ``version`` (default: the latest) as saved, or None."""
+    if version is None:
+        current = st.join(cfg.output, LISTING_DIR, "_current.json")
+        if not st.exists(current, cfg.storage):
+            return None
+        version = int(json.loads(st.read_text(current, cfg.storage))["version"])
+    folder = listing_folder(cfg, version)
+    index = st.join(folder, "_index.json")
+    if not st.exists(index, cfg.storage):
+        return None
+    d = json.loads(st.read_text(index, cfg.storage))
+    parts = [st.join(folder, name) for name in d["parts"]]
+    return Units(folder, d["count"], d["kinds"], parts, True, d["version"], d["root"])
 
 
 def _write_range(
@@ -188,33 +220,40 @@ def _write_range(
     return uri, len(keep), kinds
 
 
-def _subset(units: Units, cfg: LabelConfig, suffixes: tuple[str, ...]) -> Units:
-    """The listing's files with these suffixes, as a second listing."""
-    writer = ListingWriter(st.join(cfg.output, "_UNITS.parquet"), cfg.storage)
-    for batch in units.batches(cfg.storage):
+def subset(
+    units: Units, suffixes: tuple[str, ...], uri: str, storage: StorageConfig | None
+) -> Units:
+    """The listing's files with these suffixes, as a listing at ``uri``."""
+    writer = ListingWriter(uri, storage)
+    for batch in units.batches(storage):
         for p, s in zip(
             batch.column("path").to_pylist(), batch.column("size").to_pylist(), strict=True
         ):
             if p.lower().endswith(suffixes):
                 writer.add(p, s)
     writer.close()
-    return Units(writer.uri, writer.count)
+    return Units(writer.uri, writer.count, version=units.version)
 
 
 def _single(cfg: LabelConfig, uris: list[str]) -> Units:
-    writer = ListingWriter(st.join(cfg.output, LISTING_NAME), cfg.storage)
+    """One input file as a listing (a version, as a walked one)."""
+    current = load_listing(cfg)
+    version = 0 if current is None else current.version + 1
+    folder = listing_folder(cfg, version)
+    writer = ListingWriter(st.join(folder, "part-00000.parquet"), cfg.storage)
     for u in uris:
         writer.add(u, -1)
     writer.close()
-    return Units(writer.uri, writer.count)
+    units = Units(folder, writer.count, {}, [writer.uri], version=version, root=cfg.input)
+    return save_listing(cfg, units)
 
 
-def resolve_layout(cfg: LabelConfig) -> tuple[str, Units]:
-    """The input's layout (``auto`` resolved) and its units: image URIs (files, manifest) or the
-    tar/parquet files to open (container layouts), as a parquet listing."""
+def resolve_layout(cfg: LabelConfig, layout: str | None = None) -> tuple[str, Units]:
+    """The input's layout (``layout`` or ``cfg.layout``, ``auto`` resolved) and its listing:
+    every file below it (a folder), or the URIs of a manifest, or the one file given."""
     from beit_ray.data.containers import TAR_SUFFIXES
 
-    layout, lower = cfg.layout, cfg.input.lower()
+    layout, lower = layout or cfg.layout, cfg.input.lower()
     if not st.exists(cfg.input, cfg.storage):
         raise ConfigError(f"input: {cfg.input} does not exist")
     if not _is_dir(cfg.input, cfg.storage):  # one file
@@ -249,14 +288,7 @@ def resolve_layout(cfg: LabelConfig) -> tuple[str, Units]:
             layout = _tar_layout(cfg, first)
         else:
             layout = "files"
-    if layout == "files":
-        return layout, listing
-    units = _subset(listing, cfg, (".parquet",) if layout == "parquet" else TAR_SUFFIXES)
-    if units.count < listing.count:
-        from beit_ray.runtime import print0
-
-        print0(f"label: {listing.count - units.count} files beside the {layout} inputs are ignored")
-    return layout, units
+    return layout, listing
 
 
 def _first(units: Units, cfg: LabelConfig, suffixes: tuple[str, ...]) -> str:
@@ -268,15 +300,7 @@ def _first(units: Units, cfg: LabelConfig, suffixes: tuple[str, ...]) -> str:
 
 
 def _tar_layout(cfg: LabelConfig, first: str) -> str:
-    """class_tars or webdataset: the saved plan's on a rerun (no tar is read; a changed input is
-    refused by the plan's digest), else from the first tar's headers."""
-    import json
-
-    saved = st.join(cfg.output, PLAN_NAME)
-    if st.exists(saved, cfg.storage):
-        layout = json.loads(st.read_text(saved, cfg.storage)).get("layout")
-        if layout in ("class_tars", "webdataset"):
-            return layout
+    """class_tars or webdataset, from the first tar's headers (a rerun keeps its plan's)."""
     return containers.peek_layout(first, cfg.storage)
 
 
@@ -325,11 +349,18 @@ def read_manifest(cfg: LabelConfig) -> Units:
     col = pc.unique(pc.if_else(relative, joined, col))
     col = col.take(pc.sort_indices(col))
     del table
-    writer = ListingWriter(st.join(cfg.output, LISTING_NAME), cfg.storage)
-    for p in col.to_pylist():
-        writer.add(p, -1)
-    writer.close()
-    return Units(writer.uri, writer.count)
+    current = load_listing(cfg)
+    version = 0 if current is None else current.version + 1
+    folder = listing_folder(cfg, version)
+    uri = st.join(folder, "part-00000.parquet")
+    fs, path = st.pyarrow_fs(uri, cfg.storage)
+    if not st.is_remote(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    sizes = pa.array([-1] * len(col), pa.int64())
+    table = pa.table([col, sizes], schema=LISTING_SCHEMA)  # Arrow strings, never Python ones
+    pq.write_table(table, path, filesystem=fs, row_group_size=LISTING_BATCH)
+    units = Units(folder, len(col), {}, [uri], version=version, root=cfg.input)
+    return save_listing(cfg, units)
 
 
 # --------------------------------------------------------------------------- containers

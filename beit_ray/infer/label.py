@@ -67,8 +67,10 @@ from beit_ray.infer.plan import (
     build_plan,
     coverage,
     incomplete,
+    old_layout,
     pending_work,
     read_units,
+    saved_plan,
     tar_marks,
 )
 from beit_ray.runtime import print0
@@ -321,10 +323,13 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
     start = time.perf_counter()
     check_outputs(cfg)
     preprocessor = check_checkpoint(cfg)  # before any cluster work
-    layout, units = resolve_layout(cfg)
-    if not units.count:
-        raise ConfigError(f"input: no {layout} inputs found under {cfg.input}")
-    plan = build_plan(cfg, layout, units)
+    plan = saved_plan(cfg)  # a rerun: the first run's plan, nothing listed or read again
+    if plan is None:  # a first run, or --relist: list, and plan what is new
+        layout, listing = resolve_layout(cfg, old_layout(cfg))
+        if not listing.count:
+            raise ConfigError(f"input: no {layout} inputs found under {cfg.input}")
+        plan = build_plan(cfg, layout, listing)
+    layout = plan.layout
     done = done_chunks(cfg.output, cfg.storage)
     ledger = Ledger(cfg.output, cfg.storage).load()
     marks = tar_marks(cfg.output, cfg.storage) if plan.mode == "tars" else {}
@@ -333,7 +338,7 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
         return st.join(cfg.output, part_name(c))
 
     coverage(plan, done, ledger, part_uri, cfg.storage, marks)  # the parts present are whole
-    pending, resumed = pending_work(plan, units, done, marks, cfg.storage)
+    pending, resumed = pending_work(plan, done, marks, cfg.storage)
     if plan.mode == "tars":
         print0(
             f"label: {plan.chunks} {layout} files, each read once by one task; "
@@ -341,8 +346,8 @@ def label(cfg: LabelConfig, *, stop_after_chunks: int | None = None) -> dict[str
         )
     else:
         print0(
-            f"label: {plan.inputs} images ({layout}, {units.count} files) in {plan.chunks} "
-            f"chunks; {resumed} already written"
+            f"label: {plan.inputs} images ({layout}) in {plan.chunks} chunks; "
+            f"{resumed} already written"
         )
     if stop_after_chunks is not None:  # chunks, or whole tars
         pending = pending[:stop_after_chunks]

@@ -28,16 +28,26 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, StorageConfig
+from beit_ray.data.containers import TAR_SUFFIXES
 from beit_ray.infer.config import LabelConfig
-from beit_ray.infer.inputs import CONTAINER_LAYOUTS, PLAN_NAME, Entry, Units, fetch
+from beit_ray.infer.inputs import (
+    CONTAINER_LAYOUTS,
+    PLAN_NAME,
+    Entry,
+    ListingWriter,
+    Units,
+    fetch,
+    load_listing,
+    subset,
+)
 from beit_ray.infer.tars import list_container
 from beit_ray.runtime import print0
 
@@ -74,9 +84,24 @@ class Digest:
         return self._h.hexdigest()
 
 
+class Generation(NamedTuple):
+    """Inputs a run added to the plan: the first run's, then each ``--relist``'s new ones."""
+
+    uri: str
+    """members: its chunk rows (``_INPUTS[-g].parquet``); tars: its tars (``_UNITS[-g].parquet``)."""
+    first: int
+    """Its first chunk id (members) or tar index (tars)."""
+    chunks: int
+    """Its chunks (members) or tars."""
+    inputs: int
+    """Its inputs (-1 for streamed tars: known once each is read)."""
+    sha256: str = ""
+    """Digest of its inputs' paths, in plan order."""
+
+
 @dataclass
 class Plan:
-    """What the chunks are made of (the parquet holds the entries)."""
+    """What the chunks are made of (parquet files hold the entries), in generations."""
 
     uri: str
     inputs: int
@@ -87,11 +112,37 @@ class Plan:
     """members: fixed chunks of the listed inputs (``_INPUTS.parquet``); tars: ``chunks`` is the
     number of object-store tars, each streamed once by one task (``inputs`` unknown: -1)."""
     layout: str = ""
+    generations: list[Generation] = field(default_factory=list)
+    """The first run's inputs, then those each ``--relist`` found new (ids continue)."""
+
+    def __post_init__(self) -> None:
+        if not self.generations:
+            gen = Generation(self.uri, 0, self.chunks, self.inputs, self.inputs_sha256)
+            self.generations = [gen]
+
+    @classmethod
+    def of(cls, gens: list[Generation], chunk_size: int, mode: str, layout: str) -> Plan:
+        inputs = -1 if mode == "tars" else sum(g.inputs for g in gens)
+        chunks = sum(g.chunks for g in gens)
+        return cls(gens[0].uri, inputs, chunks, gens[0].sha256, chunk_size, mode, layout, gens)
+
+    def generation(self, c: int) -> Generation:
+        """The generation holding chunk (members) or tar (tars) ``c``."""
+        for g in reversed(self.generations):
+            if c >= g.first:
+                return g
+        raise KeyError(c)
+
+    def entries(self, c: int, storage: StorageConfig | None) -> list[Entry]:
+        """Chunk ``c``'s entries (members mode)."""
+        g = self.generation(c)
+        return read_chunk(g.uri, c - g.first, self.chunk_size, storage, g.sha256)
 
     def chunk_rows(self, c: int, marks: dict[int, int] | None = None) -> int | None:
         """Rows part ``c`` must hold (None: a streamed tar not yet read to its end)."""
         if self.mode != "tars":
-            return min(self.chunk_size, self.inputs - c * self.chunk_size)
+            g = self.generation(c)
+            return min(self.chunk_size, g.inputs - (c - g.first) * self.chunk_size)
         t, k = divmod(c, TAR_STRIDE)
         n = (marks or {}).get(t)
         return None if n is None else min(self.chunk_size, n - k * self.chunk_size)
@@ -172,14 +223,6 @@ def _old_plan(cfg: LabelConfig) -> dict[str, Any] | None:
     return json.loads(st.read_text(uri, cfg.storage)) if st.exists(uri, cfg.storage) else None
 
 
-def _inputs_ok(uri: str, storage: StorageConfig | None) -> bool:
-    """The chunk-row plan file exists (an older run's entry-per-row file does not count)."""
-    if not st.exists(uri, storage):
-        return False
-    fs, path = st.pyarrow_fs(uri, storage)
-    return "chunk" in pq.read_schema(path, filesystem=fs).names
-
-
 def _refuse(cfg: LabelConfig, diff: list[str]) -> None:
     if diff:
         raise ConfigError(
@@ -188,51 +231,132 @@ def _refuse(cfg: LabelConfig, diff: list[str]) -> None:
         )
 
 
-def build_plan(cfg: LabelConfig, layout: str, units: Units) -> Plan:
-    """The plan of ``units`` (listing containers in Ray tasks when needed); writes ``_PLAN.json``
-    on the first run and refuses to mix results of a different plan."""
-    inputs_uri = st.join(cfg.output, INPUTS_NAME)
-    head = {"chunk_size": cfg.chunk_size, "task": cfg.task, "checkpoint": cfg.checkpoint}
-    head["layout"] = layout
-    if layout in CONTAINER_LAYOUTS:
-        head["containers_sha256"] = _units_digest(units, cfg.storage)
+def _head(cfg: LabelConfig, layout: str) -> dict[str, Any]:
+    return {
+        "chunk_size": cfg.chunk_size, "task": cfg.task, "checkpoint": cfg.checkpoint,
+        "layout": layout,
+    }  # fmt: skip
+
+
+def _generations(record: dict[str, Any], output: str) -> list[Generation]:
+    """A saved plan's generations (a plan written before generations existed: one)."""
+    if "generations" in record:
+        return [Generation(*g) for g in record["generations"]]
+    if record.get("mode") == "tars":
+        return [Generation(st.join(output, "_UNITS.parquet"), 0, record["tars"], -1)]
+    uri = st.join(output, INPUTS_NAME)
+    return [Generation(uri, 0, record["chunks"], record["inputs"], record["inputs_sha256"])]
+
+
+def old_layout(cfg: LabelConfig) -> str | None:
+    """The layout an output's plan was made with (a ``--relist`` keeps it), or None."""
     old = _old_plan(cfg)
+    return None if old is None else old.get("layout")
+
+
+def saved_plan(cfg: LabelConfig) -> Plan | None:
+    """The plan a first run saved, when this run is a plain rerun: nothing is listed, digested
+    or read again. None when there is none, or ``--relist`` asks for a new look."""
+    old = _old_plan(cfg)
+    if old is None or cfg.relist:
+        return None
+    old.setdefault("layout", cfg.layout)  # plans written before layouts existed
+    layout = old["layout"] if cfg.layout == "auto" else cfg.layout
+    _refuse(cfg, [k for k, v in _head(cfg, layout).items() if old.get(k) != v])
+    gens = _generations(old, cfg.output)
+    return Plan.of(gens, cfg.chunk_size, old.get("mode", "members"), old["layout"])
+
+
+def build_plan(cfg: LabelConfig, layout: str, listing: Units) -> Plan:
+    """The plan of a listed input: the first run's (its inputs: one generation), or, with
+    ``--relist`` on an output that has a plan, that plan plus a generation of the inputs the
+    new listing holds and the one it was made from did not (they become new work; removed
+    ones keep their rows). Containers are listed in Ray tasks when needed. Writes
+    ``_PLAN.json`` after the generation's files."""
+    old = _old_plan(cfg)
+    head = _head(cfg, layout)
     streamed = layout in TAR_LAYOUTS and st.is_remote(cfg.input)
-    head["mode"] = "tars" if streamed else "members"
+    mode = "tars" if streamed else "members"
+    gens: list[Generation] = []
+    units = listing
     if old is not None:
-        old.setdefault("layout", layout)  # plans written before layouts existed
-        old.setdefault("mode", "members")  # and before tars were streamed
-        head["mode"] = old["mode"]  # an output keeps the plan it was started with
-        _refuse(cfg, [k for k in head if old.get(k) != head[k]])
-    if head["mode"] == "tars":
-        if old is None:
-            record = {**head, "tars": units.count}
-            st.write_text(st.join(cfg.output, PLAN_NAME), json.dumps(record, indent=1), cfg.storage)
-        sha = head["containers_sha256"]
-        return Plan(units.uri, -1, units.count, sha, cfg.chunk_size, "tars", layout)  # type: ignore[arg-type]
-    have_inputs = old is not None and _inputs_ok(inputs_uri, cfg.storage)
-    if layout in CONTAINER_LAYOUTS and have_inputs:  # the saved listing: no tar is read again
-        return Plan(inputs_uri, old["inputs"], old["chunks"], old["inputs_sha256"], cfg.chunk_size)  # type: ignore[index]
-    source = _entries(cfg, layout, units, old)
-    if layout in CONTAINER_LAYOUTS and old is not None and st.exists(inputs_uri, cfg.storage):
-        source = list(source)  # an older run's file: read whole before the writer replaces it
-    writer = PlanWriter(None if have_inputs else inputs_uri, cfg.chunk_size, cfg.storage)
-    for e in source:
+        old.setdefault("layout", layout)
+        mode = old.get("mode", "members")  # an output keeps the plan it was started with
+        _refuse(cfg, [k for k, v in head.items() if old.get(k) != v])
+        gens = _generations(old, cfg.output)
+        units = _added(cfg, load_listing(cfg, old.get("listing", 0)), listing)
+    index = len(gens)
+    first = sum(g.chunks for g in gens)
+    gen = _generation(cfg, layout, mode, units, index, first)
+    if gen is None and not gens:
+        raise ConfigError(f"input: no {layout} inputs found under {cfg.input}")
+    if gen is not None:
+        gens.append(gen)
+    record = {**head, "mode": mode, "listing": listing.version}
+    record["generations"] = [list(g) for g in gens]
+    st.write_text(st.join(cfg.output, PLAN_NAME), json.dumps(record, indent=1), cfg.storage)
+    return Plan.of(gens, cfg.chunk_size, mode, layout)
+
+
+def _added(cfg: LabelConfig, before: Units | None, now: Units) -> Units:
+    """The files of listing ``now`` that listing ``before`` lacks, as a listing: one merge of
+    two sorted streams (nothing held but a batch of each). Says how many were added and
+    removed."""
+    writer = ListingWriter(st.join(now.uri, "_added.parquet"), cfg.storage)
+    old_paths = (p for b in (before.batches(cfg.storage) if before else []) for p in _paths(b))
+    cur = next(old_paths, None)
+    removed = 0
+    for batch in now.batches(cfg.storage):
+        for p, s in zip(_paths(batch), batch.column("size").to_pylist(), strict=True):
+            while cur is not None and cur < p:
+                removed, cur = removed + 1, next(old_paths, None)
+            if cur == p:
+                cur = next(old_paths, None)
+            else:
+                writer.add(p, s)
+    removed += sum(1 for _ in old_paths) + (cur is not None)
+    writer.close()
+    print0(
+        f"label: relisted {now.count} files: {writer.count} new (labelled now), "
+        f"{removed} gone since (their rows stay)"
+    )
+    return Units(writer.uri, writer.count, version=now.version)
+
+
+def _paths(batch: pa.RecordBatch) -> list[str]:
+    return batch.column("path").to_pylist()
+
+
+def _generation(
+    cfg: LabelConfig, layout: str, mode: str, units: Units, index: int, first: int
+) -> Generation | None:
+    """Plan ``units`` (a listing of files) as generation ``index`` from chunk / tar ``first``:
+    its tars (streamed tars), else its inputs cut into chunks; None when it holds none."""
+    name = "" if index == 0 else f"-{index}"
+    if layout in CONTAINER_LAYOUTS:
+        suffixes = (".parquet",) if layout == "parquet" else TAR_SUFFIXES
+        before = units.count
+        units = subset(units, suffixes, st.join(cfg.output, f"_UNITS{name}.parquet"), cfg.storage)
+        if units.count < before:
+            print0(f"label: {before - units.count} files beside the {layout} inputs are ignored")
+    if not units.count:
+        return None
+    if mode == "tars":
+        return Generation(units.uri, first, units.count, -1, _units_digest(units, cfg.storage))
+    inputs_uri = st.join(cfg.output, INPUTS_NAME.replace(".parquet", f"{name}.parquet"))
+    writer = PlanWriter(inputs_uri, cfg.chunk_size, cfg.storage)
+    for e in _entries(cfg, layout, units):
         writer.add(e)
     writer.close()
-    plan = writer.plan(inputs_uri)
-    if plan.inputs == 0:
-        raise ConfigError(f"input: no images inside the {units.count} {layout} files")
-    record = {"inputs": plan.inputs, "inputs_sha256": plan.inputs_sha256, "chunks": plan.chunks}
-    if old is not None:
-        _refuse(cfg, [k for k in record if old.get(k) != record[k]])
-    else:  # after the inputs file: a plan implies its inputs are saved
-        record.update(head)
-        st.write_text(st.join(cfg.output, PLAN_NAME), json.dumps(record, indent=1), cfg.storage)
-    return plan
+    if writer.inputs == 0:
+        if index == 0:
+            raise ConfigError(f"input: no images inside the {units.count} {layout} files")
+        return None
+    chunks = -(-writer.inputs // cfg.chunk_size)
+    return Generation(inputs_uri, first, chunks, writer.inputs, writer.digest.hexdigest())
 
 
-def _entries(cfg: LabelConfig, layout: str, units: Units, old: dict[str, Any] | None):  # noqa: ANN202
+def _entries(cfg: LabelConfig, layout: str, units: Units):  # noqa: ANN202
     """Every input in plan order: the listing itself, or each container's members."""
     if layout not in CONTAINER_LAYOUTS:
         for batch in units.batches(cfg.storage):
@@ -240,15 +364,6 @@ def _entries(cfg: LabelConfig, layout: str, units: Units, old: dict[str, Any] | 
                 batch.column("path").to_pylist(), batch.column("size").to_pylist(), strict=True
             ):
                 yield Entry(p, size=s)
-        return
-    legacy = st.join(cfg.output, INPUTS_NAME)
-    if old is not None and st.exists(legacy, cfg.storage):  # an older run's entry-per-row file
-        fs, path = st.pyarrow_fs(legacy, cfg.storage)
-        table = pq.read_table(path, filesystem=fs, columns=["path", "kind", "container", "member"])
-        rows = table.to_pydict()
-        del table
-        for t in zip(*(rows[f] for f in ("path", "kind", "container", "member")), strict=True):
-            yield Entry(*t)
         return
     import ray
 
@@ -301,7 +416,7 @@ def tar_marks(output: str, storage: StorageConfig | None) -> dict[int, int]:
 
 
 def pending_work(
-    plan: Plan, units: Units, done: set[int], marks: dict[int, int], storage: StorageConfig | None
+    plan: Plan, done: set[int], marks: dict[int, int], storage: StorageConfig | None
 ) -> tuple[list[dict[str, Any]], int]:
     """The work items of the unfinished units (chunk ids; or tars, each with its URI and the
     chunks already written) and how many units are finished."""
@@ -311,9 +426,10 @@ def pending_work(
     written: dict[int, list[int]] = defaultdict(list)
     for c in done:
         written[c // TAR_STRIDE].append(c % TAR_STRIDE)
-    items, t = [], 0
-    for batch in units.batches(storage):
-        for uri in batch.column("path").to_pylist():
+    items = []
+    for g in plan.generations:
+        t = g.first
+        for uri in (u for b in Units(g.uri, g.chunks).batches(storage) for u in _paths(b)):
             have = written.get(t, [])
             if t not in marks or len(have) < -(-marks[t] // plan.chunk_size):
                 items.append({"chunk": t, "tar": uri, "skip": ",".join(map(str, sorted(have)))})
@@ -347,7 +463,7 @@ def read_units(
     tar is read once, its finished chunks skipped, its marker written at its end."""
     if plan.mode != "tars":
         for chunk in batch["chunk"]:
-            entries = read_chunk(plan.uri, int(chunk), plan.chunk_size, storage, plan.inputs_sha256)
+            entries = plan.entries(int(chunk), storage)
             yield (int(chunk), entries, *fetch(entries, storage, image_column))
         return
     from beit_ray.infer.tars import stream_tar

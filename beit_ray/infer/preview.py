@@ -120,13 +120,12 @@ def _image_bytes(cfg: LabelConfig, plan: Any, rows: list[dict]) -> list[bytes | 
     """Each row's image bytes, read as labelling read them (the plan's entries: a file, a tar
     member by its offset, a parquet row); None for members of streamed object-store tars."""
     from beit_ray.infer.inputs import fetch
-    from beit_ray.infer.plan import read_chunk
 
     if plan is None or getattr(plan, "mode", "") == "tars":
         return [None] * len(rows)
     by_chunk: dict[int, dict[str, Any]] = {}
     for c in {r["chunk"] for r in rows}:
-        entries = read_chunk(plan.uri, c, plan.chunk_size, cfg.storage, plan.inputs_sha256)
+        entries = plan.entries(c, cfg.storage)
         by_chunk[c] = {e.path: e for e in entries}
     entries = [by_chunk[r["chunk"]].get(r["path"]) for r in rows]
     found = [e for e in entries if e is not None]
