@@ -35,14 +35,16 @@ encoder (fp16 autocast) reach. Optimistic for the step, so the feed is sized for
 UNKNOWN_GPU = "H100"
 """The card a plan sizes the feed for when ``scaling.gpu_kind`` is unset: the fastest known."""
 
-# Measured on one core of this project's 2-core AVX2 VM by bench/feed_rates.py; the figures,
-# the command and the load are in bench/RESULTS.md ("feed rates", 2026-11-28). Cluster cores
-# (AVX-512) are faster, so these err on the side of more CPUs.
-CPU_DECODE_IMAGES_PER_CORE = 600.0
-"""read + crop-only JPEG decode + two views + block mask (``pipeline.pretrain_batch``), ~500×375
-JPEGs; the decode floor (a full Pillow decode) ran ~1.9x as fast in the same run."""
-CPU_GFLOPS_PER_CORE: dict[str, float] = {"dalle": 20.0, "codebook": 20.0}
-"""Achieved fp32 GFLOP/s of one core in a CPU tokenizer actor: the DALL-E encoder, the codebook."""
+# Measured on one core of this project's 2-core AVX2 VM by bench/feed_rates.py, three runs at
+# load averages 2-39 (bench/RESULTS.md, "feed rates", 2026-12-07), rounded down to the slower
+# runs: cluster cores (AVX-512, not shared) are faster, so these err towards more CPUs.
+CPU_DECODE_IMAGES_PER_CORE = 500.0
+"""read + crop-only JPEG decode + two views + block mask (``pipeline.pretrain_batch``) of ~500×375
+JPEGs: 421-519 images/s measured (590-607 in bench/data_pipeline.py on a quiet machine), 0.66-0.69
+of a full Pillow decode of the same files in the same runs."""
+CPU_GFLOPS_PER_CORE: dict[str, float] = {"dalle": 50.0, "codebook": 25.0}
+"""Achieved fp32 GFLOP/s of one core in a CPU tokenizer actor: DALL-E 49-63 measured (~1 image/s,
+0.66-0.70 of the core's GEMM rate), the 8192-code codebook 25-31 (~40-50 images/s, 0.32-0.39)."""
 CPU_TOKENIZER_CORES_PER_GPU = 16
 """CPU tokenizing that needs more cores than this per training GPU (a GPU node has 12-24 per
 GPU) is no plan: the verdict is GPU actors or shards."""
