@@ -357,11 +357,12 @@ def tokenizer_gpus(
     announce: bool = False,
 ) -> float:
     """GPUs per tokenizer actor (:func:`tokenizer_choice`); ``announce``: say which when the
-    config left it unset."""
+    config left it unset and there was a choice (not on a fixed cluster without GPUs)."""
     if requested is not None:
         return requested
-    gpus, why = tokenizer_choice(None, cluster or Cluster.read(), train_gpus)
-    if announce:
+    cluster = cluster or Cluster.read()
+    gpus, why = tokenizer_choice(None, cluster, train_gpus)
+    if announce and (gpus or not cluster.fixed):
         print0(f"tokenizer: {why}")
     return gpus
 

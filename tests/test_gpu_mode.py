@@ -499,3 +499,6 @@ def test_training_decides_the_tokenizer_device_once_and_says_it(monkeypatch, cap
     assert "CPU actors" in capsys.readouterr().out
     cfg.data.tokenizer_num_gpus = 0.5
     assert with_tokenizer_device(cfg) is cfg.data and capsys.readouterr().out == ""
+    # A local Ray without GPUs: CPU actors, nothing to say.
+    monkeypatch.setattr(Cluster, "read", classmethod(lambda cls, ray_cfg=None: Cluster(8, 0, 1)))
+    assert with_tokenizer_device(cpu).tokenizer_num_gpus == 0.0 and capsys.readouterr().out == ""
