@@ -221,7 +221,9 @@ def _gcs_limits() -> dict[str, float] | None:
     )
 
 
-# KubeRay sets RAY_CLUSTER_NAME (and, since 1.4, RAY_CLUSTER_NAMESPACE) on every Ray container.
+# KubeRay sets RAY_CLUSTER_NAME (newer releases also RAY_CLUSTER_NAMESPACE) on every Ray
+# container, and with in-tree autoscaling gives the head pod a service account allowed to read
+# its RayCluster (the autoscaler sidecar uses it; the Ray container shares it).
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
