@@ -215,13 +215,16 @@ def pretrain(cfg: Any, demo: bool = False) -> list[str]:
     if tok != "none" and not shards:
         actors = (lo, _get(data, "tokenizer_num_cpus", 1.0))
     cpus, gpus = train_asks(cfg, actors)
+    tok_gpus, known_gpus = _tokenizer_device(cfg)
     workers = _get(cfg, "scaling.num_workers", 1)
     parts = [
         f"{workers} workers × {_get(cfg, 'scaling.cpus_per_worker', 1):g} CPU",
         "1 CPU read/decode",
     ]
     if actors:
-        parts.append(f"tokenizer actors {actors[0]}-{hi} × {actors[1]:g} CPU")
+        per_gpu = f" + {tok_gpus:g} GPU" if tok_gpus else ""
+        parts.append(f"tokenizer actors {actors[0]}-{hi} × {actors[1]:g} CPU{per_gpu}")
+        gpus += lo * tok_gpus
     lines = [
         "plan: pretraining (masked image modelling)"
         + (" on the demo data with demo settings" if demo else ""),
@@ -235,9 +238,32 @@ def pretrain(cfg: Any, demo: bool = False) -> list[str]:
         _asks_line(parts, cpus, gpus),
         _cluster_line(_get(cfg, "ray"), cpus, gpus),
         *_train_lines(cfg, images, 1.0),
+        *_feed_lines(cfg, tok_gpus, known_gpus),
         _outputs(cfg),
     ]
     return lines
+
+
+def _tokenizer_device(cfg: Any) -> tuple[float, float | None]:
+    """(GPUs per tokenizer actor, GPUs the cluster has or None) as the run will decide them
+    (``runtime.tokenizer_choice``): set, or 1 GPU when training on GPUs or on a local machine
+    with GPUs; a joined cluster's own GPUs are known only once connected."""
+    joined = bool(_get(cfg, "ray.address") or os.environ.get("RAY_ADDRESS"))
+    local = None if joined else float(_local_gpus())
+    requested = _get(cfg, "data.tokenizer_num_gpus")
+    if requested is not None:
+        return float(requested), local
+    return (1.0 if _get(cfg, "scaling.use_gpu", False) or (local or 0) > 0 else 0.0), local
+
+
+def _feed_lines(cfg: Any, tok_gpus: float, known_gpus: float | None) -> list[str]:
+    """Images/s the training wants, the decode CPUs and tokenizer actors that feed it, a verdict."""
+    try:
+        from beit_ray.feed import estimate
+
+        return estimate(cfg, gpus=known_gpus, tokenizer_gpus=tok_gpus).lines()
+    except Exception as e:  # the plan never fails on its estimate
+        return [f"  feed     not estimated ({type(e).__name__}: {e})"]
 
 
 def finetune(cfg: Any, demo: bool = False) -> list[str]:

@@ -7,9 +7,10 @@
 Ray Data and Ray Train wait forever, without an error, for resources that never come (workers
 holding every CPU, more GPU requests than GPUs), and outputs written to one node's disk are lost
 to the others. Every check here runs before a job does any work and names the field to change.
-On an autoscaling cluster what is up now is not the limit: the autoscaler's node types are
-(Ray's GCS cluster config, or the launcher's ``~/ray_bootstrap_config.yaml`` on the head), and
-a shortfall it can still fill is a warning.
+On an autoscaling cluster what is up now is not the limit: the autoscaler's node types are,
+and a shortfall it can still fill is a warning. Open-source Ray 2.60 publishes no node types
+to the GCS (its ``ClusterConfig`` key is written only through an RPC no Ray 2.60 code calls),
+so they are read where Ray's own autoscalers read them (:func:`autoscaler_limits`).
 """
 
 from __future__ import annotations
@@ -176,9 +177,20 @@ class Cluster:
 
 
 def autoscaler_limits() -> dict[str, float] | None:
-    """{"CPU", "GPU", "nodes"} at the autoscaler's maximum, or None when no config is found."""
-    limits = _gcs_limits()
-    return limits if limits is not None else _bootstrap_limits(os.path.expanduser(BOOTSTRAP_CONFIG))
+    """{"CPU", "GPU", "nodes"} at the autoscaler's maximum, or None when no source is found.
+
+    Read where Ray's autoscalers read their node types: on KubeRay the RayCluster object, through
+    the head pod's service account (KubeRay's autoscaler RBAC), translated by Ray's own
+    ``_derive_autoscaling_config_from_ray_cr``; on a ``ray up`` cluster the launcher config the
+    v1 and v2 autoscalers load, ``~/ray_bootstrap_config.yaml`` on the head (a job's driver runs
+    there). The GCS ``ClusterConfig`` is read first, for platforms that do report it.
+    ``ray.autoscaler.v2.sdk.get_cluster_status`` lists live and pending nodes only, no maxima.
+    """
+    for source in (_gcs_limits, _kuberay_limits):
+        limits = source()
+        if limits is not None:
+            return limits
+    return _bootstrap_limits(os.path.expanduser(BOOTSTRAP_CONFIG))
 
 
 def node_group_limits(groups: list[tuple[dict[str, float], int]]) -> dict[str, float]:
@@ -193,8 +205,8 @@ def node_group_limits(groups: list[tuple[dict[str, float], int]]) -> dict[str, f
 
 
 def _gcs_limits() -> dict[str, float] | None:
-    # Autoscaler v2 (KubeRay's, and `ray up` with RAY_enable_autoscaler_v2) publishes its node
-    # types here. A private API: any failure means "unknown", never a crash.
+    # Written by ReportClusterConfig, which no open-source Ray 2.60 autoscaler calls (Ray Data
+    # and Ray Train read it too); a private API: any failure means "unknown", never a crash.
     try:
         from ray._private.state import state
 
@@ -209,14 +221,48 @@ def _gcs_limits() -> dict[str, float] | None:
     )
 
 
+# KubeRay sets RAY_CLUSTER_NAME (newer releases also RAY_CLUSTER_NAMESPACE) on every Ray
+# container, and with in-tree autoscaling gives the head pod a service account allowed to read
+# its RayCluster (the autoscaler sidecar uses it; the Ray container shares it).
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _kuberay_limits() -> dict[str, float] | None:
+    """The RayCluster's groups, as Ray's KubeRay autoscaler reads them (``ray kuberay-autoscaler``
+    fetches the same object and translates it with the same function)."""
+    name = os.environ.get("RAY_CLUSTER_NAME")
+    if not name or not os.path.exists(os.path.join(SERVICE_ACCOUNT, "token")):
+        return None
+    try:
+        from ray.autoscaler._private.kuberay.autoscaling_config import (
+            _derive_autoscaling_config_from_ray_cr,
+        )
+        from ray.autoscaler._private.kuberay.node_provider import KubernetesHttpApiClient
+
+        namespace = os.environ.get("RAY_CLUSTER_NAMESPACE")
+        if not namespace:
+            with open(os.path.join(SERVICE_ACCOUNT, "namespace")) as f:
+                namespace = f.read().strip()
+        ray_cr = KubernetesHttpApiClient(namespace).get(f"rayclusters/{name}")
+        config = _derive_autoscaling_config_from_ray_cr(ray_cr)
+    except Exception as e:  # noqa: BLE001 - no RBAC, no API server: the limits stay unknown
+        log.debug("no RayCluster %r from the Kubernetes API: %s", name, e)
+        return None
+    return launcher_limits(config)
+
+
 def _bootstrap_limits(path: str) -> dict[str, float] | None:
-    """Limits from a cluster-launcher YAML (``available_node_types``), capped by max_workers."""
+    """Limits from a cluster-launcher YAML file (``ray up``'s bootstrap config)."""
     if not os.path.exists(path):
         return None
     import yaml
 
     with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+        return launcher_limits(yaml.safe_load(f) or {})
+
+
+def launcher_limits(cfg: dict[str, Any]) -> dict[str, float] | None:
+    """Limits of an autoscaling config (``available_node_types``), capped by max_workers."""
     types = cfg.get("available_node_types") or {}
     head = cfg.get("head_node_type")
     groups = []
@@ -274,13 +320,53 @@ def check_gpus(cfg: Any, tokenizer_gpus: float, cluster: Cluster) -> str | None:
     return verdict
 
 
-def tokenizer_gpus(requested: float | None, cluster: Cluster | None = None) -> float:
-    """GPUs per tokenizer actor: ``requested``, else 1 when the cluster has or can add GPUs."""
+def tokenizer_choice(
+    requested: float | None, cluster: Cluster, train_gpus: bool = False
+) -> tuple[float, str]:
+    """(GPUs per tokenizer actor, why): ``requested``, else 1 GPU when the job trains on GPUs or
+    the cluster has GPUs now or in its autoscaler's node types, else CPU actors.
+
+    GPU actors never fall back to CPU: Ray Data waits for its pool's first actors (without a
+    timeout by default) and their GPU demand makes the autoscaler start a GPU node.
+    """
+    if requested is not None:
+        where = f"{requested:g} GPU" if requested else "CPU"
+        return requested, f"{where} actors (data.tokenizer_num_gpus)"
+    if cluster.gpus > 0:
+        return 1.0, f"1-GPU actors: the cluster has {cluster.gpus:g} GPUs"
+    if (cluster.max_gpus or 0.0) > 0:
+        return 1.0, (
+            "1-GPU actors: no GPU node is up, the autoscaler's node types have "
+            f"{cluster.max_gpus:g} GPUs; the actors wait for one"
+        )
+    if train_gpus:
+        return 1.0, (
+            "1-GPU actors: training runs on GPUs, so GPU nodes exist or will; the actors wait "
+            "for one as the training workers do"
+        )
+    if not cluster.fixed:
+        return 0.0, (
+            "CPU actors: no GPU is up and the autoscaler's limits are unknown; set "
+            "data.tokenizer_num_gpus 1 to wait for GPU nodes instead"
+        )
+    return 0.0, "CPU actors: the cluster has no GPUs"
+
+
+def tokenizer_gpus(
+    requested: float | None,
+    cluster: Cluster | None = None,
+    train_gpus: bool = False,
+    announce: bool = False,
+) -> float:
+    """GPUs per tokenizer actor (:func:`tokenizer_choice`); ``announce``: say which when the
+    config left it unset and there was a choice (not on a fixed cluster without GPUs)."""
     if requested is not None:
         return requested
     cluster = cluster or Cluster.read()
-    # max_gpus: GPU nodes scaled to zero still count, or an autoscaling cluster gets CPU actors.
-    return 1.0 if max(cluster.gpus, cluster.max_gpus or 0.0) > 0 else 0.0
+    gpus, why = tokenizer_choice(None, cluster, train_gpus)
+    if announce and (gpus or not cluster.fixed):
+        print0(f"tokenizer: {why}")
+    return gpus
 
 
 def check_shared_storage(
@@ -339,7 +425,11 @@ def check_training(cfg: Any, ray_data_cpus: float, cluster: Cluster | None = Non
     """Every driver-side check of a training job: CPUs, GPUs, shared outputs."""
     cluster = cluster or Cluster.read(cfg.ray)
     check_cpus(cfg, ray_data_cpus, cluster)
-    gpus = tokenizer_gpus(cfg.data.tokenizer_num_gpus, cluster) if streams_tokens(cfg) else 0.0
+    gpus = (
+        tokenizer_gpus(cfg.data.tokenizer_num_gpus, cluster, cfg.scaling.use_gpu)
+        if streams_tokens(cfg)
+        else 0.0
+    )
     check_gpus(cfg, gpus, cluster)
     data = getattr(cfg, "data", None)
     check_shared_storage(

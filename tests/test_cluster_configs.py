@@ -9,6 +9,8 @@
   `ServeDeploySchema`, runtimeEnvYAML with Ray's `RuntimeEnv`, and the RayJob entrypoint
   with the job's own config class.
 - cluster/runtime_env.yaml: Ray's `RuntimeEnv`, and the package Ray would upload stays small.
+- Each cluster feeds what it trains (beit_ray/feed.py): the RayJob's entrypoint on its own
+  groups, cluster/pretrain-cluster.yaml on cluster/aws.yaml, limits read as the job reads them.
 """
 
 from __future__ import annotations
@@ -445,3 +447,84 @@ def test_runtime_env_yaml_is_valid_and_keeps_the_upload_small(tmp_path):
     for banned in (".venv/", ".git/", "runs/"):
         assert not any(n.startswith(banned) for n in names), banned
     assert package.stat().st_size < 20 * 2**20, f"{package.stat().st_size / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------- feed
+
+
+# The GPU in an AWS instance family (the families whose cards beit_ray.feed knows).
+AWS_GPUS = {"g5": "A10G", "g6": "L4", "p4d": "A100", "p4de": "A100", "p5": "H100", "p5e": "H200"}
+
+
+def check_feeds(cfg: Any, limits: dict[str, float]) -> None:
+    """The groups hold the trainers, the tokenizer pool at full size and the decode CPUs the
+    feed model says keep the trainers busy, and the pool may grow to the actors it needs."""
+    from beit_ray import feed
+
+    s, d = cfg.scaling, cfg.data
+    f = feed.estimate(cfg, gpus=limits["GPU"])
+    assert f.ok, f.verdict
+    assert s.num_workers + d.tokenizer_actors[1] * f.tokenizer_gpus <= limits["GPU"]
+    held = s.num_workers * s.cpus_per_worker + d.tokenizer_actors[1] * d.tokenizer_num_cpus
+    assert limits["CPU"] - held >= f.decode_cores + 1, (limits, held, f.decode_cores)
+
+
+def rayjob_config_and_limits(doc: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """The RayJob's pretraining config and its cluster's limits, translated by Ray's KubeRay
+    autoscaler code as beit_ray.runtime reads them on the head."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    from beit_ray.config import parse_args
+    from beit_ray.runtime import launcher_limits
+    from beit_ray.train.config import PretrainConfig
+
+    cr = {"metadata": {"name": "beit-pretrain-x", "namespace": "default"},
+          "spec": doc["spec"]["rayClusterSpec"]}  # fmt: skip
+    limits = launcher_limits(_derive_autoscaling_config_from_ray_cr(cr))
+    return parse_args(PretrainConfig, shlex.split(doc["spec"]["entrypoint"])[2:]), limits
+
+
+def test_rayjob_feeds_what_it_trains():
+    cfg, limits = rayjob_config_and_limits(load(KUBERAY / "rayjob-pretrain.yaml"))
+    assert cfg.data.tokenizer == "dalle" and cfg.scaling.use_gpu
+    check_feeds(cfg, limits)
+
+
+def test_aws_cluster_feeds_the_job_it_is_sized_for():
+    from ray.autoscaler._private.util import prepare_config
+
+    from beit_ray.config import parse_args
+    from beit_ray.runtime import launcher_limits
+    from beit_ray.train.config import PretrainConfig
+
+    aws = prepare_config(load(CLUSTER / "aws.yaml"))
+    cfg = parse_args(PretrainConfig, ["--config", str(CLUSTER / "pretrain-cluster.yaml")])
+    gpu_types = [t for t in aws["available_node_types"].values() if t["resources"].get("GPU")]
+    family = gpu_types[0]["node_config"]["InstanceType"].split(".")[0]
+    assert cfg.scaling.gpu_kind == AWS_GPUS[family]  # the plan sizes for the cards it gets
+    check_feeds(cfg, launcher_limits(aws))
+    # The README submits this config to that cluster.
+    assert "--config cluster/pretrain-cluster.yaml" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--data.tokenizer_actors", "[2,8]"],  # what the RayJob had: half the actors it needs
+        ["--scaling.num_workers", "12"],  # 12 trainers + 6.4 GPUs of DALL-E > 16 GPUs
+        ["--data.tokenizer_num_gpus", "0"],  # CPU DALL-E: ~1 image/s per core
+        ["--scaling.cpus_per_worker", "50"],  # workers hold the CPUs decode needs
+    ],
+    ids=["small-pool", "too-many-trainers", "cpu-dalle", "no-decode-cpus"],
+)
+def test_feed_check_rejects_clusters_that_starve_their_trainers(args):
+    from beit_ray.config import parse_args
+    from beit_ray.train.config import PretrainConfig
+
+    doc = load(KUBERAY / "rayjob-pretrain.yaml")
+    _, limits = rayjob_config_and_limits(doc)
+    cfg = parse_args(PretrainConfig, [*shlex.split(doc["spec"]["entrypoint"])[2:], *args])
+    with pytest.raises(AssertionError):
+        check_feeds(cfg, limits)

@@ -392,3 +392,113 @@ def test_gpu_check_runs_tiny_on_cpu_without_ray(tmp_path):
         assert res[path]["images_per_s"] > 0 and res[path]["fraction_of_bf16_matmul"] > 0
     assert res["dalle"]["images_per_s"] > 0 and res["predictor"]["images_per_s"] > 0
     assert "SKIPPED (--skip-deepspeed)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- autoscaler limits
+
+
+def test_no_open_source_ray_code_writes_the_gcs_cluster_config():
+    """The GCS ClusterConfig is stored by the ReportClusterConfig RPC; in the installed Ray only
+    the generated stubs name it, so no autoscaler of this Ray (v1, v2, KubeRay) publishes node
+    types there and the limits are read where the autoscalers read them."""
+    import ray
+
+    root = Path(ray.__file__).parent
+    callers = {
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "/tests/" not in str(p) and "ReportClusterConfig" in p.read_text(errors="ignore")
+    }
+    assert callers and all(c.startswith("core/generated/") for c in callers), callers
+
+
+def _raycluster(name: str, namespace: str) -> dict:
+    import yaml
+
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob-pretrain.yaml").read_text())
+    meta = {"name": name, "namespace": namespace}
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": meta,
+            "spec": doc["spec"]["rayClusterSpec"]}  # fmt: skip
+
+
+def test_kuberay_limits_are_the_rayclusters_groups_read_as_rays_autoscaler_reads_them(
+    monkeypatch, tmp_path
+):
+    import requests
+    from ray.autoscaler._private.kuberay.node_provider import KubernetesHttpApiClient
+
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text("t")
+    (sa / "namespace").write_text("ml")
+    monkeypatch.setattr(runtime, "SERVICE_ACCOUNT", str(sa))
+    monkeypatch.setattr(runtime, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))
+    monkeypatch.setattr(runtime, "_gcs_limits", lambda: None)
+    monkeypatch.setenv("RAY_CLUSTER_NAME", "beit-pretrain-x7k2p")  # KubeRay sets it on every pod
+    monkeypatch.delenv("RAY_CLUSTER_NAMESPACE", raising=False)
+    asked: list[tuple[str, str]] = []
+
+    def get(self: KubernetesHttpApiClient, path: str) -> dict:
+        asked.append((self._namespace, path))
+        return _raycluster("beit-pretrain-x7k2p", self._namespace)
+
+    monkeypatch.setattr(KubernetesHttpApiClient, "get", get)
+    limits = runtime.autoscaler_limits()
+    assert asked == [("ml", "rayclusters/beit-pretrain-x7k2p")]
+    groups = _raycluster("x", "ml")["spec"]["workerGroupSpecs"]
+    lim = [g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups]
+    assert limits == {
+        "CPU": sum(int(x["cpu"]) * g["maxReplicas"] for x, g in zip(lim, groups, strict=True)),
+        "GPU": sum(int(x.get("nvidia.com/gpu", 0)) * g["maxReplicas"] for x, g in zip(lim, groups, strict=True)),
+        "nodes": 1 + sum(g["maxReplicas"] for g in groups),
+    }  # fmt: skip
+    assert limits["GPU"] > 0
+    # GPU pods scaled to zero, only the CPU-0 head up: GPU tokenizer actors, which wait for a node.
+    head_only = Cluster(0, 0, 1, limits["CPU"], limits["GPU"], int(limits["nodes"]), fixed=False)
+    gpus, why = runtime.tokenizer_choice(None, head_only)
+    assert gpus == 1.0 and "wait for one" in why
+
+    def denied(self: KubernetesHttpApiClient, path: str) -> dict:
+        raise requests.HTTPError("403 Forbidden")  # a head pod without the autoscaler's RBAC
+
+    monkeypatch.setattr(KubernetesHttpApiClient, "get", denied)
+    assert runtime.autoscaler_limits() is None
+    monkeypatch.setattr(KubernetesHttpApiClient, "get", get)
+    monkeypatch.delenv("RAY_CLUSTER_NAME")  # not a KubeRay pod: the API is never asked
+    assert runtime._kuberay_limits() is None and len(asked) == 1
+
+
+def test_gpu_tokenizer_actors_wait_for_gpu_nodes_instead_of_running_on_cpu():
+    unknown = Cluster(cpus=16, gpus=0, nodes=2, fixed=False)  # joined, limits unknown, no GPU up
+    gpus, why = runtime.tokenizer_choice(None, unknown, train_gpus=True)
+    assert gpus == 1.0 and "training runs on GPUs" in why
+    gpus, why = runtime.tokenizer_choice(None, unknown)  # a tokenize job: nothing says GPUs exist
+    assert gpus == 0.0 and "data.tokenizer_num_gpus 1" in why
+    assert runtime.tokenizer_choice(None, Cluster(cpus=8, gpus=2, nodes=1))[0] == 1.0
+    assert runtime.tokenizer_choice(None, Cluster(cpus=8, gpus=0, nodes=1)) == (
+        0.0,
+        "CPU actors: the cluster has no GPUs",
+    )
+    assert runtime.tokenizer_choice(0.25, unknown)[0] == 0.25
+    assert runtime.tokenizer_gpus(0.0, unknown, train_gpus=True) == 0.0  # set: kept
+
+
+def test_training_decides_the_tokenizer_device_once_and_says_it(monkeypatch, capsys):
+    from beit_ray.config import parse_args
+    from beit_ray.train.data import with_tokenizer_device
+
+    monkeypatch.setattr(
+        Cluster, "read", classmethod(lambda cls, ray_cfg=None: Cluster(8, 0, 1, fixed=False))
+    )
+    cfg = parse_args(PretrainConfig, ["--scaling.use_gpu", "true", "--data.tokenizer", "dalle"])
+    data = with_tokenizer_device(cfg)
+    assert data.tokenizer_num_gpus == 1.0 and cfg.data.tokenizer_num_gpus is None
+    assert "tokenizer: 1-GPU actors: training runs on GPUs" in capsys.readouterr().out
+    cpu = parse_args(PretrainConfig, ["--data.tokenizer", "dalle"])
+    assert with_tokenizer_device(cpu).tokenizer_num_gpus == 0.0
+    assert "CPU actors" in capsys.readouterr().out
+    cfg.data.tokenizer_num_gpus = 0.5
+    assert with_tokenizer_device(cfg) is cfg.data and capsys.readouterr().out == ""
+    # A local Ray without GPUs: CPU actors, nothing to say.
+    monkeypatch.setattr(Cluster, "read", classmethod(lambda cls, ray_cfg=None: Cluster(8, 0, 1)))
+    assert with_tokenizer_device(cpu).tokenizer_num_gpus == 0.0 and capsys.readouterr().out == ""

@@ -201,8 +201,10 @@ def add_tokenizer(ds, cfg: DataConfig, st: StorageConfig | None = None):  # noqa
         )
     from beit_ray.runtime import tokenizer_gpus
 
-    # Unset: GPU actors when the cluster has GPU nodes, also ones the autoscaler has not started.
-    gpus = tokenizer_gpus(cfg.tokenizer_num_gpus)
+    # Unset (a tokenize job; training resolves it first, knowing its workers' GPUs): GPU actors
+    # when the cluster has GPU nodes, also ones the autoscaler has not started. GPU actors then
+    # wait for a GPU node (Ray Data waits for the pool's first actors), never fall back to CPU.
+    gpus = tokenizer_gpus(cfg.tokenizer_num_gpus, announce=True)
     lo, hi = cfg.tokenizer_actors
     return ds.map_batches(
         TokenizerActor,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from beit_ray.config import ModelConfig, RayConfig, StorageConfig, check
 from beit_ray.data.config import DataConfig
+from beit_ray.feed import GPU_BF16_TFLOPS
 from beit_ray.models.flavours import get_flavour
 
 
@@ -245,8 +246,16 @@ class ScalingSection:
     threads_per_worker: int | None = None
     """torch CPU threads per worker; unset: the node's cores shared evenly by the workers on it
     (Ray's own default is the worker's CPU reservation, 1 thread for a fractional one)."""
+    gpu_kind: str | None = None
+    """The training GPUs' model (H100, H200, A100, A10G, L4), for the plan's data-feed estimate
+    (beit_ray/feed.py); unset: sized for the fastest, an H100."""
 
     def __post_init__(self) -> None:
+        check(
+            self.gpu_kind is None or self.gpu_kind in GPU_BF16_TFLOPS,
+            "scaling.gpu_kind",
+            f"one of {', '.join(GPU_BF16_TFLOPS)} (unset: H100)",
+        )
         check(self.num_workers > 0, "scaling.num_workers", "must be positive")
         check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be positive")
         check(

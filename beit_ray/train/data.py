@@ -9,6 +9,7 @@ rows and a validation split. The source is listed once per run, into ``<run>/lis
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ def pretraining_data(cfg: PretrainConfig) -> TrainData:
         return TrainData({"train": shards}, cfg.run.epochs)
     listing = list_parts(cfg.data, cfg.storage, uri=_listing_uri(cfg, "listing"))
     clock = make_clock()
-    ds = pretraining_dataset(cfg.data, storage_cfg=cfg.storage, listing=listing, clock=clock)
+    data = with_tokenizer_device(cfg)
+    ds = pretraining_dataset(data, storage_cfg=cfg.storage, listing=listing, clock=clock)
     actors = (
         cfg.data.tokenizer_actors[0] * cfg.data.tokenizer_num_cpus
         if cfg.data.tokenizer != "none"
@@ -59,6 +61,20 @@ def pretraining_data(cfg: PretrainConfig) -> TrainData:
         {"train": ds}, cfg.run.epochs, rows_per_pass=cfg.data.images_per_epoch or listing.images(),
         ray_data_cpus=1.0 + actors, clock=clock, positions=True,
     )  # fmt: skip
+
+
+def with_tokenizer_device(cfg: PretrainConfig) -> Any:
+    """``cfg.data`` with ``tokenizer_num_gpus`` decided (and said) here: unset, the pipeline alone
+    cannot tell that training holds GPUs, so GPU nodes exist even when none is up yet."""
+    if cfg.data.tokenizer == "none" or cfg.data.tokenizer_num_gpus is not None:
+        return cfg.data
+    from beit_ray.runtime import Cluster, tokenizer_gpus
+
+    data = copy.copy(cfg.data)
+    data.tokenizer_num_gpus = tokenizer_gpus(
+        None, Cluster.read(cfg.ray), train_gpus=cfg.scaling.use_gpu, announce=True
+    )
+    return data
 
 
 def finetuning_data(cfg: FinetuneConfig) -> TrainData:
