@@ -261,7 +261,7 @@ RETRY_ATTEMPTS = int(os.environ.get("BEIT_RETRY_ATTEMPTS", "8"))
 RETRY_BASE_S, RETRY_CAP_S = 0.25, 20.0
 """Backoff: ``base × 2^(try - 1)`` seconds, at most ``cap``, with full jitter (AWS's advice):
 8 tries wait up to ~50 s in all, longer than a throttled prefix takes to scale up."""
-_TRANSIENT_MARKERS = (
+_TRANSIENT_MARKERS = (  # matched in lower case with "_" read as " " (pyarrow: SLOW_DOWN)
     "slowdown",
     "slow down",
     "reduce your request rate",
@@ -270,9 +270,12 @@ _TRANSIENT_MARKERS = (
     "service unavailable",
     "internalerror",
     "internal error",
+    "internal failure",
     "requesttimeout",
+    "request timeout",
     "timed out",
     "timeout",
+    "network connection",
     "connection reset",
     "connection aborted",
     "connection refused",
@@ -320,8 +323,11 @@ def is_transient(e: BaseException) -> bool:
         code = f"{err.get('Code', '')} {status}"
         if isinstance(status, int) and status >= 500:
             return True
-    text = f"{type(e).__name__} {code} {e}".lower()
-    return any(m in text for m in _TRANSIENT_MARKERS)
+    text = f"{type(e).__name__} {code} {e}".lower().replace("_", " ")
+    if any(m in text for m in _TRANSIENT_MARKERS):
+        return True
+    cause = e.__cause__ or e.__context__  # a library's own error around a throttled request
+    return cause is not None and cause is not e and is_transient(cause)
 
 
 def backoff(attempt: int, error: BaseException, what: str = "") -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import jpeg_bytes
+from conftest import REPO, jpeg_bytes
 from PIL import Image
 
 from beit_ray import storage as st
@@ -442,3 +443,90 @@ def test_a_rerun_reuses_its_listing_and_relist_labels_only_what_is_new(
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [part_name(c) for c in (0, 1, 2)]
     assert label(_cfg(**args, relist=True))["processed_this_run"] == 0  # nothing new since
     assert label(_cfg(**args))["processed_this_run"] == 0
+
+
+def _small_tree(photos: dict[str, np.ndarray], root: Path, n: int) -> list[str]:
+    """``n`` small real JPEGs (crops of the photos) under ``root``; their paths, sorted."""
+    out = []
+    names = list(GOOD)
+    for i in range(n):
+        img = photos[names[i % len(names)]][: 48 + i, : 64 + i]
+        p = root / f"d{i % 3}" / f"{i:03d}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(jpeg_bytes(img))
+        out.append(str(p))
+    return sorted(out)
+
+
+def _once_each(out: Path, paths: list[str]) -> None:
+    table = read_parts(str(out)).to_pandas()
+    got = table["path"].tolist()
+    assert len(got) == len(set(got)) and sorted(got) == paths  # every input once, no more
+    assert table["error"].isna().all(), table["error"].dropna().tolist()[:3]
+
+
+def test_a_killed_model_actor_is_replaced_and_its_chunk_written_once(
+    ray_session, photos, checkpoints, tmp_path
+):
+    paths = _small_tree(photos, tmp_path / "in", 12)
+    out = tmp_path / "out"
+    cfg = _cfg(
+        input=tmp_path / "in", output=out, checkpoint=checkpoints["classification"],
+        chunk_size=3, actors__fail_at_chunk=2,
+    )  # fmt: skip
+    summary = label(cfg)
+    assert (out / "_debug" / "actor-killed-at-chunk-2").exists()  # the actor did die there
+    assert summary["files"] == summary["ok"] == 12 and summary["chunks"] == 4
+    _once_each(out, paths)
+
+
+def test_a_killed_driver_resumes_with_every_input_once(ray_session, photos, checkpoints, tmp_path):
+    """The job's driver (and its local Ray) SIGKILLed while chunks are being written; the same
+    command again writes the rest, and each input has one row."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    paths = _small_tree(photos, tmp_path / "in", 40)
+    out, ray_tmp = tmp_path / "out", f"/tmp/ray_kill_{os.getpid()}"
+    args = ["--input", str(tmp_path / "in"), "--output", str(out), "--chunk_size", "2",
+            "--checkpoint", checkpoints["classification"], "--ray.num_cpus", "4",
+            "--ray.temp_dir", ray_tmp, "--actors.num_cpus", "0.5", "--actors.max_actors", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/label.py", *args], cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("part-*.parquet"))) < 3 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the job wrote no part in 5 minutes"
+            time.sleep(0.05)
+        written = len(list(out.glob("part-*.parquet")))
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+    finally:
+        proc.wait()
+        _kill_leftovers(ray_tmp)
+    assert proc.returncode == -signal.SIGKILL and 3 <= written < 20, (proc.returncode, written)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    summary = label(_cfg(input=tmp_path / "in", output=out, chunk_size=2,
+                         checkpoint=checkpoints["classification"]))  # fmt: skip
+    assert summary["chunks_resumed"] == len(before) and summary["files"] == 40
+    assert all((out / n).stat().st_mtime_ns == t for n, t in before.items())  # not redone
+    _once_each(out, paths)
+
+
+def _kill_leftovers(marker: str) -> None:
+    """SIGKILL any process whose command line names ``marker`` (the killed job's Ray)."""
+    import signal
+
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue

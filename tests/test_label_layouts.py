@@ -252,3 +252,30 @@ def test_layout_selection_errors(s3_server, layouts, classifier, tmp_path, photo
     assert units(_cfg(input=one, checkpoint=classifier)) == ("parquet", [one])
     one = f"s3://{bucket}/wds/shard-000000.tar"
     assert units(_cfg(input=one, checkpoint=classifier)) == ("webdataset", [one])
+
+
+def test_throttled_store_loses_no_image_and_writes_no_error_row(
+    ray_session, layouts, classifier, tmp_path, monkeypatch
+):
+    """S3 answers SlowDown (503) to every tar and parquet object's first 7 GETs, more than the
+    6 tries s3fs and botocore make of one request: the readers back off and retry, so the
+    output is the same as unthrottled, every input once, no error row but the inputs' own."""
+    bucket, expect = layouts
+    throttled = (".tar", ".parquet")
+
+    def slow_down(method: str, path: str, n: int) -> bool:  # the outputs' own files too
+        return method == "GET" and path.endswith(throttled) and n <= 7
+
+    for layout, src in (("class_tars", "ctars"), ("parquet", "pq")):
+        out = f"s3://{bucket}/throttled-{layout}"
+        cfg = _cfg(input=f"s3://{bucket}/{src}", output=out, checkpoint=classifier, chunk_size=3)
+        with moto_requests(slow_down) as got:
+            summary = label(cfg)
+        assert got["throttled"] >= 7 * 2, got  # every container was throttled, past the transport
+        df = read_parts(out).to_pandas()
+        assert len(df) == df["path"].nunique() == len(expect[layout]) == summary["files"]
+        assert set(df["path"]) == set(expect[layout])
+        bad = {p for p, want in expect[layout].items() if want.startswith("!")}
+        errs = {p: e for p, e in zip(df["path"], df["error"], strict=True) if pd.notna(e)}
+        assert set(errs) == bad, [errs[p] for p in sorted(set(errs) - bad)][:3]
+        assert not any("SlowDown" in str(e) or "503" in str(e) for e in df["error"].dropna())

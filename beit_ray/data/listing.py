@@ -321,7 +321,7 @@ def read_part(uri: str, st: StorageConfig | None = None) -> dict[str, list[Any]]
     import pyarrow.parquet as pq
 
     fs, path = storage.pyarrow_fs(uri, st)
-    return pq.read_table(path, filesystem=fs).to_pydict()
+    return storage.retry(pq.read_table, path, filesystem=fs, what=uri).to_pydict()
 
 
 # --------------------------------------------------------------------------- manifests

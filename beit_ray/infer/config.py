@@ -77,6 +77,9 @@ class ActorsConfig:
     """torch CPU threads per actor; unset: the actor's CPUs rounded up (at least 1)."""
     decode_cpus: float = 0.25
     """Logical CPUs each read/decode/preprocess task holds."""
+    fail_at_chunk: int | None = None
+    """Fault drill: the model actor given this chunk exits hard once, before writing it (a
+    marker under the output's _debug/ makes it once); Ray restarts it and retries the chunk."""
 
     def __post_init__(self) -> None:
         check(self.min_actors >= 1, "actors.min_actors", "must be >= 1")

@@ -72,7 +72,9 @@ class Units:
     def batches(self, storage: StorageConfig | None) -> Iterator[pa.RecordBatch]:
         for uri in self.parts if self.parts is not None else [self.uri]:
             fs, path = st.pyarrow_fs(uri, storage)
-            yield from pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=LISTING_BATCH)
+            # a part at a time (at most walk.RUN_FILES rows), read whole: retried as one
+            table = st.retry(pq.read_table, path, filesystem=fs, what=uri)
+            yield from table.to_batches(max_chunksize=LISTING_BATCH)
 
     reused: bool = False
     """Read back as an earlier run saved it (nothing was listed)."""

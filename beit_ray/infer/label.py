@@ -41,6 +41,7 @@ only the parts.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -177,6 +178,7 @@ class PredictorActor:
         dtype: str = "auto",
         output: str | None = None,
         batch_size: int = 16,
+        fail_at_chunk: int | None = None,
     ) -> None:
         from beit_ray.infer.predictor import Predictor, actor_threads
 
@@ -187,6 +189,7 @@ class PredictorActor:
         device = "cuda" if num_gpus > 0 else "cpu"
         dtype = resolve_dtype(dtype, device)  # predict.dtype auto: bfloat16 on a GPU actor
         self.task, self.storage, self.output, self.batch_size = task, storage, output, batch_size
+        self.fail_at_chunk = fail_at_chunk
         self.predictor = Predictor(
             checkpoint,
             task,
@@ -219,6 +222,8 @@ class PredictorActor:
                 )
                 for s in range(0, n, bs)
             ]
+            if int(chunk) == self.fail_at_chunk:
+                self.drill(int(chunk))
             counts = write_part(pa.concat_tables(tables), self.output, int(chunk), self.storage)  # type: ignore[arg-type]
             out["chunk"].append(int(chunk))
             out["rows"].append(counts["rows"])
@@ -230,6 +235,13 @@ class PredictorActor:
             "errors": np.array(out["errors"], np.int64),
             "reasons": np.array(out["reasons"], dtype=object),
         }
+
+    def drill(self, chunk: int) -> None:
+        """``actors.fail_at_chunk``: exit hard, once (a marker makes it once)."""
+        marker = st.join(str(self.output), "_debug", f"actor-killed-at-chunk-{chunk}")
+        if not st.exists(marker, self.storage):
+            st.write_text(marker, "killed by actors.fail_at_chunk\n", self.storage)
+            os._exit(1)
 
     def rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Decoded rows → the part's rows (predictions, or the error of each failed row)."""
@@ -429,6 +441,7 @@ def _graph(cfg: LabelConfig, plan: Plan, items: list[dict[str, Any]], preprocess
             "dtype": cfg.predict.dtype,
             "output": cfg.output,
             "batch_size": cfg.predict.batch_size,
+            "fail_at_chunk": a.fail_at_chunk,
         },
         compute=ray.data.ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
         batch_size=1,  # one chunk: the actor runs it in predict.batch_size forward passes

@@ -392,9 +392,11 @@ def read_chunk(
     key = (plan_uri, version, chunk // g)
     if _GROUP_CACHE.get("key") != key:
         fs, path = st.pyarrow_fs(plan_uri, storage)
-        _GROUP_CACHE.update(
-            key=key, rows=pq.ParquetFile(path, filesystem=fs).read_row_group(chunk // g).to_pylist()
-        )
+
+        def group() -> list[dict[str, Any]]:
+            return pq.ParquetFile(path, filesystem=fs).read_row_group(chunk // g).to_pylist()
+
+        _GROUP_CACHE.update(key=key, rows=st.retry(group, what=plan_uri))
     row = _GROUP_CACHE["rows"][chunk % g]
     assert row["chunk"] == chunk, (row["chunk"], chunk)
     return [Entry(*t) for t in zip(*(row[f] for f in Entry._fields), strict=True)]
