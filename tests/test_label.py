@@ -530,3 +530,53 @@ def _kill_leftovers(marker: str) -> None:
                     os.kill(int(pid), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+def test_a_killed_second_node_costs_no_input(photos, checkpoints, tmp_path):
+    """Two raylets (ray.cluster_utils, in a child process with its own Ray): the second node is
+    killed while chunks are in flight (read tasks are spread over both nodes); Ray Data reruns
+    its tasks and actors on the head, and every input has one row."""
+    from conftest import run_child
+
+    paths = _small_tree(photos, tmp_path / "in", 40)
+    out = tmp_path / "out"
+    script = tmp_path / "kill_node.py"
+    script.write_text(
+        f"""
+import json, os, threading, time, ray
+from ray.cluster_utils import Cluster
+from beit_ray.config import parse_args
+from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.label import label
+c = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
+node = c.add_node(num_cpus=2)
+ray.init(address=c.address)
+c.wait_for_nodes()
+cfg = parse_args(LabelConfig, [
+    "--input", {str(tmp_path / "in")!r}, "--output", {str(out)!r}, "--chunk_size", "2",
+    "--checkpoint", {checkpoints["classification"]!r}, "--actors.num_cpus", "0.5",
+    "--actors.max_actors", "2", "--storage.shared_paths", "[{tmp_path}]",
+])
+done = {{}}
+t = threading.Thread(target=lambda: done.update(summary=label(cfg)))
+t.start()
+while len([p for p in os.listdir({str(out)!r}) if p.startswith("part-")]
+           if os.path.isdir({str(out)!r}) else []) < 4:
+    time.sleep(0.05)
+written = len([p for p in os.listdir({str(out)!r}) if p.startswith("part-")])
+c.remove_node(node, allow_graceful=False)
+t.join()
+end = time.monotonic() + 120  # the GCS marks a killed raylet dead after its health checks
+while len([n for n in ray.nodes() if n["Alive"]]) > 1 and time.monotonic() < end:
+    time.sleep(1)
+alive = len([n for n in ray.nodes() if n["Alive"]])
+ray.shutdown(); c.shutdown()
+print("RESULT " + json.dumps({{"written": written, "alive": alive, **done["summary"]}}, default=str))
+"""
+    )
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    res = run_child([str(script)], env=env, timeout=600)
+    assert res["alive"] == 1 and 4 <= res["written"] < 20  # killed mid-run
+    assert res["files"] == res["ok"] == 40
+    _once_each(out, paths)
