@@ -21,17 +21,10 @@ import sys
 import tempfile
 import time
 
-FLAGS = (  # as tests/conftest.py: no network, no profile but a fresh one
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from conftest import CHROMIUM_FLAGS  # noqa: E402 - the tests' flags: no network, a fresh profile
+
+FLAGS = (*CHROMIUM_FLAGS, "--hide-scrollbars")
 
 
 def chromium(width: int, height: int):  # noqa: ANN201 (selenium's driver)

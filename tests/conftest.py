@@ -129,6 +129,19 @@ def jpeg_bytes(img: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar of (name, bytes) members, in that order."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

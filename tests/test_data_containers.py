@@ -4,27 +4,16 @@ botocore's own retries, and what counts as transient."""
 
 from __future__ import annotations
 
-import io
 import tarfile
 
 import numpy as np
 import pytest
-from conftest import moto_requests
+from conftest import moto_requests, tar_bytes
 
 from beit_ray import storage
 from beit_ray.data import containers, sources
 
 pytestmark = pytest.mark.integration
-
-
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _images(n: int, size: int = 6000, seed: int = 0) -> list[bytes]:
@@ -39,12 +28,12 @@ def tars(s3_bucket):
     the expected rows."""
     imgs = _images(100)
     ctar = f"s3://{s3_bucket}/ctars/n07.tar"
-    storage.write_bytes(ctar, _tar([(f"n07_{i:03d}.JPEG", d) for i, d in enumerate(imgs)]))
+    storage.write_bytes(ctar, tar_bytes([(f"n07_{i:03d}.JPEG", d) for i, d in enumerate(imgs)]))
     wds = f"s3://{s3_bucket}/wds/shard-000000.tar"
     members = []
     for i, d in enumerate(imgs[:50]):
         members += [(f"s{i:03d}.jpg", d), (f"s{i:03d}.cls", str(i % 7).encode())]
-    storage.write_bytes(wds, _tar(members))
+    storage.write_bytes(wds, tar_bytes(members))
     return {"ctar": ctar, "wds": wds, "imgs": imgs}
 
 

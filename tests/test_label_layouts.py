@@ -7,9 +7,7 @@ duplicates and no gaps, and the same predictions as a direct transformers forwar
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pandas as pd
@@ -17,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import jpeg_bytes, moto_requests
+from conftest import jpeg_bytes, moto_requests, tar_bytes
 
 from beit_ray import storage as st
 from beit_ray.config import ConfigError, parse_args
@@ -29,16 +27,6 @@ pytestmark = pytest.mark.integration
 
 BAD = "!corrupt|truncated|not_an_image"  # random bytes after a JPEG header: any of these
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def corrupt(photos: dict[str, np.ndarray]) -> bytes:

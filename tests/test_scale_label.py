@@ -4,13 +4,12 @@ ledger (coverage without reading parts), tar members read once by offset, errors
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import tar_bytes
 
 from beit_ray import storage as st
 from beit_ray.data import containers
@@ -116,20 +115,10 @@ def test_coverage_from_ledger_and_footers_without_reading_rows(tmp_path, monkeyp
     assert json.loads(meta) == {"rows": 3, "errors": 2, "reasons": {"empty": 1, "corrupt": 1}}
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_tar_members_read_once_by_offset(tmp_path, monkeypatch):
     members = [(f"n01_{i}.JPEG", bytes([i]) * (3000 + 100 * i)) for i in range(10)]
     path = tmp_path / "n01.tar"
-    path.write_bytes(_tar(members))
+    path.write_bytes(tar_bytes(members))
     index = list(containers.members(str(path)))  # headers only: names, offsets, sizes
     assert [m.name for m in index] == [n for n, _ in members]
     assert all(m.data is None for m in index)
@@ -229,7 +218,7 @@ def test_streamed_tar_gives_the_listed_inputs_with_their_bytes(tmp_path, layout)
         members = [("s0.jpg", b"a" * 900), ("s0.cls", b"1"), ("s1.json", b"{}"), ("s1.txt", b"t")]
         members += [("s2.cls", b"2"), ("s3.png", b"p" * 40), ("s2.jpg", b"j" * 30)]
     path = tmp_path / "x.tar"
-    path.write_bytes(_tar(members))
+    path.write_bytes(tar_bytes(members))
     listed = tars.list_container(str(path), layout, "image", None)
     streamed = _stream(str(path), layout, 3)
     # the same inputs (the local listing and the stream share one selection)
@@ -266,7 +255,7 @@ def test_streamed_tars_resume_by_marker_and_chunk(tmp_path):
     tars = []
     for t, n in enumerate((5, 2)):
         p = tmp_path / f"n{t}.tar"
-        p.write_bytes(_tar([(f"n{t}_{i}.JPEG", bytes([i]) * 600) for i in range(n)]))
+        p.write_bytes(tar_bytes([(f"n{t}_{i}.JPEG", bytes([i]) * 600) for i in range(n)]))
         tars.append(str(p))
     out = str(tmp_path / "out")
     units = inputs.Units(str(tmp_path / "_UNITS.parquet"), 2)
