@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
 from beit_ray.models.build import build_model  # noqa: E402
+from beit_ray.models.mim import masked_slots  # noqa: E402
 from beit_ray.models.speed import beit_encoder  # noqa: E402
 
 
@@ -73,7 +74,8 @@ def mim_step(a: argparse.Namespace, device: torch.device, roof: float, out: dict
     mask = mask.to(device)
     tokens = torch.randint(0, cfg.vocab_size, (a.batch, n), generator=g).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-    rows = torch.nn.functional.pad(mask, (1, 0))
+    index, _ = masked_slots(mask, int(0.4 * n))  # [B, K]: every image masks exactly K
+    rows, labels = index + 1, tokens.gather(1, index).flatten()  # tokens 1.. are the patches
 
     def step(path: str) -> Callable[[], None]:
         def run() -> None:
@@ -81,9 +83,9 @@ def mim_step(a: argparse.Namespace, device: torch.device, roof: float, out: dict
                 if path == "transformers":
                     h = model.beit(x, bool_masked_pos=mask).last_hidden_state[:, 1:][mask]
                 else:
-                    h = beit_encoder(model.beit, x, mask, rows, sdpa=path == "sdpa")
-                logits = model.lm_head(model.layernorm(h))
-            loss = torch.nn.functional.cross_entropy(logits.float(), tokens[mask])
+                    h = beit_encoder(model.beit, x, mask, rows, sdpa=path == "sdpa").flatten(0, 1)
+                logits = model.lm_head(model.layernorm(h))  # [B*K, V]
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

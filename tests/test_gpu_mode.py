@@ -37,17 +37,27 @@ def _cfg(use_gpu: bool, workers: int = 2, **ds) -> PretrainConfig:
 # ----------------------------------------------------------------------------- DeepSpeed
 
 
-def test_gpu_gets_deepspeed_defaults_and_bf16_cpu_keeps_its_tuning():
-    gpu = deepspeed_config(_cfg(True, zero_stage=2, offload_optimizer=True))
+def test_gpu_gets_model_sized_buckets_and_fp32_bf16_and_cpu_keeps_its_tuning():
+    gpu = deepspeed_config(_cfg(True, zero_stage=2, offload_optimizer=True), 86_000_000)
     z = gpu["zero_optimization"]
-    assert gpu["bf16"]["enabled"] and not gpu["fp16"]["enabled"]
+    # bf16 is autocast over fp32 parameters: fp32 gradients, reduction and master weights
+    assert gpu["torch_autocast"]["enabled"] and gpu["torch_autocast"]["dtype"] == "bfloat16"
+    assert gpu["torch_autocast"]["lower_precision_safe_modules"] == []  # nothing reduced in bf16
+    assert not gpu["bf16"]["enabled"] and not gpu["fp16"]["enabled"]
     assert z["overlap_comm"] and z["reduce_scatter"]
-    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 500_000_000
+    # BEiT-base in 8 buckets, so reduction overlaps the backward (5e8 never filled: no overlap)
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 86_000_000 // 8
+    big = deepspeed_config(_cfg(True, zero_stage=2), 10**10)["zero_optimization"]
+    assert big["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default stays the ceiling
+    assert (
+        deepspeed_config(_cfg(True, zero_stage=2))["zero_optimization"]["reduce_bucket_size"]
+        == 500_000_000
+    )  # no model size known
     assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
 
     cpu = deepspeed_config(_cfg(False, zero_stage=2, offload_optimizer=True))
     z = cpu["zero_optimization"]
-    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
+    assert not cpu["torch_autocast"]["enabled"] and not cpu["fp16"]["enabled"]
     assert not z["overlap_comm"] and not z["reduce_scatter"]
     assert z["reduce_bucket_size"] == 50_000_000
     assert z["offload_optimizer"]["pin_memory"] is False

@@ -128,13 +128,9 @@ class Loop:
         for batch, wait in batches:
             seen += 1
             boundary = engine.is_gradient_accumulation_boundary()
-            set_lr(engine, lr_at(state.step, self.total, cfg))
-            gen = torch.Generator().manual_seed(
-                cfg.run.seed * 1_000_003 + state.step * 1009 + self.rank
+            metrics = micro_step(
+                engine, self.task, batch, lr_at(state.step, self.total, cfg), state.step, self.rank
             )
-            loss, metrics = self.task.loss(engine, batch, gen)
-            engine.backward(loss)
-            engine.step()
             state.micro_in_pass += 1
             if self.obs:
                 self.obs.step(metrics, micro * cfg.scaling.num_workers, wait)
@@ -211,21 +207,38 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
     tune_allocator(mmap_threshold(cfg))  # before the model's tensors exist
     if cfg.scaling.use_gpu:
         enable_tf32()
-    ds_config = deepspeed_config(cfg)
     with torch.random.fork_rng():  # same init on every rank and every attempt
         torch.manual_seed(cfg.run.seed)
-        model = task.build(ds_config if cfg.deepspeed.zero_stage == 3 else None)
+        # ZeRO-3 partitions the weights as they are created; the init is the same (tests/
+        # test_train_equivalence.py): every random draw comes from cfg.run.seed, whole tensors.
+        model = task.build(deepspeed_config(cfg) if cfg.deepspeed.zero_stage == 3 else None)
     model.train()
     speed_options(model, cfg.deepspeed.activation_checkpointing, cfg.deepspeed.compile)
     groups = param_groups(
         model, lr=cfg.peak_lr, weight_decay=cfg.optim.weight_decay, layer_decay=task.layer_decay()
     )
+    numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(groups, cfg), config=ds_config
+        model=model, optimizer=build_optimizer(groups, cfg), config=deepspeed_config(cfg, numel)
     )
     share_fp32_partitions(engine)  # ZeRO-3 fp32: drop DeepSpeed's duplicate master partition
     task.dtype = torch_dtype(cfg)
     return engine
+
+
+def micro_step(
+    engine: Any, task: Task, batch: dict[str, torch.Tensor], lr: float, step: int, rank: int
+) -> dict[str, torch.Tensor]:
+    """One micro-batch of optimizer step ``step`` on this rank: forward through ``engine(...)``
+    (the task's loss), backward, and DeepSpeed's step (which updates only at the accumulation
+    boundary). Returns the batch's metrics as device tensors: nothing here waits on the device.
+    """
+    set_lr(engine, lr)
+    gen = torch.Generator().manual_seed(task.cfg.run.seed * 1_000_003 + step * 1009 + rank)
+    loss, metrics = task.loss(engine, batch, gen)
+    engine.backward(loss)
+    engine.step()
+    return metrics
 
 
 def timed(
