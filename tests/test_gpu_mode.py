@@ -400,3 +400,4 @@ def test_gpu_check_runs_tiny_on_cpu_without_ray(tmp_path):
         assert res[path]["images_per_s"] > 0 and res[path]["fraction_of_bf16_matmul"] > 0
     assert res["dalle"]["images_per_s"] > 0 and res["predictor"]["images_per_s"] > 0
     assert "SKIPPED (--skip-deepspeed)" in proc.stdout
+    assert res["attention_kernel"] and res["data_feed"]["images_per_s_per_core"] > 0

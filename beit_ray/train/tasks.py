@@ -172,7 +172,11 @@ class ClassificationTask(Task):
         x = self.pixels(batch["pixel_values"], dev)
         y = batch["label"].to(dev)  # [B]
         n = len(self.extra["id2label"])
-        target = F.one_hot(y, n).float() * (1 - o.label_smoothing) + o.label_smoothing / n  # [B, C]
+        # Label-smoothed one-hot [B, C]; scatter, as F.one_hot reads the labels' range on the host.
+        low = o.label_smoothing / n
+        target = torch.full((len(y), n), low, device=dev).scatter_(
+            1, y[:, None], 1 - o.label_smoothing + low
+        )
         x = random_erase(x, o.reprob, gen)  # per image, before mixing (timm's order)
         x, target = mix(x, target, o.mixup, o.cutmix, gen)
         logits = engine(pixel_values=x).logits.float()  # [B, C]
