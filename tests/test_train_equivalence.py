@@ -45,7 +45,9 @@ def test_every_stage_accumulation_and_source_trains_as_the_plain_loop(tmp_path, 
         if row["bypass"]:
             # the harness sees the old bug: the last micro-batch only
             assert row["rel_diff"] > 10 * TOL, row
+            assert row["zero3_trace"] is False, row  # and ZeRO-3 never recorded its trace
             continue
         assert row["init_diff"] == 0.0, row  # the same initial weights under every stage
+        assert row["zero3_trace"] is (True if row["zero"] == 3 else None), row  # prefetch
         assert row["rel_diff"] < TOL, row
         assert row["moved"] > 10 * TOL, row  # the steps did change the weights

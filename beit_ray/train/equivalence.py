@@ -256,6 +256,10 @@ def run_cell(
             micro_step(stepped, task, mb, lr_at(step, STEPS, cfg), step, rank)
     final = whole_params(engine.module)
     row: dict[str, Any] = {}
+    # ZeRO-3 records the order it fetches parameters in (what its prefetch replays) in hooks
+    # that run only when the engine itself is called.
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    traced = offload.get_param_coordinator().is_complete_trace() if offload else None
     if rank == 0:
         key = (cell.task, cell.source, world * cell.accum, use_gpu)  # the same for every stage
         if key not in _REFERENCES:
@@ -271,6 +275,7 @@ def run_cell(
             "worst": worst,
             # how far the loop moved the weights: a step that did nothing would differ by this
             "moved": max_rel_diff(ref_init, ref_final),
+            "zero3_trace": traced,
             "seconds": round(time.perf_counter() - t0, 2),
         }
     del engine
@@ -291,7 +296,11 @@ def _group_main(
     )
     torch.set_num_threads(1)
     import deepspeed
+    import deepspeed.comm.torch as ds_torch
 
+    # DeepSpeed's shared-memory all-reduce serves only its inference path; training reduces
+    # through torch.distributed. Not loading it saves each rank a second or (unbuilt) a minute.
+    ds_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     rows = [run_cell(c, rank, world, init_from, workdir) for c in cells]
     if rank == 0:
