@@ -138,7 +138,9 @@ class Loop:
                 continue
             state.step += 1
             maybe_fail(cfg, self.rank, state.step, self.run_uri)
-            if self.obs and (state.step % cfg.run.log_every == 0 or state.step == self.total):
+            # The host reads the device (metrics, grad norm, the clock) on logging steps only.
+            logging = state.step % cfg.run.log_every == 0 or state.step == self.total
+            if self.obs and logging:
                 extra = {
                     "lr": lr_at(state.step - 1, self.total, cfg),
                     "grad_norm": grad_norm(engine),
@@ -146,7 +148,7 @@ class Loop:
                 self.obs.log(state.step, state.epoch, self.total, extra)
             if state.step >= self.total or state.step == cfg.debug.stop_at_step:
                 return True
-            if due(cfg, state.step, self.last_ckpt, engine.device):
+            if due(cfg, state.step, self.last_ckpt, engine.device, read_clock=logging):
                 self.save({})
         if seen == 0 and state.micro_in_pass == 0:
             raise RuntimeError(f"rank {self.rank}: the training data gave no batch of {micro} rows")
@@ -264,14 +266,21 @@ def grad_norm(engine: Any) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def due(cfg: TrainConfig, step: int, last: float, device: torch.device | str = "cpu") -> bool:
+def due(
+    cfg: TrainConfig,
+    step: int,
+    last: float,
+    device: torch.device | str = "cpu",
+    read_clock: bool = True,
+) -> bool:
     """Checkpoint now? Time-based decisions are made by rank 0 and shared, so ranks agree.
 
-    ``device``: the engine's; an NCCL-only group has no backend for CPU tensors."""
+    ``device``: the engine's; an NCCL-only group has no backend for CPU tensors. The shared
+    clock is a broadcast the host waits for: read only when ``read_clock`` (logging steps)."""
     c = cfg.checkpoint
     if c.every_n_steps and step % c.every_n_steps == 0:
         return True
-    if not c.every_n_minutes:
+    if not c.every_n_minutes or not read_clock:
         return False
     flag = torch.tensor([float(time.monotonic() - last >= 60 * c.every_n_minutes)], device=device)
     torch.distributed.broadcast(flag, src=0)
