@@ -295,12 +295,15 @@ def _group_main(
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_torch
 
     # DeepSpeed's shared-memory all-reduce serves only its inference path; training reduces
-    # through torch.distributed. Not loading it saves each rank a second or (unbuilt) a minute.
-    ds_torch.build_shm_op = lambda: None
+    # through torch.distributed. Not loading it saves each rank a second, a minute unbuilt, and
+    # a wait on its build lock. (Not `import deepspeed.comm.torch as m`: deepspeed.comm's star
+    # import makes that name the real torch module.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     rows = [run_cell(c, rank, world, init_from, workdir) for c in cells]
     if rank == 0:
