@@ -107,7 +107,9 @@ def init_other_heads(
     model: nn.Module, *, generator: torch.Generator, gather: Gather | None = None
 ) -> None:
     """Re-draw, from ``generator``, every top-level child not in :data:`OWN_INIT` (UperNet's fpn,
-    decode and auxiliary heads) as transformers initialises it."""
+    decode and auxiliary heads) as transformers initialises it. A bare encoder has none."""
+    if not hasattr(model, getattr(model, "base_model_prefix", "beit")):
+        return  # BeitModel / ViTModel: every child is the encoder's own
     std = getattr(model.config, "initializer_range", STD) or STD
     with torch.no_grad():
         for child_name, child in model.named_children():
