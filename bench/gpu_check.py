@@ -183,14 +183,14 @@ def ensure_deepspeed(folder: str) -> str:
     return f"unpacked {deepspeed.__version__} from {folder}"
 
 
-def _mim_batch(cfg: Any, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _mim_batch(cfg: Any, batch: int, vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """A batch as the data pipeline gives it: uint8 pixels, exactly K masked patches each."""
     size, n = cfg.data.image_size, cfg.data.grid**2
     k = cfg.data.masking_patches
     return {
         "pixel_values": torch.randint(0, 256, (batch, 3, size, size), generator=g).byte(),
         "bool_masked_pos": torch.rand(batch, n, generator=g).argsort(1) < k,
-        "visual_token_ids": torch.randint(0, 8192 if size > 64 else 256, (batch, n), generator=g),
+        "visual_token_ids": torch.randint(0, vocab, (batch, n), generator=g),
     }
 
 
@@ -231,7 +231,8 @@ def deepspeed_checks(a: argparse.Namespace, device: torch.device, out: dict) -> 
     )
     task = make_task(cfg, {})
     engine = build_engine(cfg, task)
-    batch = _mim_batch(cfg, a.batch, torch.Generator().manual_seed(0))
+    vocab = engine.module.config.vocab_size
+    batch = _mim_batch(cfg, a.batch, vocab, torch.Generator().manual_seed(0))
     s = timed(lambda: micro_step(engine, task, batch, 1e-4, 0, 0), a.iters, device)
     out["deepspeed"] = {"images_per_s": a.batch / s, "source": where}
     print(
