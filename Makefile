@@ -21,7 +21,7 @@ for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
 endef
 export PREBUILD_DEEPSPEED_OPS
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean deepspeed-wheels
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ lint: install
 
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# DeepSpeed + the dependencies a lent GPU machine lacks, as wheels (carry wheels/deepspeed to it;
+# bench/gpu_check.py unpacks them there).
+deepspeed-wheels: install
+	$(PY) bench/deepspeed_wheels.py --out wheels/deepspeed
 
 clean:
 	rm -rf runs .pytest_cache

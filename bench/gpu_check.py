@@ -1,16 +1,24 @@
 """One-GPU check of the GPU paths, without Ray (the lent GPU machines have torch, transformers,
-safetensors, pyarrow and Pillow; no Ray, no DeepSpeed unless brought along, no network).
+safetensors, pyarrow and Pillow; no Ray, no DeepSpeed, no network).
 
 Prints, each on its own line (and as JSON with --json):
   - the bf16 matmul rate of this GPU (8192^3, measured here: the roof for the fractions below)
+  - the attention kernel the fast path's SDPA runs (4-D q/k/v, the relative-position bias as
+    its mask): asserted to be a fused one (CUDA: memory-efficient or flash; CPU: flash, which
+    takes a bias only when it needs no gradient, so the CPU check runs without one)
   - the MIM train step (BEiT-base 224, bf16 autocast, fused AdamW): images/s, and its FLOP/s
     (FlopCounterMode) as a fraction of that roof; the fast path with SDPA, with bmm + softmax,
     and transformers' own encoder; optionally the torch.compile'd block (--compile)
   - the DALL-E tokenizer (full encoder, 112 px, fp16 autocast, random weights) in images/s,
     through the same load_tokenizer the Ray Data actors use, and its FLOPs per image
   - the predictor's forward (BEiT-base classification, bf16 weights, batch 64) in images/s
-  - a one-rank DeepSpeed ZeRO-2 bf16 engine step, built by beit_ray.train.deepspeed (skipped,
-    with a line saying so, when deepspeed is not importable)
+  - the data feed: BEiT's pretraining transform (decode, crop, two views, mask) of ImageNet-
+    sized JPEGs in images/s on one CPU core, and the cores one GPU's step needs at that rate
+  - with DeepSpeed (importable, or unpacked from the wheels ``make deepspeed-wheels`` writes to
+    wheels/deepspeed, carried to the machine): the job's own MIM step (build_engine + micro_step,
+    engine(...)) at ZeRO-2 bf16 on one rank, in images/s; and ZeRO-3 with 2 accumulation steps
+    against a plain torch loop on the same batches (beit_ray.train.equivalence, fp32), with the
+    step that bypasses the engine as the control the check must tell apart
 
     python bench/gpu_check.py                    # on the GPU machine
     .venv/bin/python bench/gpu_check.py --tiny   # anywhere, CPU: tiny flavour, seconds
@@ -34,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
 from beit_ray.models.build import build_model  # noqa: E402
+from beit_ray.models.mim import masked_slots  # noqa: E402
 from beit_ray.models.speed import beit_encoder  # noqa: E402
 
 
@@ -73,7 +82,8 @@ def mim_step(a: argparse.Namespace, device: torch.device, roof: float, out: dict
     mask = mask.to(device)
     tokens = torch.randint(0, cfg.vocab_size, (a.batch, n), generator=g).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-    rows = torch.nn.functional.pad(mask, (1, 0))
+    index, _ = masked_slots(mask, int(0.4 * n))  # [B, K]: every image masks exactly K
+    rows, labels = index + 1, tokens.gather(1, index).flatten()  # tokens 1.. are the patches
 
     def step(path: str) -> Callable[[], None]:
         def run() -> None:
@@ -81,9 +91,9 @@ def mim_step(a: argparse.Namespace, device: torch.device, roof: float, out: dict
                 if path == "transformers":
                     h = model.beit(x, bool_masked_pos=mask).last_hidden_state[:, 1:][mask]
                 else:
-                    h = beit_encoder(model.beit, x, mask, rows, sdpa=path == "sdpa")
-                logits = model.lm_head(model.layernorm(h))
-            loss = torch.nn.functional.cross_entropy(logits.float(), tokens[mask])
+                    h = beit_encoder(model.beit, x, mask, rows, sdpa=path == "sdpa").flatten(0, 1)
+                logits = model.lm_head(model.layernorm(h))  # [B*K, V]
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -152,49 +162,165 @@ def predictor(a: argparse.Namespace, device: torch.device, out: dict) -> None:
     print(f"predictor forward bf16, batch {a.pred_batch}: {a.pred_batch / s:8.1f} images/s")
 
 
-def deepspeed_step(a: argparse.Namespace, device: torch.device, out: dict) -> None:
+def ensure_deepspeed(folder: str) -> str:
+    """Import DeepSpeed, unpacking the wheels in ``folder`` first when it is not installed.
+    Returns where it came from; raises ImportError when neither works."""
     try:
         import deepspeed
+
+        return f"installed {deepspeed.__version__}"
+    except ImportError:
+        if not os.path.isdir(folder):
+            raise
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deepspeed_wheels import unpack
+
+    target = tempfile.mkdtemp(prefix="deepspeed_wheels_")
+    unpack(folder, target)
+    sys.path.append(target)  # after the machine's own packages: they win where both exist
+    import deepspeed
+
+    return f"unpacked {deepspeed.__version__} from {folder}"
+
+
+def _mim_batch(cfg: Any, batch: int, vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A batch as the data pipeline gives it: uint8 pixels, exactly K masked patches each."""
+    size, n = cfg.data.image_size, cfg.data.grid**2
+    k = cfg.data.masking_patches
+    return {
+        "pixel_values": torch.randint(0, 256, (batch, 3, size, size), generator=g).byte(),
+        "bool_masked_pos": torch.rand(batch, n, generator=g).argsort(1) < k,
+        "visual_token_ids": torch.randint(0, vocab, (batch, n), generator=g),
+    }
+
+
+def deepspeed_checks(a: argparse.Namespace, device: torch.device, out: dict) -> None:
+    """The job's step under DeepSpeed (timed) and ZeRO-3 + accumulation equivalence."""
+    try:
+        where = ensure_deepspeed(a.wheels)
     except Exception as e:  # noqa: BLE001 - any import failure means "not here"
-        print(f"DeepSpeed ZeRO-2 bf16 step: SKIPPED (deepspeed not importable: {e})")
+        print(f"DeepSpeed: SKIPPED (not importable and no usable wheels in {a.wheels}: {e})")
         out["deepspeed"] = None
         return
-    from beit_ray.models.layer_decay import param_groups
-    from beit_ray.train.config import DeepSpeedConfig, PretrainConfig, ScalingSection
-    from beit_ray.train.deepspeed import build_optimizer, deepspeed_config
+    import deepspeed
 
+    from beit_ray.config import build
+    from beit_ray.train.config import PretrainConfig
+    from beit_ray.train.equivalence import TOLERANCE, Cell, run_cell
+    from beit_ray.train.loop import build_engine, micro_step
+    from beit_ray.train.tasks import make_task
+
+    print(f"DeepSpeed: {where}", flush=True)
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     gpu = device.type == "cuda"
-    cfg = PretrainConfig(
-        scaling=ScalingSection(num_workers=1, use_gpu=gpu),
-        deepspeed=DeepSpeedConfig(micro_batch_size=a.batch, zero_stage=2, precision="bf16"),
-    )
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
-    model = build_model(a.flavour, "mim").to(device).train()
-    groups = param_groups(model, lr=1e-4, weight_decay=0.05, layer_decay=1.0)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(groups, cfg), config=deepspeed_config(cfg)
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")
+    cfg = build(
+        PretrainConfig,
+        {
+            "model": {"flavour": a.flavour},
+            "data": {"source": "unused", "tokenizer": "none"},
+            "scaling": {"num_workers": 1, "use_gpu": gpu},
+            "deepspeed": {"micro_batch_size": a.batch, "zero_stage": 2, "precision": "bf16"},
+            "run": {"max_steps": 1000},
+            "checkpoint": {"storage_path": tmp, "name": "gpu-check"},
+        },
     )
-    from beit_ray.models.mim import mim_forward
-
-    c = model.config
-    n = (c.image_size // c.patch_size) ** 2
-    x = torch.randn(a.batch, 3, c.image_size, c.image_size, device=device, dtype=torch.bfloat16)
-    mask = torch.rand(a.batch, n, device=device) < 0.4
-    tokens = torch.randint(0, c.vocab_size, (a.batch, n), device=device)
-
-    def step() -> None:
-        loss, _, _ = mim_forward(engine, x, mask, tokens)
-        engine.backward(loss)
-        engine.step()
-
-    s = timed(step, a.iters, device)
-    out["deepspeed"] = {"images_per_s": a.batch / s}
+    task = make_task(cfg, {})
+    engine = build_engine(cfg, task)
+    vocab = engine.module.config.vocab_size
+    batch = _mim_batch(cfg, a.batch, vocab, torch.Generator().manual_seed(0))
+    s = timed(lambda: micro_step(engine, task, batch, 1e-4, 0, 0), a.iters, device)
+    out["deepspeed"] = {"images_per_s": a.batch / s, "source": where}
     print(
-        f"DeepSpeed ZeRO-2 bf16 engine step (1 rank), batch {a.batch}: {a.batch / s:8.1f} images/s"
+        f"DeepSpeed ZeRO-2 bf16 job step (build_engine + micro_step, engine(...)), 1 rank, "
+        f"batch {a.batch}: {a.batch / s:8.1f} images/s",
+        flush=True,
+    )
+    rows = [
+        run_cell(Cell("mim", 3, 2, bypass=bypass), 0, 1, None, tmp, use_gpu=gpu)
+        for bypass in (False, True)
+    ]
+    ok, control = rows
+    out["zero3_accum_equivalence"] = {"step": ok, "bypass_control": control}
+    print(
+        f"ZeRO-3, 2 accumulation steps vs a plain loop ({device.type}, fp32): max relative "
+        f"parameter difference {ok['rel_diff']:.1e} (tolerance {TOLERANCE:.0e}; initial "
+        f"weights {ok['init_diff']:.1e}); the engine-bypassing step: {control['rel_diff']:.1e}",
+        flush=True,
+    )
+    assert ok["init_diff"] == 0.0 and ok["rel_diff"] < TOLERANCE, ok
+    assert control["rel_diff"] > 10 * TOLERANCE, control
+
+
+def attention_kernel(a: argparse.Namespace, device: torch.device, out: dict) -> None:
+    """Assert that the fast path's SDPA runs a fused kernel, not the math one."""
+    from torch.profiler import profile
+
+    model = build_model(a.flavour, "mim").to(device).train()
+    size = model.config.image_size
+    x = torch.randn(2, 3, size, size, device=device)
+    grad = device.type == "cuda"  # CPU: flash takes the bias only without its gradient
+    with torch.set_grad_enabled(grad), profile() as prof:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=grad):
+            h = beit_encoder(model.beit, x)
+        if grad:
+            h.float().square().mean().backward()
+    ops = {e.name for e in prof.events() if "scaled_dot_product" in e.name}
+    fused = sorted(op for op in ops if "flash" in op or "efficient" in op or "cudnn" in op)
+    out["attention_kernel"] = fused
+    print(f"attention kernel (4-D SDPA, bias as mask): {', '.join(fused) or 'NONE'}", flush=True)
+    assert fused and not any("math" in op for op in ops), sorted(ops)
+
+
+def data_feed(a: argparse.Namespace, out: dict) -> None:
+    """BEiT's pretraining transform on one core, beside the step's rate."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from beit_ray.data.augment import PretrainTransform
+    from beit_ray.data.config import DataConfig
+
+    cfg = DataConfig(source="unused", tokenizer="none").fit_model(
+        32 if a.tiny else 224, 8 if a.tiny else 16
+    )
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(8 if a.tiny else 32):  # ImageNet-sized photos: smooth fields plus noise
+        yy, xx = np.mgrid[0:375, 0:500]
+        base = np.stack([np.sin(xx / rng.uniform(20, 80)), np.cos(yy / rng.uniform(20, 80)),
+                         np.sin((xx + yy) / rng.uniform(30, 90))], -1)  # fmt: skip
+        arr = np.clip(127 + 100 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        images.append(buf.getvalue())
+    tf = PretrainTransform.from_config(cfg)
+    s, t, n = cfg.image_size, cfg.tokenizer_image_size, cfg.grid**2
+    bufs = (np.empty((3, s, s), np.uint8), np.empty((3, t, t), np.uint8), np.empty(n, bool))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    reps = 1 if a.tiny else 4
+    for r in range(reps):
+        for i, img in enumerate(images):
+            tf(img, f"img{i}", r, out=bufs)
+    per_core = reps * len(images) / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    step = max(
+        (v["images_per_s"] for k, v in out.items() if k.startswith("mim_") and isinstance(v, dict)),
+        default=0.0,
+    )
+    out["data_feed"] = {"images_per_s_per_core": per_core, "cores_per_gpu_step": step / per_core}
+    print(
+        f"data feed (BEiT pretraining transform, {s}px + {t}px views + mask, 500x375 JPEGs): "
+        f"{per_core:.0f} images/s per CPU core; the fastest MIM step here ({step:.0f} images/s) "
+        f"needs {step / per_core:.1f} cores",
+        flush=True,
     )
 
 
@@ -204,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd block")
     p.add_argument("--skip-deepspeed", action="store_true")
+    p.add_argument("--wheels", default="wheels/deepspeed", help="DeepSpeed wheels to unpack")
     p.add_argument("--json", default=None, help="write the figures here")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,13 +348,15 @@ def main(argv: list[str] | None = None) -> dict:
     roof = matmul_rate(device, n, torch.bfloat16, a.iters)
     out["bf16_matmul_tflops"] = roof / 1e12
     print(f"bf16 matmul {n}^3: {roof / 1e12:.1f} TFLOP/s", flush=True)
+    attention_kernel(a, device, out)
     mim_step(a, device, roof, out)
     tokenizer(a, device, out)
     predictor(a, device, out)
+    data_feed(a, out)
     if a.skip_deepspeed:
-        print("DeepSpeed ZeRO-2 bf16 step: SKIPPED (--skip-deepspeed)")
+        print("DeepSpeed: SKIPPED (--skip-deepspeed)")
     else:
-        deepspeed_step(a, device, out)
+        deepspeed_checks(a, device, out)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return out

@@ -21,7 +21,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 from conftest import CHROMIUM_FLAGS  # noqa: E402 - the tests' flags: no network, a fresh profile
 
 FLAGS = (*CHROMIUM_FLAGS, "--hide-scrollbars")

@@ -38,17 +38,27 @@ def _cfg(use_gpu: bool, workers: int = 2, **ds) -> PretrainConfig:
 # ----------------------------------------------------------------------------- DeepSpeed
 
 
-def test_gpu_gets_deepspeed_defaults_and_bf16_cpu_keeps_its_tuning():
-    gpu = deepspeed_config(_cfg(True, zero_stage=2, offload_optimizer=True))
+def test_gpu_gets_model_sized_buckets_and_fp32_bf16_and_cpu_keeps_its_tuning():
+    gpu = deepspeed_config(_cfg(True, zero_stage=2, offload_optimizer=True), 86_000_000)
     z = gpu["zero_optimization"]
-    assert gpu["bf16"]["enabled"] and not gpu["fp16"]["enabled"]
+    # bf16 is autocast over fp32 parameters: fp32 gradients, reduction and master weights
+    assert gpu["torch_autocast"]["enabled"] and gpu["torch_autocast"]["dtype"] == "bfloat16"
+    assert gpu["torch_autocast"]["lower_precision_safe_modules"] == []  # nothing reduced in bf16
+    assert not gpu["bf16"]["enabled"] and not gpu["fp16"]["enabled"]
     assert z["overlap_comm"] and z["reduce_scatter"]
-    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 500_000_000
+    # BEiT-base in 8 buckets, so reduction overlaps the backward (5e8 never filled: no overlap)
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 86_000_000 // 8
+    big = deepspeed_config(_cfg(True, zero_stage=2), 10**10)["zero_optimization"]
+    assert big["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default stays the ceiling
+    assert (
+        deepspeed_config(_cfg(True, zero_stage=2))["zero_optimization"]["reduce_bucket_size"]
+        == 500_000_000
+    )  # no model size known
     assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
 
     cpu = deepspeed_config(_cfg(False, zero_stage=2, offload_optimizer=True))
     z = cpu["zero_optimization"]
-    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
+    assert not cpu["torch_autocast"]["enabled"] and not cpu["fp16"]["enabled"]
     assert not z["overlap_comm"] and not z["reduce_scatter"]
     assert z["reduce_bucket_size"] == 50_000_000
     assert z["offload_optimizer"]["pin_memory"] is False
@@ -101,8 +111,8 @@ def test_cpu_collective_fails_without_a_cpu_backend_and_runs_in_a_mixed_group(tm
     _group(resources.process_group_backend(True).replace("nccl", "gloo"), tmp_path)
     try:
         cfg = PretrainConfig(checkpoint=CheckpointSection(every_n_minutes=1e-9))
-        assert due(cfg, cfg.run.log_every, last=0.0, device=torch.device("cpu"))
-        assert not due(cfg, 3, last=0.0, device=torch.device("cpu"))  # read on logging steps
+        assert due(cfg, 3, last=0.0, device=torch.device("cpu"))
+        assert not due(cfg, 3, last=0.0, device=torch.device("cpu"), read_clock=False)
         sums = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
         out = all_reduce_on(sums, torch.device("cpu"))
         assert out.tolist() == [1.0, 2.0, 3.0] and out.device == sums.device
@@ -392,6 +402,7 @@ def test_gpu_check_runs_tiny_on_cpu_without_ray(tmp_path):
         assert res[path]["images_per_s"] > 0 and res[path]["fraction_of_bf16_matmul"] > 0
     assert res["dalle"]["images_per_s"] > 0 and res["predictor"]["images_per_s"] > 0
     assert "SKIPPED (--skip-deepspeed)" in proc.stdout
+    assert res["attention_kernel"] and res["data_feed"]["images_per_s_per_core"] > 0
 
 
 # ----------------------------------------------------------------------------- autoscaler limits

@@ -80,3 +80,27 @@ def test_transformers_init_is_still_available():
     model = build_model("debug", "mim")
     plain = build_from_config(model.config, "mim", init="transformers")
     assert plain.beit.embeddings.cls_token.abs().max() == 0  # transformers zeroes the tokens
+
+
+@pytest.mark.parametrize("source", ["scratch", "checkpoint"])
+def test_every_weight_comes_from_the_seed_not_the_order_of_draws(tmp_path, source):
+    """Every new tensor, UperNet's heads included, is drawn from the seed: whatever transformers'
+    own init draws from the global RNG first (it orders draws otherwise under ZeRO-3), the
+    model is the same. From a checkpoint, the new heads likewise."""
+    from beit_ray.models.load import build_or_load, export_hf
+
+    init_from = None
+    if source == "checkpoint":
+        init_from = str(tmp_path / "mim")
+        export_hf(build_model("debug", "mim", seed=1), init_from)
+
+    def build(global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)  # stands in for another order of transformers' draws
+        model = build_or_load("debug", "segmentation", init_from=init_from, seed=5, num_labels=4)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    a, b = build(0), build(1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    heads = [k for k in a if k.startswith(("decode_head.", "auxiliary_head.", "fpn."))]
+    assert heads and any(a[k].std() > 0 for k in heads if k.endswith("weight"))

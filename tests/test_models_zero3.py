@@ -12,11 +12,13 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import deepspeed, torch
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
     # One process needs no shared-memory all-reduce kernel; skipping its JIT build (minutes on a
     # loaded 2-core machine) keeps this a test of partitioning and init, which it does not touch.
-    ds_torch.build_shm_op = lambda: None
+    # (importlib: `import deepspeed.comm.torch as m` gives the real torch, which deepspeed.comm's
+    # star import binds to that name.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     from beit_ray.models.build import build_model
     from beit_ray.models.layer_decay import param_groups

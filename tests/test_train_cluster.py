@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     try:
         rng = np.random.default_rng(0)
         rows = [{"pixel_values": rng.integers(0, 255, (3, 32, 32), dtype=np.uint8),
-                 "bool_masked_pos": rng.random(16) < 0.4,
+                 "bool_masked_pos": rng.permutation(16) < 6,  # 6 of 16, as the data masks
                  "visual_token_ids": rng.integers(0, 256, 16).astype(np.int16)} for _ in range(64)]
         cfg = build(PretrainConfig, {
             "data": {"source": "unused", "tokenizer": "none"},

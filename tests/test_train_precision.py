@@ -34,7 +34,10 @@ ENGINE_CASES = textwrap.dedent(
     from beit_ray.train.tasks import make_task
 
     deepspeed.init_distributed(dist_backend="gloo")
+    from beit_ray.train.checkpoint import consolidate
+
     cases = [
+        {"precision": "bf16", "zero_stage": 0},
         {"precision": "bf16", "zero_stage": 2},
         {"precision": "bf16", "zero_stage": 3},
         # DeepSpeed runs fp16 on a CPU only where oneDNN has fp16 kernels (not on every x86)
@@ -45,7 +48,7 @@ ENGINE_CASES = textwrap.dedent(
     ]
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    batch = {"pixel_values": x, "bool_masked_pos": torch.rand(8, 16, generator=gen) < 0.4,
+    batch = {"pixel_values": x, "bool_masked_pos": torch.rand(8, 16, generator=gen).argsort(1) < 6,  # 6 of 16
              "visual_token_ids": torch.randint(0, 256, (8, 16), generator=gen)}
     out = []
     for case in cases:
@@ -55,17 +58,30 @@ ENGINE_CASES = textwrap.dedent(
             "checkpoint": {"storage_path": sys.argv[2], "name": "p"}})
         task = make_task(cfg, {})
         engine = build_engine(cfg, task)
+        seen = []  # the dtype the vocabulary head computes in
+        engine.module.lm_head.register_forward_hook(lambda m, a, o: seen.append(str(o.dtype)))
         losses = []
         for _ in range(15):
             loss, _ = task.loss(engine, batch, gen)
             engine.backward(loss)
+            grad_dtypes = {str(p.grad.dtype) for p in engine.module.parameters() if p.grad is not None}
             engine.step()
             losses.append(loss.item())
+        extra = {"compute_dtype": seen[-1], "grad_dtypes": sorted(grad_dtypes)}
+        if case["zero_stage"] == 0:  # what a ZeRO-0 run exports: the fp32 master weights
+            folder = os.path.join(sys.argv[2], "z0")
+            engine.save_checkpoint(folder, tag="state")
+            saved = consolidate(folder)
+            live = {k: v for k, v in engine.module.state_dict().items() if k in saved}
+            extra["export_equal"] = all(torch.equal(saved[k], v) for k, v in live.items())
+            extra["export_dtypes"] = sorted({str(v.dtype) for v in saved.values()})
+            w = saved["beit.layers.0.mlp.fc1.weight"]
+            extra["export_not_bf16"] = bool((w != w.bfloat16().float()).any())
         opt = engine.optimizer
         inner = getattr(opt, "optimizer", opt)
         out.append({**case, "first": losses[0], "last": losses[-1],
                     "module_dtype": str(next(engine.module.parameters()).dtype),
-                    "optimizer": type(inner).__name__,
+                    "optimizer": type(inner).__name__, **extra,
                     "loss_scale": float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0)) or 0)})
         del engine, opt, inner
     print("RESULT " + json.dumps(out))
@@ -80,8 +96,14 @@ def test_bf16_fp16_and_offload_train_on_cpu(tmp_path) -> None:
     by = {(r["precision"], r["zero_stage"], r.get("offload_params", False)): r for r in results}
     for r in results:
         assert np.isfinite(r["last"]) and r["last"] < r["first"] - 0.5, r  # it learns
-    assert by[("bf16", 2, False)]["module_dtype"] == "torch.bfloat16"
-    assert by[("bf16", 3, False)]["module_dtype"] == "torch.bfloat16"
+    # bf16 is autocast: bf16 matmuls over fp32 parameters, gradients and master weights
+    for stage in (0, 2, 3):
+        r = by[("bf16", stage, False)]
+        assert r["module_dtype"] == "torch.float32" and r["compute_dtype"] == "torch.bfloat16", r
+    assert by[("bf16", 0, False)]["grad_dtypes"] == ["torch.float32"]
+    z0 = by[("bf16", 0, False)]  # ZeRO-0 exports the fp32 master weights, not bf16-rounded ones
+    assert z0["export_equal"] and z0["export_dtypes"] == ["torch.float32"], z0
+    assert z0["export_not_bf16"], z0
     fp16 = by.get(("fp16", 2, False))
     if fp16 is not None:  # absent where the CPU has no fp16 kernels (DeepSpeed refuses it)
         assert (

@@ -107,7 +107,7 @@ def synthetic_rows(n: int = 64, seed: int = 0) -> list[dict]:
         rows.append(
             {
                 "pixel_values": pix,
-                "bool_masked_pos": rng.random(16) < 0.4,
+                "bool_masked_pos": rng.permutation(16) < 6,  # 6 of 16, as the data masks
                 "visual_token_ids": tokens,
                 "key": f"k{i}",
             }

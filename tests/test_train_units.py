@@ -146,3 +146,47 @@ def test_progress_line_shows_once_under_ray_trains_patched_print(tmp_path, capfd
     out = capfd.readouterr().out
     assert out.count("step 1/10") == 1, out
     assert "loss 2.5" in out
+
+
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero")
+"""aten ops that read a tensor's values on the host (.item(), bool(), data-dependent shapes);
+indexing with a boolean mask (``index`` with a bool index) is one too."""
+
+
+@pytest.mark.parametrize("task_name", ["mim", "classification", "segmentation"])
+def test_a_training_step_reads_nothing_back_from_the_device(task_name) -> None:
+    """The task's forward + loss + metrics and the backward run no op that waits for the
+    device (on a GPU each would stall the step): metrics stay tensors until a logging step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from beit_ray.train.equivalence import Cell, cell_config, extra_of, make_batches
+    from beit_ray.train.tasks import make_task
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            name = func.overloadpacket.__name__
+            if name == "index" and any(
+                getattr(i, "dtype", None) == torch.bool for i in (args[1] if len(args) > 1 else [])
+            ):
+                name = "index (boolean mask)"
+            self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    cell = Cell(task_name, 0, 1)
+    cfg = cell_config(cell, 1, None, "unused")
+    task = make_task(cfg, extra_of(cell))
+    torch.manual_seed(0)
+    model = task.build(None).train()
+    batch = make_batches(cfg, task_name)[0]
+    gen = torch.Generator().manual_seed(0)
+    task.loss(model, batch, gen)  # MIM checks the mask count once, on its first batch
+    with Record() as rec:
+        loss, metrics = task.loss(model, batch, gen)
+        loss.backward()
+    synced = [op for op in rec.ops if op in SYNC_OPS or op == "index (boolean mask)"]
+    assert not synced, synced
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values()), metrics

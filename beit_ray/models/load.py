@@ -39,7 +39,7 @@ from beit_ray.models.checkpoint import RUN_METADATA as RUN_METADATA  # re-export
 from beit_ray.models.checkpoint import canonical_state, read_source
 from beit_ray.models.checkpoint import model_dir as model_dir  # re-exported
 from beit_ray.models.flavours import TASKS, Task
-from beit_ray.models.init import Gather
+from beit_ray.models.init import OWN_INIT, Gather, transformers_value
 from beit_ray.models.posembed import current_image_size, resize_model, resize_state_dict
 from beit_ray.models.preprocess import Preprocessor
 from beit_ray.models.segmentation import (
@@ -276,7 +276,8 @@ def _target_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The target model's state dict built from the source checkpoint, and the load report."""
     shell = _shell(cfg, task)
-    want = {k: v.shape for k, v in shell.state_dict().items()}
+    shell_state = shell.state_dict()  # meta tensors: names, shapes, dtypes
+    want = {k: v.shape for k, v in shell_state.items()}
     t_prefix, _, _ = _split(shell, dict.fromkeys(want))
     s_prefix, s_enc, s_head = _split(_shell(src_cfg, src_task), source)
     shared_key = "shared_position_bias.relative_position_bias_table"
@@ -314,9 +315,18 @@ def _target_state(
         if state[key].shape != want[key]:  # e.g. a head for another number of labels
             del state[key]
             new.append(key)
+    std = getattr(cfg, "initializer_range", 0.02) or 0.02
     for key in want:
-        if key not in state and key.startswith("classifier."):
+        if key in state:
+            continue
+        if key.startswith("classifier."):
             state[key] = _new_head(want[key], key.endswith("bias"), generator)
+        elif t_prefix and not key.startswith(t_prefix) and key.split(".")[0] not in OWN_INIT:
+            # a new UperNet head: drawn here, so its values do not depend on the ZeRO stage
+            owner, _, name = key.rpartition(".")
+            state[key] = transformers_value(
+                shell.get_submodule(owner), name, want[key], generator, std
+            ).to(shell_state[key].dtype)
     enc_keys = [k for k in want if (k.startswith(t_prefix) if t_prefix else True)]
     enc_total = sum(math.prod(want[k]) for k in enc_keys)
     enc_absent = sum(math.prod(want[k]) for k in enc_keys if k not in state)
@@ -436,21 +446,31 @@ def build_or_load(
     zero3_config: dict[str, Any] | None = None,
     storage: StorageConfig | None = None,
     gather: Gather | None = None,
+    seed: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """A model from ``init_from`` (checkpoint URI) when given, else a new ``flavour`` model.
 
     From a checkpoint only ``image_size``, ``num_labels``, ``id2label`` and ``drop_path`` apply;
     a new model is initialised as unilm does (``gather`` makes ZeRO-3 partitions whole for it).
+    ``seed`` fixes every new weight, partitioned or not (None: drawn from torch's global RNG).
     """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
     if init_from:
         keys = ("image_size", "num_labels", "id2label", "drop_path")
         keep = {k: overrides[k] for k in keys if overrides.get(k) is not None}
-        return load_model(init_from, task, storage=storage, zero3_config=zero3_config, **keep)
+        return load_model(
+            init_from, task, storage=storage, zero3_config=zero3_config, seed=seed, **keep
+        )
     if flavour is None:
         raise ValueError("give a flavour or a checkpoint to start from")
     from beit_ray.models.flavours import model_config
 
     return build_from_config(
-        model_config(flavour, task, **overrides), task, zero3_config=zero3_config, gather=gather
+        model_config(flavour, task, **overrides),
+        task,
+        zero3_config=zero3_config,
+        gather=gather,
+        seed=seed,
     )

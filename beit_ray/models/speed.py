@@ -63,41 +63,38 @@ def relative_position_bias(module: BeitRelativePositionBias) -> torch.Tensor:
 
 
 def _residual(
-    layer: BeitLayer,
-    residual: torch.Tensor,
-    branch: torch.Tensor,
-    scale: torch.Tensor | float,
-    batch: int,
-    sample: torch.Tensor | None = None,
+    layer: BeitLayer, residual: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | float
 ) -> torch.Tensor:
-    """residual + drop_path(scale * branch) in one pass.
-
-    residual, branch: [B, T, D], or [M, D] rows of images ``sample`` [M]; scale: [D] or 1.0.
-    """
+    """residual + drop_path(scale * branch) in one pass; residual, branch [B, R, D], scale [D]."""
     drop = layer.drop_path
     if layer.training and getattr(drop, "drop_prob", 0.0) > 0.0:
         keep = 1.0 - drop.drop_prob
         # Same draw as BeitDropPath (global generator, shape [B, 1, 1], same order) so seeded
         # runs agree with transformers; the per-sample factor folds into the layer scale.
-        noise = torch.rand((batch, 1, 1), dtype=branch.dtype, device=branch.device)
-        kept = torch.floor(noise + keep) / keep  # [B, 1, 1]
-        scale = scale * (kept if sample is None else kept.view(batch, 1)[sample])
+        noise = torch.rand((branch.shape[0], 1, 1), dtype=branch.dtype, device=branch.device)
+        scale = scale * (torch.floor(noise + keep) / keep)  # [B, 1, D] or [B, 1, 1]
     if isinstance(scale, float) and scale == 1.0:
         return residual + branch
     return torch.addcmul(residual, branch, scale)
 
 
-def use_sdpa(x: torch.Tensor, sdpa: bool | None = None) -> bool:
-    """SDPA for the attention: on CUDA unless told otherwise (bmm + softmax measured faster on CPU)."""
-    return x.is_cuda if sdpa is None else sdpa
+def use_sdpa(x: torch.Tensor, bias: torch.Tensor | None, sdpa: bool | None = None) -> bool:
+    """SDPA for this attention? Unless told: on CUDA (its memory-efficient kernel takes a bias
+    with a gradient); on CPU when the bias needs no gradient (eval, inference), which its flash
+    kernel takes. A CPU bias with a gradient leaves SDPA only its math kernel, slower than
+    bmm + softmax here (bench/RESULTS.md)."""
+    if sdpa is not None:
+        return sdpa
+    return x.is_cuda or bias is None or not (bias.requires_grad and torch.is_grad_enabled())
 
 
 def _attention(
     layer: BeitLayer, x: torch.Tensor, bias: torch.Tensor | None, sdpa: bool | None = None
 ) -> torch.Tensor:
-    """Self-attention of layer-normed tokens x [B, T, D] with additive bias [B*H, T, T].
+    """Self-attention of layer-normed tokens x [B, T, D] with additive bias [1, H, T, T].
 
-    Returns the heads' outputs [B, T, D] before the output projection.
+    Returns the heads' outputs [B, T, D] before the output projection. SDPA gets 4-D q/k/v and
+    the bias as its mask: its fused kernels (flash, memory-efficient) take only that layout.
     """
     attn = layer.attention
     b, t, d = x.shape
@@ -106,25 +103,26 @@ def _attention(
     k_bias = attn.k_proj.bias if attn.k_proj.bias is not None else torch.zeros_like(q_bias)
     weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # [3D, D]
     qkv = F.linear(x, weight, torch.cat([q_bias, k_bias, attn.v_proj.bias]))  # [B, T, 3D]
-    # One copy into head-major layout for all three: [3, B*H, T, hd].
-    qkv = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).reshape(3, b * heads, t, hd)
-    q, k, v = qkv.unbind(0)
-    if use_sdpa(x, sdpa):
-        mask = None if bias is None else bias.to(q.dtype)
+    qkv = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd], a view
+    if use_sdpa(x, bias, sdpa):
+        q, k, v = qkv.unbind(0)  # [B, H, T, hd] each, last dim contiguous
+        mask = None if bias is None else bias.to(q.dtype)  # [1, H, T, T] broadcasts over B
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        return out.transpose(1, 2).reshape(b, t, heads * hd)  # [B, T, D]
+    # One copy into head-major layout for all three: [3, B*H, T, hd].
+    q, k, v = qkv.reshape(3, b * heads, t, hd).unbind(0)
+    if bias is None:
+        scores = torch.bmm(q, k.transpose(1, 2)) * attn.scaling
     else:
-        if bias is None:
-            scores = torch.bmm(q, k.transpose(1, 2)) * attn.scaling
-        else:
-            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=attn.scaling)  # [B*H, T, T]
-        out = torch.bmm(scores.softmax(-1), v)  # [B*H, T, hd]
+        full = bias.expand(b, heads, t, t).reshape(b * heads, t, t)
+        scores = torch.baddbmm(full, q, k.transpose(1, 2), alpha=attn.scaling)  # [B*H, T, T]
+    out = torch.bmm(scores.softmax(-1), v)  # [B*H, T, hd]
     return out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)  # [B, T, D]
 
 
-def _expand_bias(bias: torch.Tensor, batch: int) -> torch.Tensor:
-    """[1, H, T, T] -> [B*H, T, T], the batch-of-heads layout ``baddbmm`` takes."""
-    _, heads, t, _ = bias.shape
-    return bias.expand(batch, heads, t, t).reshape(batch * heads, t, t)
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` [B, R] of each image of x [B, T, D]: [B, R, D] (a fixed-size gather)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def beit_layer(
@@ -134,25 +132,23 @@ def beit_layer(
     rows: torch.Tensor | None = None,
     sdpa: bool | None = None,
 ) -> torch.Tensor:
-    """One BEiT block on x [B, T, D]; ``bias`` is the shared bias [B*H, T, T] or None.
+    """One BEiT block on x [B, T, D]; ``bias`` is the shared bias [1, H, T, T] or None.
 
-    With ``rows`` (bool [B, T]) only those tokens' outputs are computed and returned, [M, D]
-    in row-major order: every token still serves as key and value, but the output
-    projection and the MLP, three quarters of the block, skip the other rows.
+    With ``rows`` (int64 [B, R], token positions) only those tokens' outputs are computed and
+    returned, [B, R, D]: every token still serves as key and value, but the output projection
+    and the MLP, three quarters of the block, skip the other rows. R is fixed, so the shapes
+    (and a compiled graph) do not depend on the mask and nothing waits on the device.
     """
     if layer.relative_position_bias is not None:
-        own = _expand_bias(relative_position_bias(layer.relative_position_bias), x.shape[0])
+        own = relative_position_bias(layer.relative_position_bias)  # [1, H, T, T]
         bias = own if bias is None else own + bias
-    batch = x.shape[0]
     heads_out = _attention(layer, layer.layernorm_before(x), bias, sdpa)  # [B, T, D]
-    sample = None
     if rows is not None:
-        sample = rows.nonzero()[:, 0]  # [M], the image of each kept row
-        x, heads_out = x[rows], heads_out[rows]  # [M, D]
+        x, heads_out = _take(x, rows), _take(heads_out, rows)  # [B, R, D]
     mlp = layer.mlp
-    x = _residual(layer, x, layer.attention.o_proj(heads_out), layer.lambda_1, batch, sample)
+    x = _residual(layer, x, layer.attention.o_proj(heads_out), layer.lambda_1)
     h = mlp.fc2(mlp.activation_fn(mlp.fc1(layer.layernorm_after(x))))
-    return _residual(layer, x, h, layer.lambda_2, batch, sample)
+    return _residual(layer, x, h, layer.lambda_2)
 
 
 def beit_encoder(
@@ -164,14 +160,14 @@ def beit_encoder(
 ) -> torch.Tensor:
     """``beit(pixel_values, bool_masked_pos=...).last_hidden_state`` [B, 1+N, D], faster.
 
-    With ``rows`` (bool [B, 1+N]) the last block computes only those tokens and the result is
-    ``last_hidden_state[rows]`` [M, D]. ``sdpa``: attention kernel (None: SDPA on CUDA, bmm on
-    CPU). Call only when :func:`fast_path_ok` holds.
+    With ``rows`` (int64 [B, R], token positions in 0..N) the last block computes only those
+    tokens and the result is their rows [B, R, D]. ``sdpa``: attention kernel (None: see
+    :func:`use_sdpa`). Call only when :func:`fast_path_ok` holds.
     """
     x = beit.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # [B, 1+N, D]
     bias = None
-    if beit.shared_position_bias is not None:  # one [B*H, T, T] copy for all blocks
-        bias = _expand_bias(relative_position_bias(beit.shared_position_bias), x.shape[0])
+    if beit.shared_position_bias is not None:  # one [1, H, T, T] table for all blocks
+        bias = relative_position_bias(beit.shared_position_bias)
     last = len(beit.layers) - 1
     block = _compiled_layer() if getattr(beit, "beit_ray_compile", False) else beit_layer
     for i, layer in enumerate(beit.layers):

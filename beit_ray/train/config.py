@@ -171,7 +171,8 @@ class DeepSpeedConfig:
     offload_params: bool = False
     """Keep parameters on CPU between uses (ZeRO-3 only)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Training precision; fp16 uses dynamic loss scaling. auto: bf16 with scaling.use_gpu
+    """Training precision. bf16: autocast over fp32 weights (fp32 gradients, reduction and master
+    weights); fp16: DeepSpeed's fp16 with dynamic loss scaling. auto: bf16 with scaling.use_gpu
     (tensor cores; TF32 for what stays fp32), fp32 on CPU (bf16 is ~3x slower without AMX)."""
     initial_scale_power: int = 16
     """fp16: the initial loss scale is 2**this."""
@@ -179,8 +180,9 @@ class DeepSpeedConfig:
     """fp16: a fixed loss scale; 0 means dynamic."""
     bucket_size: int | None = None
     """Elements per ZeRO communication bucket, ZeRO-3 live/prefetch limit and optimizer sub-group.
-    Unset: 5e7 on CPU (DeepSpeed's defaults, up to 1e9, hold gigabytes of fp32 buffers there),
-    DeepSpeed's own defaults on GPU (5e8 buckets, 1e9 ZeRO-3 limits)."""
+    Unset: 5e7 on CPU (DeepSpeed's defaults, up to 1e9, hold gigabytes of fp32 buffers there);
+    on GPU buckets of 1/8 of the model (at most 5e8), so reduction overlaps the backward, and
+    DeepSpeed's 1e9 ZeRO-3 limits."""
     activation_checkpointing: bool = False
     """Recompute each block's activations during backward instead of keeping them: ~1/3 more
     compute for a fraction of the activation memory (BEiT-large at 512 px needs it)."""

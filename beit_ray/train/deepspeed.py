@@ -11,10 +11,15 @@ import torch
 from beit_ray import storage
 from beit_ray.train.config import TrainConfig
 
-# DeepSpeed 0.19's own defaults (runtime/zero/config.py), used on GPU unless bucket_size is set.
+# DeepSpeed 0.19's own defaults (runtime/zero/config.py): the GPU bucket's ceiling, ZeRO-3 limits.
 GPU_BUCKET = 500_000_000
 GPU_STAGE3_LIMIT = 1_000_000_000
 CPU_BUCKET = 50_000_000
+BUCKETS_PER_MODEL = 8
+"""GPU: gradients are reduced in about this many buckets, so the first ones go out while the
+backward still runs (DeepSpeed's 5e8 default exceeds BEiT-large, 304 M: one bucket, filled only
+when the backward ends, so nothing overlapped)."""
+MIN_GPU_BUCKET = 1 << 20
 
 
 def precision(cfg: TrainConfig) -> str:
@@ -26,7 +31,21 @@ def precision(cfg: TrainConfig) -> str:
 
 
 def torch_dtype(cfg: TrainConfig) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg), torch.float32)
+    """The dtype of the model's parameters and inputs: fp16 for DeepSpeed's fp16 mode, else
+    fp32 (bf16 is autocast compute over fp32 parameters: see :func:`deepspeed_config`)."""
+    return torch.float16 if precision(cfg) == "fp16" else torch.float32
+
+
+def bucket_elements(cfg: TrainConfig, model_numel: int | None) -> int:
+    """Elements per ZeRO bucket: ``deepspeed.bucket_size``, else on CPU the tuned 5e7, else on
+    GPU 1/``BUCKETS_PER_MODEL`` of the model (within [1 Mi, 5e8]) so reduction overlaps backward."""
+    if cfg.deepspeed.bucket_size:
+        return cfg.deepspeed.bucket_size
+    if not cfg.scaling.use_gpu:
+        return CPU_BUCKET
+    if not model_numel:
+        return GPU_BUCKET
+    return int(min(GPU_BUCKET, max(MIN_GPU_BUCKET, model_numel // BUCKETS_PER_MODEL)))
 
 
 def mmap_threshold(cfg: TrainConfig) -> int:
@@ -44,17 +63,24 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, model_numel: int | None = None) -> dict[str, Any]:
     """DeepSpeed JSON for ``cfg``: batch, accumulation, clipping, ZeRO + offload, precision.
 
     The optimizer and the lr schedule are not in it: the loop passes a torch optimizer built
     from layer-decay groups and sets each group's lr every step. ``deepspeed.override`` (a
     mapping or a JSON file) is merged over the result, key by key. CPU and GPU differ: the CPU
-    values were tuned on gloo and host memory (bench/RESULTS.md); on GPU DeepSpeed's defaults
-    hold (overlapped communication, pinned offload, 5e8 buckets, 1e9 ZeRO-3 limits).
+    values were tuned on gloo and host memory (bench/RESULTS.md); on GPU communication overlaps
+    the backward in buckets sized from ``model_numel`` (:func:`bucket_elements`), offload is
+    pinned, and ZeRO-3 keeps DeepSpeed's 1e9 limits.
+
+    bf16 is done as unilm and timm train BEiT (and as torchtitan reduces): torch autocast runs
+    the matmuls in bf16 while parameters, gradients, their reduction and accumulation, and the
+    optimizer stay fp32, so the master weights are the module's and are what a checkpoint holds
+    and exports. DeepSpeed's own bf16 mode would keep bf16 parameters and reduce and accumulate
+    bf16 gradients (ZeRO-0 would even export the bf16-rounded weights).
     """
     ds, gpu = cfg.deepspeed, cfg.scaling.use_gpu
-    bucket = ds.bucket_size or (GPU_BUCKET if gpu else CPU_BUCKET)
+    bucket = bucket_elements(cfg, model_numel)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(
@@ -100,7 +126,14 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "train_batch_size": cfg.global_batch,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": prec == "bf16"},
+        "bf16": {"enabled": False},
+        # No module is "lower-precision safe": DeepSpeed would then reduce (and under ZeRO-3
+        # gather) those parameters' tensors in bf16.
+        "torch_autocast": {
+            "enabled": prec == "bf16",
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        },
         "fp16": {
             "enabled": prec == "fp16",
             "loss_scale": ds.loss_scale,

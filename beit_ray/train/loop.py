@@ -138,13 +138,9 @@ class Loop:
                 if cfg.debug.record_rows:
                     record_rows(cfg.debug.record_rows, self.rank, state, self.pending[-1])
             boundary = engine.is_gradient_accumulation_boundary()
-            set_lr(engine, lr_at(state.step, self.total, cfg))
-            gen = torch.Generator().manual_seed(
-                cfg.run.seed * 1_000_003 + state.step * 1009 + self.rank
+            metrics = micro_step(
+                engine, self.task, batch, lr_at(state.step, self.total, cfg), state.step, self.rank
             )
-            loss, metrics = self.task.loss(engine, batch, gen)
-            engine.backward(loss)
-            engine.step()
             state.micro_in_pass += 1
             if self.obs:
                 self.obs.step(metrics, micro * cfg.scaling.num_workers, wait)
@@ -152,9 +148,12 @@ class Loop:
                 continue
             state.step += 1
             maybe_fail(cfg, self.rank, state.step, self.run_uri)
-            if state.step % cfg.run.log_every == 0:  # the host reads the device here anyway
+            # The host reads the device (metrics, grad norm, the clock, the rows' places) on
+            # logging steps only.
+            logging = state.step % cfg.run.log_every == 0 or state.step == self.total
+            if logging:
                 self.flush_progress()
-            if self.obs and (state.step % cfg.run.log_every == 0 or state.step == self.total):
+            if self.obs and logging:
                 extra = {
                     "lr": lr_at(state.step - 1, self.total, cfg),
                     "grad_norm": grad_norm(engine),
@@ -162,7 +161,7 @@ class Loop:
                 self.obs.log(state.step, state.epoch, self.total, extra)
             if state.step >= self.total or state.step == cfg.debug.stop_at_step:
                 return True
-            if due(cfg, state.step, self.last_ckpt, engine.device):
+            if due(cfg, state.step, self.last_ckpt, engine.device, read_clock=logging):
                 self.save({})
         if seen == 0 and state.micro_in_pass == 0:
             raise RuntimeError(f"rank {self.rank}: the training data gave no batch of {micro} rows")
@@ -233,17 +232,19 @@ def build_engine(cfg: TrainConfig, task: Task) -> Any:
     tune_allocator(mmap_threshold(cfg))  # before the model's tensors exist
     if cfg.scaling.use_gpu:
         enable_tf32()
-    ds_config = deepspeed_config(cfg)
     with torch.random.fork_rng():  # same init on every rank and every attempt
         torch.manual_seed(cfg.run.seed)
-        model = task.build(ds_config if cfg.deepspeed.zero_stage == 3 else None)
+        # ZeRO-3 partitions the weights as they are created; the init is the same (tests/
+        # test_train_equivalence.py): every random draw comes from cfg.run.seed, whole tensors.
+        model = task.build(deepspeed_config(cfg) if cfg.deepspeed.zero_stage == 3 else None)
     model.train()
     speed_options(model, cfg.deepspeed.activation_checkpointing, cfg.deepspeed.compile)
     groups = param_groups(
         model, lr=cfg.peak_lr, weight_decay=cfg.optim.weight_decay, layer_decay=task.layer_decay()
     )
+    numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(groups, cfg), config=ds_config
+        model=model, optimizer=build_optimizer(groups, cfg), config=deepspeed_config(cfg, numel)
     )
     share_fp32_partitions(engine)  # ZeRO-3 fp32: drop DeepSpeed's duplicate master partition
     task.dtype = torch_dtype(cfg)
@@ -262,6 +263,21 @@ def all_progress(mine: EpochProgress) -> EpochProgress:
     for d in gathered:
         out = out.merge(EpochProgress.from_json(d))
     return out
+
+
+def micro_step(
+    engine: Any, task: Task, batch: dict[str, torch.Tensor], lr: float, step: int, rank: int
+) -> dict[str, torch.Tensor]:
+    """One micro-batch of optimizer step ``step`` on this rank: forward through ``engine(...)``
+    (the task's loss), backward, and DeepSpeed's step (which updates only at the accumulation
+    boundary). Returns the batch's metrics as device tensors: nothing here waits on the device.
+    """
+    set_lr(engine, lr)
+    gen = torch.Generator().manual_seed(task.cfg.run.seed * 1_000_003 + step * 1009 + rank)
+    loss, metrics = task.loss(engine, batch, gen)
+    engine.backward(loss)
+    engine.step()
+    return metrics
 
 
 def timed(
@@ -287,15 +303,22 @@ def grad_norm(engine: Any) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def due(cfg: TrainConfig, step: int, last: float, device: torch.device | str = "cpu") -> bool:
+def due(
+    cfg: TrainConfig,
+    step: int,
+    last: float,
+    device: torch.device | str = "cpu",
+    read_clock: bool = True,
+) -> bool:
     """Checkpoint now? Time-based decisions are made by rank 0 and shared, so ranks agree.
 
-    ``device``: the engine's; an NCCL-only group has no backend for CPU tensors."""
+    ``device``: the engine's; an NCCL-only group has no backend for CPU tensors. The shared
+    clock is a broadcast the host waits for: read only when ``read_clock`` (logging steps)."""
     c = cfg.checkpoint
     if c.every_n_steps and step % c.every_n_steps == 0:
         return True
-    if not c.every_n_minutes or step % cfg.run.log_every:
-        return False  # the clock is read on logging steps only: no collective in other steps
+    if not c.every_n_minutes or not read_clock:
+        return False  # the clock is a collective the host waits for: logging steps only
     flag = torch.tensor([float(time.monotonic() - last >= 60 * c.every_n_minutes)], device=device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())

@@ -42,17 +42,18 @@ class Observer:
             storage.download_dir(logs_uri, storage_cfg, dest=self.local)
         _trim(os.path.join(self.local, METRICS_FILE), start_step)
         self.tb = SummaryWriter(os.path.join(self.local, "tb"), purge_step=start_step + 1)
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, Any] = defaultdict(float)
         self.steps = 0
         self.last_step = start_step
         self.images = 0
         self.wait = 0.0
         self.t0 = time.perf_counter()
 
-    def step(self, metrics: dict[str, float], images: int, data_wait: float) -> None:
-        """Add one optimizer step: its metrics, global images processed, seconds spent waiting."""
+    def step(self, metrics: dict[str, Any], images: int, data_wait: float) -> None:
+        """Add one micro-step: its metrics (floats or 0-d device tensors, summed on the device
+        and read only by :meth:`log`), global images processed, seconds spent waiting."""
         for k, v in metrics.items():
-            self.sums[k] += v
+            self.sums[k] = self.sums[k] + v
         self.steps += 1
         self.images += images
         self.wait += data_wait
@@ -62,7 +63,7 @@ class Observer:
     ) -> dict[str, float]:
         """Write the averages since the last call; returns the record written."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rec: dict[str, float] = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        rec: dict[str, float] = {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
         rec.update(
             images_per_s=self.images / elapsed,
             data_wait_frac=self.wait / elapsed,

@@ -72,6 +72,7 @@ class Task:
             init_from=m.init_from,
             zero3_config=zero3_config,
             storage=self.cfg.storage,
+            seed=self.cfg.run.seed,
             # unilm's init of a new model rescales ZeRO-3-partitioned weights: gather them for it
             gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0),
             **overrides,
@@ -87,7 +88,10 @@ class Task:
 
     def loss(
         self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics as detached 0-d device tensors) of a batch, through ``engine(...)``.
+
+        Nothing here waits on the device: metrics are read on logging steps only."""
         raise NotImplementedError
 
     def evaluate(self, engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
@@ -105,16 +109,37 @@ class MimTask(Task):
         "visual_token_ids": torch.int64,
     }
 
+    def build(self, zero3_config: dict[str, Any] | None) -> nn.Module:
+        from beit_ray.models.mim import masked_only
+
+        return masked_only(super().build(zero3_config))  # engine(..., token_ids=) is the step
+
+    @property
+    def num_masked(self) -> int:
+        """Slots per image for masked patches: the data's masking count (never exceeded)."""
+        return self.cfg.data.masking_patches
+
     def loss(
         self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        from beit_ray.models.mim import mim_forward, mlm_accuracy
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from beit_ray.models.mim import mlm_accuracy
 
         dev = engine.device
         x = self.pixels(batch["pixel_values"], dev)  # [B, 3, H, W]
         mask = batch["bool_masked_pos"].to(dev)  # [B, N]
-        loss, logits, labels = mim_forward(engine, x, mask, batch["visual_token_ids"].to(dev))
-        return loss, {"loss": loss.item(), "mlm_acc": mlm_accuracy(logits, labels).item()}
+        if not getattr(self, "_mask_checked", False):  # one host wait, on the first batch only
+            most = int(mask.sum(1).max())
+            if most > self.num_masked:
+                raise ValueError(
+                    f"the data masks {most} patches in an image, more than "
+                    f"data.num_masking_patches = {self.num_masked}: set it to the data's count"
+                )
+            self._mask_checked = True
+        tokens = batch["visual_token_ids"].to(dev)  # [B, N]
+        loss, logits, labels = engine(
+            pixel_values=x, bool_masked_pos=mask, token_ids=tokens, num_masked=self.num_masked
+        )
+        return loss, {"loss": loss.detach(), "mlm_acc": mlm_accuracy(logits, labels)}
 
 
 class ClassificationTask(Task):
@@ -142,17 +167,22 @@ class ClassificationTask(Task):
 
     def loss(
         self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o, dev = self.cfg.optim, engine.device
         x = self.pixels(batch["pixel_values"], dev)
         y = batch["label"].to(dev)  # [B]
         n = len(self.extra["id2label"])
-        target = F.one_hot(y, n).float() * (1 - o.label_smoothing) + o.label_smoothing / n  # [B, C]
+        # Label-smoothed one-hot [B, C]; scatter, as F.one_hot reads the labels' range on the host.
+        low = o.label_smoothing / n
+        target = torch.full((len(y), n), low, device=dev).scatter_(
+            1, y[:, None], 1 - o.label_smoothing + low
+        )
         x = random_erase(x, o.reprob, gen)  # per image, before mixing (timm's order)
         x, target = mix(x, target, o.mixup, o.cutmix, gen)
         logits = engine(pixel_values=x).logits.float()  # [B, C]
         loss = torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
-        return loss, {"loss": loss.item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc}
 
     @torch.no_grad()
     def evaluate(self, engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
@@ -184,7 +214,7 @@ class SegmentationTask(Task):
 
     def loss(
         self, engine: Any, batch: dict[str, torch.Tensor], gen: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         dev = engine.device
         labels = batch["labels"].to(dev).long()  # [B, H, W], 255 = ignored
         x = pad_normalized(self.pixels(batch["pixel_values"], dev), batch["valid_hw"])
@@ -195,7 +225,7 @@ class SegmentationTask(Task):
             ).argmax(1)
             valid = labels != 255
             acc = ((pred == labels) & valid).sum() / valid.sum().clamp(min=1)
-        return out.loss, {"loss": out.loss.item(), "pixel_acc": acc.item()}
+        return out.loss, {"loss": out.loss.detach(), "pixel_acc": acc}
 
     @torch.no_grad()
     def evaluate(self, engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
