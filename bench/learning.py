@@ -134,7 +134,7 @@ def eval_records(run: str) -> list[dict]:
 
 def label_top1(a: argparse.Namespace, run: str, val: str, out: str) -> tuple[float, float]:
     """(top-1 of jobs/label.py's predictions over ``val`` with ``run``'s model, seconds)."""
-    import pyarrow.parquet as pq
+    from beit_ray.infer.parts import read_parts
 
     secs = run_child(
         "label.py",
@@ -156,8 +156,7 @@ def label_top1(a: argparse.Namespace, run: str, val: str, out: str) -> tuple[flo
         ],  # fmt: skip
         out + ".log",
     )
-    rows = [r for p in sorted(glob.glob(os.path.join(out, "part-*.parquet")))
-            for r in pq.read_table(p).to_pylist()]  # fmt: skip
+    rows = read_parts(out).to_pylist()
     ok = [r for r in rows if not r["error"]]
     if len(ok) != len(rows) or not rows:
         raise RuntimeError(f"label: {len(rows) - len(ok)} error rows of {len(rows)} in {out}")
