@@ -319,7 +319,7 @@ def label(cfg: Any) -> list[str]:
             gpus,
         ),
         _cluster_line(_get(cfg, "ray"), cpus, gpus),
-        f"  outputs  {_get(cfg, 'output', '?')}  (part-*.parquet, _SUMMARY.json, _job.log; "
+        f"  outputs  {_get(cfg, 'output', '?')}  (parts/*/part-*.parquet, _SUMMARY.json, _job.log; "
         f"{_get(cfg, 'chunk_size', '?')} inputs per part)",
     ]
 

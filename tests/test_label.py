@@ -244,8 +244,8 @@ def test_interrupt_and_rerun(ray_session, photos, checkpoints, tmp_path):
 
     with pytest.raises(LabelInterrupted):
         label(cfg, stop_after_chunks=2)
-    first = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert len(first) == 2 and not list(out.glob(".part-*"))  # no partial files left
+    first = sorted(str(p.relative_to(out)) for p in out.glob("parts/*/part-*.parquet"))
+    assert len(first) == 2 and not list(out.glob("parts/*/.part-*"))  # no partial files left
     stamps = {name: (out / name).stat().st_mtime_ns for name in first}
 
     summary = label(cfg)  # the same command again finishes the rest
@@ -258,7 +258,10 @@ def test_interrupt_and_rerun(ray_session, photos, checkpoints, tmp_path):
 
     (out / part_name(1)).unlink()  # lose a middle chunk: the rerun rewrites just that one
     summary = label(cfg)
-    assert summary["processed_this_run"] == 3 and len(list(out.glob("part-*.parquet"))) == n_chunks
+    assert (
+        summary["processed_this_run"] == 3
+        and len(list(out.glob("parts/*/part-*.parquet"))) == n_chunks
+    )
     again = read_parts(str(out)).to_pandas().set_index("path").sort_index()
     assert again.index.tolist() == full.index.tolist()
     assert (
@@ -440,7 +443,9 @@ def test_a_rerun_reuses_its_listing_and_relist_labels_only_what_is_new(
     paths = table["path"].tolist()
     assert len(paths) == len(set(paths)) == 5 and str(src / "9-new.jpg") in paths
     assert str(src / "2-coffee.jpg") in paths  # labelled before it went: its row stays
-    assert sorted(p.name for p in out.glob("part-*.parquet")) == [part_name(c) for c in (0, 1, 2)]
+    assert sorted(str(p.relative_to(out)) for p in out.glob("parts/*/part-*.parquet")) == [
+        part_name(c) for c in (0, 1, 2)
+    ]
     assert label(_cfg(**args, relist=True))["processed_this_run"] == 0  # nothing new since
     assert label(_cfg(**args))["processed_this_run"] == 0
 
@@ -500,20 +505,20 @@ def test_a_killed_driver_resumes_with_every_input_once(ray_session, photos, chec
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while len(list(out.glob("part-*.parquet"))) < 3 and proc.poll() is None:
+        while len(list(out.glob("parts/*/part-*.parquet"))) < 3 and proc.poll() is None:
             assert time.monotonic() < deadline, "the job wrote no part in 5 minutes"
             time.sleep(0.05)
-        written = len(list(out.glob("part-*.parquet")))
+        written = len(list(out.glob("parts/*/part-*.parquet")))
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     finally:
         proc.wait()
         _kill_leftovers(ray_tmp)
     assert proc.returncode == -signal.SIGKILL and 3 <= written < 20, (proc.returncode, written)
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    before = {p: p.stat().st_mtime_ns for p in out.glob("parts/*/part-*.parquet")}
     summary = label(_cfg(input=tmp_path / "in", output=out, chunk_size=2,
                          checkpoint=checkpoints["classification"]))  # fmt: skip
     assert summary["chunks_resumed"] == len(before) and summary["files"] == 40
-    assert all((out / n).stat().st_mtime_ns == t for n, t in before.items())  # not redone
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # not redone
     _once_each(out, paths)
 
 
@@ -543,7 +548,7 @@ def test_a_killed_second_node_costs_no_input(photos, checkpoints, tmp_path):
     script = tmp_path / "kill_node.py"
     script.write_text(
         f"""
-import json, os, threading, time, ray
+import glob, json, os, threading, time, ray
 from ray.cluster_utils import Cluster
 from beit_ray.config import parse_args
 from beit_ray.infer.config import LabelConfig
@@ -560,10 +565,10 @@ cfg = parse_args(LabelConfig, [
 done = {{}}
 t = threading.Thread(target=lambda: done.update(summary=label(cfg)))
 t.start()
-while len([p for p in os.listdir({str(out)!r}) if p.startswith("part-")]
-           if os.path.isdir({str(out)!r}) else []) < 4:
+parts = lambda: glob.glob(os.path.join({str(out)!r}, "parts", "*", "part-*.parquet"))
+while len(parts()) < 4:
     time.sleep(0.05)
-written = len([p for p in os.listdir({str(out)!r}) if p.startswith("part-")])
+written = len(parts())
 c.remove_node(node, allow_graceful=False)
 t.join()
 end = time.monotonic() + 120  # the GCS marks a killed raylet dead after its health checks

@@ -363,6 +363,8 @@ def walk(
     args = {"handle": handle, "root": root, "kwargs": kwargs or {}}
     if _is_s3(root):
         return walk_ranges(root, st, _visible_only, args, threads=threads)
+    # the run size is read here and sent with each task (a Ray worker has its own module)
+    args["run_files"] = RUN_FILES
     if storage.is_remote(root):  # other object stores: fsspec's listing, in one task
         return _flat(run_tasks(_walk_store, [(0, root)], {**args, "st": st}, threads))
     look = first_look(root, st)
@@ -390,13 +392,17 @@ def _flat(results: list[list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
 
 
 def _runs(
-    k: int, files: Iterator[tuple[str, int]], handle: Callable[..., Any], kwargs: dict[str, Any]
+    k: int,
+    files: Iterator[tuple[str, int]],
+    handle: Callable[..., Any],
+    kwargs: dict[str, Any],
+    run_files: int,
 ) -> list[tuple[str, Any]]:
-    """``handle`` on consecutive runs of at most RUN_FILES files, named ``<k>.<j>``."""
+    """``handle`` on consecutive runs of at most ``run_files`` files, named ``<k>.<j>``."""
     out, run = [], []
     for f in files:
         run.append(f)
-        if len(run) == RUN_FILES:
+        if len(run) == run_files:
             out.append(
                 (f"{k:05d}.{len(out):05d}", handle(f"{k:05d}.{len(out):05d}", run, **kwargs))
             )
@@ -407,12 +413,16 @@ def _runs(
 
 
 def _walk_paths(
-    task: tuple[int, list[str]], handle: Callable[..., Any], root: str, kwargs: dict[str, Any]
+    task: tuple[int, list[str]],
+    handle: Callable[..., Any],
+    root: str,
+    kwargs: dict[str, Any],
+    run_files: int,
 ) -> list[tuple[str, Any]]:
     """A local walking task: the files at or below its top-level entries, in path order."""
     k, paths = task
     files = (f for p in paths for f in iter_local(p))
-    return _runs(k, files, handle, kwargs)
+    return _runs(k, files, handle, kwargs, run_files)
 
 
 def _walk_store(
@@ -420,6 +430,7 @@ def _walk_store(
     handle: Callable[..., Any],
     root: str,
     kwargs: dict[str, Any],
+    run_files: int,
     st: StorageConfig | None,
 ) -> list[tuple[str, Any]]:
     k, uri = task
@@ -431,7 +442,7 @@ def _walk_store(
         for p, info in found
         if not hidden(scheme + p, root)
     )
-    return _runs(k, files, handle, kwargs)
+    return _runs(k, files, handle, kwargs, run_files)
 
 
 def _visible_only(

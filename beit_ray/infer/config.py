@@ -116,7 +116,7 @@ class LabelConfig:
     image_column: str = "image"
     """parquet layout: the column of encoded image bytes."""
     output: str = ""
-    """Where results go (local or s3://): part-NNNNN.parquet, _masks/, _SUMMARY.json."""
+    """Where results go (local or s3://): parts/<k>/part-<chunk>.parquet, _masks/, _SUMMARY.json."""
     checkpoint: str = ""
     """An HF-format folder (e.g. a copy of microsoft/beit-base-patch16-224) or a beit-ray run
     output, local or s3://."""

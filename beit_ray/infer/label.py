@@ -10,7 +10,7 @@ driver memory. Each chunk is one Ray Data row: a read task fetches its images (o
 object; a local tar's members by their listed offsets, one ranged read per run of members; a
 tar on an object store is streamed once by one read task, which cuts it into chunks as its
 members arrive, since listing it first would read it twice) and decodes them; a predictor
-actor labels them and writes the chunk's ``part-NNNNN.parquet`` itself (atomically: temp +
+actor labels them and writes the chunk's ``parts/<k>/part-<chunk>.parquet`` itself (atomically: temp +
 rename locally; an S3 PUT is atomic), returning only its counts. The driver appends those counts to the ledger
 (:mod:`beit_ray.infer.plan`), so a rerun checks coverage from a listing of the output and the
 ledger, without reading any part.
@@ -23,13 +23,14 @@ one row; unreadable, corrupt, non-image and oversized files or members give a ro
 tar's URI; a parquet file without a binary image column gives one row.
 
 Output under ``--output``:
-    part-NNNNN.parquet   path, error, height, width + the task's columns (see ``task_schema``),
-                         sorted by path; footer key ``beit_ray.part``: its rows/errors/reasons
+    parts/<k>/part-<chunk>.parquet   path, error, height, width + the task's columns (see
+                         ``task_schema``), sorted by path; footer key ``beit_ray.part``: its
+                         rows/errors/reasons; 10,000 chunks a folder (``parts.PARTS_PER_FOLDER``)
     _masks/...png        segment: class ids at the original size (``mask_uri`` points here)
-    _PLAN.json           what the chunks were made of (a rerun must match it)
-    _INPUTS.parquet      the chunks' inputs (containers: the listed members, never listed again)
+    _PLAN.json           what the chunks were made of, in generations (a rerun reuses it)
+    _LISTING/v<k>/       the listing each generation was planned from (``--relist``: one more)
+    _INPUTS[-g].parquet  the chunks' inputs of generation g (containers: their members)
     _TARS/tar-<t>-<n>    object-store tars: tar t was read to its end and holds n inputs
-    _LISTING.parquet     the input listing of this run (path, size)
     _PARTS/              the ledger of written parts (chunk, rows, errors, reasons)
     _SUMMARY.json        counts, error reasons, images/s, checkpoint
     _PREVIEW.html        a page to open in a browser: errors by kind, the label histogram and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import uuid
 from typing import Any
@@ -16,20 +17,26 @@ from beit_ray import storage as st
 from beit_ray.infer.plan import PART_META_KEY, part_counts
 from beit_ray.storage import StorageConfig
 
-PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+PARTS_DIR = "parts"
+PARTS_PER_FOLDER = 10_000
+"""Chunks a folder of parts holds: no prefix lists hundreds of thousands of files (100 M inputs
+in chunks of 256 are 39 folders of 10,000; streamed tars: one folder per 10,000 chunks of a
+tar's ids, i.e. a folder a tar)."""
+PART_RE = re.compile(r"^part-(\d{10})\.parquet$")
 
 
 def part_name(chunk: int) -> str:
-    return f"part-{chunk:05d}.parquet"
+    """Chunk ``chunk``'s part, relative to the output."""
+    return f"{PARTS_DIR}/{chunk // PARTS_PER_FOLDER:06d}/part-{chunk:010d}.parquet"
 
 
 def done_chunks(output: str, storage: StorageConfig | None) -> set[int]:
     """Chunk ids whose part file exists (complete by construction: written atomically); one
-    listing of the output's top level (1,000 names a request on S3)."""
-    fs, path = st.filesystem(output, storage)
-    if not fs.exists(path):
+    recursive listing of ``parts/`` (1,000 names a request on S3)."""
+    fs, path = st.filesystem(st.join(output, PARTS_DIR), storage)
+    if not st.retry(fs.exists, path, what=output):
         return set()
-    names = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    names = (posixpath.basename(p) for p in st.retry(fs.find, path, what=output))
     return {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
 
 
@@ -68,10 +75,11 @@ def write_part(
     fs, root = st.pyarrow_fs(output, storage)
     final = f"{root.rstrip('/')}/{part_name(chunk)}"
     if st.is_remote(output):  # one PUT / a completed multipart upload: atomic
-        pq.write_table(table, final, filesystem=fs)
+        st.retry(pq.write_table, table, final, filesystem=fs, what=final)
         return counts
-    os.makedirs(root, exist_ok=True)
-    tmp = f"{root.rstrip('/')}/.{part_name(chunk)}.tmp-{uuid.uuid4().hex[:8]}"
+    folder, name = final.rsplit("/", 1)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
     pq.write_table(table, tmp, filesystem=fs)
     os.replace(tmp, final)
     return counts
