@@ -14,7 +14,6 @@ from typing import Any
 
 from beit_ray import storage
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_LISTED = 200_000
 """A local input is counted up to this many files (beyond, the plan says "more than")."""
 
@@ -49,22 +48,23 @@ def describe_input(
         return f"{source} (not found here; listing in the cluster)", None
     if os.path.isfile(path):
         return f"{source} ({layout}, one file)", None
+    from beit_ray.data.containers import is_image, is_tar
+    from beit_ray.data.walk import iter_local
+
     images = tars = parquets = other = 0
     folders: set[str] = set()
-    for root, _, files in os.walk(path):
-        for f in files:
-            ext = os.path.splitext(f)[1].lower()
-            if ext in IMAGE_EXTS:
-                images += 1
-                folders.add(root)
-            elif ext == ".tar":
-                tars += 1
-            elif ext == ".parquet":
-                parquets += 1
-            else:
-                other += 1
-        if images + tars + parquets + other > MAX_LISTED:
+    for n, (f, _) in enumerate(iter_local(path)):  # the jobs' own walk (hidden names skipped)
+        if n >= MAX_LISTED:
             return f"{source} ({layout}; more than {MAX_LISTED} files)", None
+        if is_image(f):
+            images += 1
+            folders.add(os.path.dirname(f))
+        elif is_tar(f):
+            tars += 1
+        elif f.lower().endswith(".parquet"):
+            parquets += 1
+        else:
+            other += 1
     found = [
         f"{images} images in {len(folders)} folders" if images else "",
         f"{tars} tars" if tars else "",
