@@ -439,7 +439,7 @@ def test_pretrain_and_label_jobs_on_the_cluster_with_s3(
             "--checkpoint.name",
             "cluster-pt",
         ],
-        timeout=420,
+        timeout=600,  # 4 steps, then checkpoints and the export to S3: 420 s ran out under load
         env_vars=s3_env,
     )
     assert status == "SUCCEEDED", logs[-4000:]
