@@ -11,15 +11,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 # Build DeepSpeed's shared-memory comm op (loaded by every rank) and CPU Adam (optimizer
 # offload) once at install, serially (~45 s each), instead of inside tests and jobs where
-# concurrent workers would queue on the build lock.
-define PREBUILD_DEEPSPEED_OPS
-from deepspeed.accelerator import get_accelerator
-for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
-    builder = get_accelerator().create_op_builder(name)
-    if builder is not None and builder.is_compatible():
-        builder.load()
-endef
-export PREBUILD_DEEPSPEED_OPS
+# concurrent workers would queue on the build lock. Cluster nodes run the same module
+# (cluster/aws.yaml, cluster/kuberay/Dockerfile, the README's `ray start` recipe).
+PREBUILD_DEEPSPEED_OPS := -m beit_ray.train.ops
 
 .PHONY: install demo test lint format bench clean deepspeed-wheels
 
@@ -28,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.*"
 	$(PIP) install -q -c constraints.txt -e ".[test,dev]"
-	$(PY) -c "$$PREBUILD_DEEPSPEED_OPS"
+	$(PY) $(PREBUILD_DEEPSPEED_OPS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -226,7 +226,10 @@ def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         if not f.init or f.name not in data:
             continue
         where = f"{prefix}.{f.name}" if prefix else f.name
-        kwargs[f.name] = _coerce(data[f.name], hints[f.name], where)
+        value = data[f.name]
+        if isinstance(value, dict):
+            value = {**_factory_fields(f), **value}
+        kwargs[f.name] = _coerce(value, hints[f.name], where)
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -234,6 +237,22 @@ def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         if prefix and not msg.startswith(prefix + "."):
             msg = f"{prefix}.{msg}"
         raise ConfigError(msg) from None
+
+
+def _factory_fields(f: dataclasses.Field) -> dict[str, Any]:
+    """Fields a section's ``default_factory`` sets apart from its class defaults (pretraining's
+    demo source and codebook, fine-tuning's run name), so that a partial section from the CLI
+    or a file (``--checkpoint.storage_path /x``) keeps them instead of the class's defaults."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    try:
+        own = f.default_factory()
+        if not dataclasses.is_dataclass(own):
+            return {}
+        plain = to_dict(type(own)())
+    except (ConfigError, TypeError):
+        return {}
+    return {k: v for k, v in to_dict(own).items() if v != plain.get(k)}
 
 
 def to_dict(cfg: Any, redact: bool = False) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from beit_ray import storage
+from beit_ray.runtime import training_outputs
 
 MAX_LISTED = 200_000
 """A local input is counted up to this many files (beyond, the plan says "more than")."""
@@ -147,6 +148,23 @@ def cluster_check(asks_cpus: float, asks_gpus: float = 0.0) -> str:
     )
 
 
+def _storage_lines(ray_cfg: Any, uris: dict[str, str | None], st: Any) -> list[str]:
+    """Joining a cluster: the outputs a multi-node cluster refuses, said before starting Ray (the
+    job checks them again once connected, where it knows how many nodes there are)."""
+    if not (_get(ray_cfg, "address") or os.environ.get("RAY_ADDRESS")):
+        return []
+    from beit_ray.runtime import unshared_outputs
+
+    bad = unshared_outputs(uris, st)
+    if not bad:
+        return ["  storage  every output on storage all nodes read (s3:// or storage.shared_paths)"]
+    return [
+        f"  storage  {name} {uri} is a local path: refused on a cluster of several nodes unless "
+        "it is an absolute path under storage.shared_paths (or use s3://)"
+        for name, uri in bad.items()
+    ]
+
+
 def _outputs(cfg: Any) -> str:
     base = _get(cfg, "checkpoint.storage_path", "./runs")
     base = base if storage.is_remote(base) else os.path.abspath(base)
@@ -225,18 +243,18 @@ def pretrain(cfg: Any, demo: bool = False) -> list[str]:
         per_gpu = f" + {tok_gpus:g} GPU" if tok_gpus else ""
         parts.append(f"tokenizer actors {actors[0]}-{hi} × {actors[1]:g} CPU{per_gpu}")
         gpus += lo * tok_gpus
+    weights = _get(data, "tokenizer_weights", "")
+    if demo and weights and not storage.is_remote(weights) and not os.path.exists(weights):
+        weights += " (fitted on the demo images first)"
     lines = [
         "plan: pretraining (masked image modelling)"
         + (" on the demo data with demo settings" if demo else ""),
         f"  input    {source}",
         _model_line(cfg, "mim")
-        + (
-            f"; tokenizer {tok} {_get(data, 'tokenizer_weights', '')}".rstrip()
-            if tok != "none"
-            else ""
-        ),
+        + (f"; tokenizer {tok} {weights}".rstrip() if tok != "none" else ""),
         _asks_line(parts, cpus, gpus),
         _cluster_line(_get(cfg, "ray"), cpus, gpus),
+        *_storage_lines(_get(cfg, "ray"), training_outputs(cfg), _get(cfg, "storage")),
         *_train_lines(cfg, images, 1.0),
         *_feed_lines(cfg, tok_gpus, known_gpus),
         _outputs(cfg),
@@ -292,6 +310,7 @@ def finetune(cfg: Any, demo: bool = False) -> list[str]:
         _model_line(cfg, task, labels),
         _asks_line(parts, cpus, gpus),
         _cluster_line(_get(cfg, "ray"), cpus, gpus),
+        *_storage_lines(_get(cfg, "ray"), training_outputs(cfg), _get(cfg, "storage")),
         *_train_lines(cfg, images, share),
         _outputs(cfg),
     ]
@@ -319,6 +338,7 @@ def label(cfg: Any) -> list[str]:
             gpus,
         ),
         _cluster_line(_get(cfg, "ray"), cpus, gpus),
+        *_storage_lines(_get(cfg, "ray"), {"output": _get(cfg, "output")}, _get(cfg, "storage")),
         f"  outputs  {_get(cfg, 'output', '?')}  (parts/*/part-*.parquet, _SUMMARY.json, _job.log; "
         f"{_get(cfg, 'chunk_size', '?')} inputs per part)",
     ]
@@ -373,6 +393,7 @@ def tokenize(cfg: Any) -> list[str]:
             0.0,
         ),
         _cluster_line(_get(cfg, "ray"), cpus),
+        *_storage_lines(_get(cfg, "ray"), {"output": _get(cfg, "output")}, _get(cfg, "storage")),
         f"  outputs  {_get(cfg, 'output', '?')}  (shards, manifest.json; "
         f"{_get(cfg, 'shards.images_per_shard', '?')} images per shard, {_get(cfg, 'shards.epochs', 1)} epochs)",
     ]
@@ -385,6 +406,13 @@ def fit_tokenizer(cfg: Any) -> list[str]:
         _get(cfg, "input") or _get(data, "source"), _get(data, "layout", "auto")
     )
     cb = _get(cfg, "codebook")
+    from beit_ray.data.fit import listing_uri
+
+    outputs = {
+        "output": _get(cfg, "output"),
+        "data.listing_uri": listing_uri(cfg),
+        "data.errors_uri": _get(data, "errors_uri"),
+    }
     return [
         "plan: fitting a codebook tokenizer (k-means over patch features)",
         f"  input    {source}",
@@ -392,5 +420,6 @@ def fit_tokenizer(cfg: Any) -> list[str]:
         f"{_get(cb, 'patches_per_image', '?')} patches, {_get(cb, 'iterations', '?')} iterations",
         _asks_line(["read/decode tasks"], 1.0, 0.0),
         _cluster_line(_get(cfg, "ray"), 1.0),
+        *_storage_lines(_get(cfg, "ray"), outputs, _get(cfg, "storage")),
         f"  outputs  {_get(cfg, 'output', '?')}",
     ]

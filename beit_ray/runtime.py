@@ -1,8 +1,7 @@
 """Starting or joining Ray for a job, what a job needs from the cluster, and rank-0 printing.
 
     init_ray(cfg.ray, cfg.storage)            # join RAY_ADDRESS / ray.address, or a local Ray
-    cluster = Cluster.read(cfg.ray)           # once per job, after init_ray
-    check_training(cfg, ray_data_cpus, cluster)   # or check_job_outputs(...) for other jobs
+    check_training(cfg)                       # or check_job_outputs(...) for other jobs
 
 Ray Data and Ray Train wait forever, without an error, for resources that never come (workers
 holding every CPU, more GPU requests than GPUs), and outputs written to one node's disk are lost
@@ -277,10 +276,16 @@ def launcher_limits(cfg: dict[str, Any]) -> dict[str, float] | None:
     return out
 
 
+_WARNED: set[str] = set()
+"""Warnings already printed: a job checks before its own work and the library's run_* check
+again for callers that skip the job, and a person needs each warning once."""
+
+
 def _act(verdict: str | None, message: str) -> None:
     if verdict == "refuse":
         raise ValueError(message)
-    if verdict == "warn":
+    if verdict == "warn" and message not in _WARNED:
+        _WARNED.add(message)
         log.warning("%s (continuing: the autoscaler may still add nodes)", message)
         print(f"WARNING: {message} (continuing: the autoscaler may still add nodes)", flush=True)
 
@@ -369,6 +374,22 @@ def tokenizer_gpus(
     return gpus
 
 
+def unshared_outputs(uris: dict[str, str | None], st: StorageConfig | None) -> dict[str, str]:
+    """The ``uris`` (config field → value) a multi-node cluster refuses: local paths outside
+    ``storage.shared_paths``. A relative path counts as local even under a shared path: it
+    resolves inside each node's own copy of the job's working dir. Needs no Ray."""
+    shared = [os.path.abspath(p) for p in ((st.shared_paths if st else None) or [])]
+    out = {}
+    for name, uri in uris.items():
+        if not uri or storage.is_remote(uri):
+            continue
+        path = storage.strip_scheme(uri)
+        if any(path == p or path.startswith(p.rstrip("/") + "/") for p in shared):
+            continue
+        out[name] = uri
+    return out
+
+
 def check_shared_storage(
     uris: dict[str, str | None], st: StorageConfig | None, cluster: Cluster
 ) -> None:
@@ -380,20 +401,14 @@ def check_shared_storage(
     multi = cluster.multi_node()
     if multi is False:
         return
-    shared = [os.path.abspath(p) for p in ((st.shared_paths if st else None) or [])]
-    for name, uri in uris.items():
-        if not uri or storage.is_remote(uri):
-            continue
-        path = storage.strip_scheme(uri)
-        if any(path == p or path.startswith(p.rstrip("/") + "/") for p in shared):
-            continue
+    for name, uri in unshared_outputs(uris, st).items():
         where = f"{cluster.nodes} nodes" if cluster.nodes > 1 else "nodes the autoscaler can add"
         _act(
             "refuse" if multi else "warn",
             f"{name}: {uri!r} is a local path, but the cluster has {where}: tasks and workers "
             "on other nodes would write to their own disks (and Ray Train refuses local storage "
-            "across nodes). Use an object store (s3://bucket/prefix), or a path mounted on every "
-            "node, declared with storage.shared_paths [/mnt/shared]",
+            "across nodes). Use an object store (s3://bucket/prefix), or an absolute path mounted "
+            "on every node, declared with storage.shared_paths [/mnt/shared]",
         )
 
 
@@ -421,23 +436,37 @@ def streams_tokens(cfg: Any) -> bool:
     return getattr(cfg, "shards", "") is None and cfg.data.tokenizer != "none"
 
 
-def check_training(cfg: Any, ray_data_cpus: float, cluster: Cluster | None = None) -> None:
-    """Every driver-side check of a training job: CPUs, GPUs, shared outputs."""
+def ray_data_cpus(cfg: Any) -> float:
+    """CPUs Ray Data holds while a training run trains, from its config alone: one for read
+    tasks, plus the tokenizer pool's smallest size when the run streams visual tokens."""
+    d = cfg.data
+    return 1.0 + (d.tokenizer_actors[0] * d.tokenizer_num_cpus if streams_tokens(cfg) else 0.0)
+
+
+def training_outputs(cfg: Any) -> dict[str, str | None]:
+    """What a training run's tasks and workers write, by config field (the run's listing,
+    class index and demo data live under checkpoint.storage_path)."""
+    data = getattr(cfg, "data", None)
+    return {
+        "checkpoint.storage_path": cfg.checkpoint.storage_path,
+        "data.errors_uri": getattr(data, "errors_uri", None),
+        "data.listing_uri": getattr(data, "listing_uri", None),
+        "shards": getattr(cfg, "shards", None),
+    }
+
+
+def check_training(
+    cfg: Any, data_cpus: float | None = None, cluster: Cluster | None = None
+) -> None:
+    """Every driver-side check of a training job: CPUs, GPUs, shared outputs. Jobs run it
+    right after joining Ray, before any listing, demo data or tokenizer fit; Ray Data's CPUs
+    come from the config (:func:`ray_data_cpus`) unless given."""
     cluster = cluster or Cluster.read(cfg.ray)
-    check_cpus(cfg, ray_data_cpus, cluster)
+    check_cpus(cfg, ray_data_cpus(cfg) if data_cpus is None else data_cpus, cluster)
     gpus = (
         tokenizer_gpus(cfg.data.tokenizer_num_gpus, cluster, cfg.scaling.use_gpu)
         if streams_tokens(cfg)
         else 0.0
     )
     check_gpus(cfg, gpus, cluster)
-    data = getattr(cfg, "data", None)
-    check_shared_storage(
-        {
-            "checkpoint.storage_path": cfg.checkpoint.storage_path,
-            "data.errors_uri": getattr(data, "errors_uri", None),
-            "shards": getattr(cfg, "shards", None),
-        },
-        cfg.storage,
-        cluster,
-    )
+    check_shared_storage(training_outputs(cfg), cfg.storage, cluster)

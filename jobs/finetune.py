@@ -13,8 +13,9 @@ Segmentation (ADE20k layout: images/ + annotations/ with training/ and validatio
         --data.source s3://bucket/ADEChallengeData2016 --num_labels 150
 
 Locally (the embedded default: the debug flavour from scratch on the demo images of
-./runs/demo-data, made from scikit-image photos if absent, with demo settings that apply only
-when no --data.source or --config is given; a few minutes on 2 CPU cores):
+<checkpoint.storage_path>/demo-data (./runs/demo-data), made from scikit-image photos if absent,
+with demo settings that apply only when no --data.source or --config is given; a few minutes on
+2 CPU cores):
     python jobs/finetune.py
 
 --model.init_from takes a beit-ray run (local or s3://), a Hugging Face folder (e.g. a copy of
@@ -25,23 +26,21 @@ is exported to <storage_path>/<name>/model with id2label. --dry-run prints the p
 
 from __future__ import annotations
 
-import os
 import sys
 
 from beit_ray import console, plan
 from beit_ray.config import job_flags, on_demo_data, parse_args, run_job
-from beit_ray.runtime import init_ray
+from beit_ray.runtime import check_training, init_ray
 from beit_ray.train.config import FinetuneConfig
-from beit_ray.train.demo_data import make_demo_images
+from beit_ray.train.demo_data import demo_argv, ensure_demo_images, is_demo_source
 from beit_ray.train.trainer import run_finetuning, run_uri
 
-DEMO_DATA = os.path.join("runs", "demo-data")
 # On the embedded demo data only (no --config or --data.source): the demo images (8 photo
 # classes), a debug-sized lr, no RandAugment or random erasing (ImageNet-strength augmentation
 # needs more than 4 epochs of 256 images) and 4 logical CPUs for a local Ray so 2 workers and
 # the read tasks fit on 2 cores.
 DEMO_ARGS = [
-    "--ray.num_cpus", "4", "--data.source", os.path.join(DEMO_DATA, "images"), "--optim.lr", "1e-3",
+    "--ray.num_cpus", "4", "--optim.lr", "1e-3",
     "--run.epochs", "4", "--run.log_every", "8", "--val_fraction", "0.2",
     "--data.rand_augment", "", "--optim.reprob", "0",
 ]  # fmt: skip
@@ -50,15 +49,14 @@ DEMO_ARGS = [
 def main(argv: list[str] | None = None) -> int:
     flags, argv = job_flags(argv)
     demo = on_demo_data(argv, ("--data.source",))
-    cfg = parse_args(FinetuneConfig, DEMO_ARGS + argv if demo else argv)
+    cfg = parse_args(FinetuneConfig, demo_argv(FinetuneConfig, DEMO_ARGS, argv) if demo else argv)
     lines = plan.finetune(cfg, demo=demo)
     if not console.begin(lines, flags, console.log_path_for(run_uri(cfg), "finetune")):
         return 0
     init_ray(cfg.ray, cfg.storage)
-    if os.path.normpath(cfg.data.source).startswith(DEMO_DATA) and not os.path.isdir(
-        cfg.data.source
-    ):
-        make_demo_images(DEMO_DATA)
+    check_training(cfg)  # every cluster and output check, before any data is made or read
+    if is_demo_source(cfg.data.source):
+        ensure_demo_images(cfg.data.source, cfg.storage)
     console.stage(f"{cfg.task} fine-tuning")
     with console.capture_output():  # DeepSpeed's and transformers' prints go to the log
         result = run_finetuning(cfg)

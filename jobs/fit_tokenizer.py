@@ -23,8 +23,8 @@ import sys
 from beit_ray import console, plan
 from beit_ray.config import job_flags, parse_args, run_job
 from beit_ray.data.config import FitTokenizerConfig
-from beit_ray.data.fit import fit_codebook
-from beit_ray.runtime import init_ray
+from beit_ray.data.fit import fit_codebook, listing_uri
+from beit_ray.runtime import check_job_outputs, init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     if not console.begin(lines, flags, log):
         return 0
     init_ray(cfg.ray, cfg.storage)
+    # Before any listing: tasks on every node write the listing, trainers' actors read the codebook.
+    outputs = {
+        "output": cfg.output,
+        "data.listing_uri": listing_uri(cfg),
+        "data.errors_uri": cfg.data.errors_uri,
+    }
+    check_job_outputs(outputs, cfg.ray, cfg.storage)
     console.stage("fitting the codebook")
     book = fit_codebook(cfg)
     console.show(

@@ -157,6 +157,84 @@ def test_aws_launcher_installs_pinned_torch_before_the_project():
         assert image.startswith(f"rayproject/ray:{ray.__version__}-"), image
 
 
+def _prebuild_command() -> str:
+    """`make install`'s DeepSpeed step, as a command a node runs: `python -m beit_ray.train.ops`."""
+    make = re.search(r"^PREBUILD_DEEPSPEED_OPS := (.+)$", (REPO / "Makefile").read_text(), re.M)
+    assert make and "$(PY) $(PREBUILD_DEEPSPEED_OPS)" in (REPO / "Makefile").read_text()
+    return f"python {make.group(1).strip()}"
+
+
+def test_cluster_nodes_prebuild_deepspeed_ops_where_their_ray_looks():
+    """Nodes build DeepSpeed's ops at setup, as `make install` does, into a
+    TORCH_EXTENSIONS_DIR that their `ray start` (and so every worker) sees, instead of
+    JIT-compiling them in the first job's workers (minutes per node)."""
+    prebuild = _prebuild_command()
+    raw = load(CLUSTER / "aws.yaml")
+    command_lists = [raw["setup_commands"]] + [
+        t["worker_setup_commands"]
+        for t in raw["available_node_types"].values()
+        if "worker_setup_commands" in t
+    ]
+    for commands in command_lists:
+        # The launcher sources ~/.bashrc before every command, `ray start` included.
+        export_at = next(
+            i
+            for i, c in enumerate(commands)
+            if "export TORCH_EXTENSIONS_DIR=" in c and "bashrc" in c
+        )
+        project_at = next(i for i, c in enumerate(commands) if "-e ~/beit-ray" in c)
+        build_at = commands.index(prebuild)
+        assert export_at < build_at and project_at < build_at, commands
+    for cmd in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]:
+        assert "TORCH_EXTENSIONS_DIR" not in cmd, cmd  # nothing points Ray elsewhere
+
+    # The KubeRay image: ENV (reaches `ray start` in every pod) before the build, after the install.
+    lines = [x.strip() for x in (KUBERAY / "Dockerfile").read_text().splitlines()]
+    env_at = next(i for i, x in enumerate(lines) if x.startswith("ENV TORCH_EXTENSIONS_DIR="))
+    build_at = lines.index(f"RUN {prebuild}")
+    install_at = next(i for i, x in enumerate(lines) if x.startswith("RUN pip") and "-e ." in x)
+    assert install_at < build_at and env_at < build_at
+    for path in sorted(KUBERAY.glob("*.yaml")):  # no pod overrides the image's folder
+        assert "TORCH_EXTENSIONS_DIR" not in path.read_text(), path.name
+
+
+def test_prebuild_builds_each_op_and_reports_one_that_cannot_be_built(monkeypatch):
+    """A node without a compiler still comes up: the op is reported, jobs build it later."""
+    import sys
+    import types
+
+    from beit_ray.train import ops
+
+    loaded = []
+
+    class Builder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def is_compatible(self) -> bool:
+            return True
+
+        def load(self) -> None:
+            if self.name == "CPUAdamBuilder":
+                raise RuntimeError("no c++ compiler")
+            loaded.append(self.name)
+
+    class Accelerator:
+        def create_op_builder(self, name: str):
+            return None if name == "FusedAdamBuilder" else Builder(name)
+
+        def device_name(self) -> str:
+            return "cpu"
+
+    fake = types.ModuleType("deepspeed.accelerator")
+    fake.get_accelerator = Accelerator
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator", fake)
+    out = ops.prebuild((*ops.OPS, "FusedAdamBuilder"))
+    assert loaded == ["ShareMemCommBuilder"] and out["ShareMemCommBuilder"] == "built"
+    assert out["CPUAdamBuilder"].startswith("not built (RuntimeError: no c++ compiler)")
+    assert out["FusedAdamBuilder"] == "not used on cpu"
+
+
 @pytest.mark.parametrize(
     "mutate",
     [

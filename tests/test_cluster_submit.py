@@ -1,12 +1,16 @@
 """`ray job submit` against a real two-node Ray cluster on this machine (loopback only).
 
-The cluster is `ray start --head` on 127.0.0.2 plus `ray start --address=...` on 127.0.0.3,
-each with its own temp dir and agent ports, so it never meets the session's local Ray
-(`ray_session`, 127.0.0.1). Every `ray start --block` runs in a new session (setsid) that this
-module owns; teardown signals those processes and then kills whatever is left in exactly those
-sessions, by pid. It never runs `ray stop`.
+The cluster is the README's ("Try a two-node cluster on one machine"): its `ray start --head`
+on 127.0.0.2, which runs no tasks (`--num-cpus=0`), and its `ray start --address=...` on
+127.0.0.3, read from README.md and run as written but for fresh ports and temp dirs (so it
+never meets the session's local Ray on 127.0.0.1, or another run of this module), with
+`--block` and a small object store. Every `ray start --block` runs in a new session (setsid)
+that this module owns; teardown signals those processes and then kills whatever is left in
+exactly those sessions, by pid. It never runs `ray stop`.
 
-Jobs are submitted the way the README says, from the repo root:
+Then the README's own `ray job submit ... -- python jobs/pretrain.py` (the embedded default
+plus the README's storage flags, `$PWD/runs` → a temp dir) must end with a model; the other
+jobs are submitted the same way, from the repo root, with everything on a local S3 server:
 
     ray job submit --address http://HEAD:8265 --working-dir . \
         --runtime-env-json '{"excludes": [".venv", "runs", ".git", ...]}' \
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -39,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+RECIPE_TITLE = "**Try a two-node cluster on one machine**"
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 # The documented runtime env (`--runtime-env cluster/runtime_env.yaml`): excludes keep .venv
 # (~2 GB; Ray caps uploads at 500 MiB), .git and runs out of the upload.
@@ -75,6 +81,58 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @dataclass
+class Recipe:
+    """The README's two-node recipe: what it exports, its two `ray start`s, its `ray job submit`."""
+
+    env: dict[str, str]
+    head: list[str]
+    worker: list[str]
+    submit: list[str]
+
+
+def readme_recipe(runs: Path) -> Recipe:
+    """The commands of README.md's recipe block, with `$PWD/.venv` the venv these tests run in,
+    `$PWD/runs` = ``runs`` (never the checkout's own runs/) and `$PWD` this checkout."""
+    text = (REPO / "README.md").read_text()
+    block = text.split(RECIPE_TITLE, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = block.replace("\\\n", " ").replace("$PWD/.venv", str(VENV_BIN.parent))
+    block = block.replace("$PWD/runs", str(runs)).replace("$PWD", str(REPO))
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+    commands = [c for c in commands if c]
+    env: dict[str, str] = {}
+    for argv in (c for c in commands if c[0] == "export"):
+        for item in argv[1:]:
+            key, value = item.split("=", 1)
+            env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    starts = [c for c in commands if c[:2] == ["ray", "start"]]
+    submits = [c for c in commands if c[:3] == ["ray", "job", "submit"]]
+    assert len(starts) == 2 and len(submits) == 1, block
+    assert len(commands) == 3 + sum(c[0] == "export" for c in commands), block  # nothing else
+    assert not any("$" in a for c in starts + submits for a in c), block  # all substituted
+    head, worker = sorted(starts, key=lambda c: "--head" not in c)
+    return Recipe(env, head, worker, submits[0])
+
+
+def with_values(argv: list[str], values: dict[str, str]) -> list[str]:
+    """``argv`` with each ``--flag=value`` / ``--flag value`` in ``values`` given that value; every
+    flag must be there already (a README change shows up here, not as a silent extra flag)."""
+    out, seen, skip = [], set(), False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in values:
+            seen.add(flag)
+            out.append(f"{flag}={values[flag]}")
+            skip = "=" not in arg and i + 1 < len(argv)
+        else:
+            out.append(arg)
+    assert seen == set(values), (set(values) - seen, argv)
+    return out
+
+
+@dataclass
 class Cluster:
     """A running two-node cluster this module started."""
 
@@ -91,28 +149,22 @@ class Cluster:
         env_vars: dict[str, str] | None = None,
     ) -> tuple[str, str]:
         """``ray job submit`` from the repo root; returns (final status, job logs)."""
-        from ray.job_submission import JobSubmissionClient
-
-        submission_id = f"test_{uuid.uuid4().hex[:8]}"
         runtime_env = {
             **RUNTIME_ENV,
             "env_vars": {**RUNTIME_ENV.get("env_vars", {}), **(env_vars or {})},
         }
-        cmd = [
-            str(VENV_BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            self.dashboard,
-            "--submission-id",
-            submission_id,
-            "--working-dir",
-            ".",
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            *entrypoint,
-        ]
+        args = ["--address", self.dashboard, "--working-dir", "."]
+        args += ["--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+        return self.submit_cli(args, timeout)
+
+    def submit_cli(self, args: list[str], timeout: float) -> tuple[str, str]:
+        """``ray job submit <args>`` from the repo root, as a person types it; returns (final
+        status, job logs)."""
+        from ray.job_submission import JobSubmissionClient
+
+        submission_id = f"test_{uuid.uuid4().hex[:8]}"
+        entrypoint = args[args.index("--") + 1 :]
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", submission_id, *args]
         # The CLI uploads the working dir, submits, then follows the job's logs until it ends.
         try:
             cli = subprocess.run(
@@ -168,51 +220,42 @@ def _wait_for(what: str, ok, timeout: float, procs: list[subprocess.Popen]) -> N
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _start_cluster(temp_dir: str, extra_env: dict[str, str]) -> Cluster:
+def _start_cluster(temp_dir: str) -> Cluster:
+    """The README's two nodes, with fresh ports and temp dirs under ``temp_dir``."""
     import httpx
 
+    recipe = readme_recipe(Path(temp_dir) / "runs")
     # No AWS_* on the nodes: jobs get their S3 settings from the runtime env, as documented.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
-    env.update(extra_env)
-    env.update(
-        # Jobs run `python ...` from PATH: it must be this venv's interpreter.
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        # "0" forbids multi-node clusters; the nodes' explicit IPs keep everything on loopback.
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-        TORCH_EXTENSIONS_DIR=env.get(
-            "TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions")
-        ),
-    )
+    # Unset, as in a person's shell: "0" (this test session's single-node setting) forbids
+    # multi-node clusters; the nodes' explicit IPs keep everything on loopback.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    env.update(recipe.env, RAY_USAGE_STATS_ENABLED="0")
     gcs_port, dash_port = _free_port(), _free_port()
     gcs = f"{HEAD_IP}:{gcs_port}"
     dashboard = f"http://{HEAD_IP}:{dash_port}"
     ray = str(VENV_BIN / "ray")
-    common = ["--block", "--disable-usage-stats", "--num-cpus=2", "--object-store-memory=400000000"]
-    head = [
-        ray,
-        "start",
-        "--head",
-        f"--node-ip-address={HEAD_IP}",
-        f"--port={gcs_port}",
-        f"--ray-client-server-port={_free_port()}",
-        "--include-dashboard=true",
-        f"--dashboard-host={HEAD_IP}",
-        f"--dashboard-port={dash_port}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--temp-dir={temp_dir}/h",
-        *common,
-    ]
-    worker = [
-        ray,
-        "start",
-        f"--address={gcs}",
-        f"--node-ip-address={WORKER_IP}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--temp-dir={temp_dir}/w",
-        *common,
-    ]
+    extra = ["--block", "--disable-usage-stats", "--object-store-memory=400000000"]
+    head = [ray] + with_values(
+        recipe.head[1:],
+        {
+            "--port": str(gcs_port),
+            "--dashboard-port": str(dash_port),
+            "--dashboard-agent-listen-port": str(_free_port()),
+            "--temp-dir": f"{temp_dir}/h",
+        },
+    )
+    head += [*extra, f"--ray-client-server-port={_free_port()}", "--include-dashboard=true"]
+    worker = [ray] + with_values(
+        recipe.worker[1:],
+        {
+            "--address": gcs,
+            "--dashboard-agent-listen-port": str(_free_port()),
+            "--temp-dir": f"{temp_dir}/w",
+        },
+    )
+    worker += extra
+    assert f"--node-ip-address={HEAD_IP}" in head and f"--node-ip-address={WORKER_IP}" in worker
     cluster = Cluster(dashboard=dashboard, gcs=gcs, env=env, temp_dir=temp_dir)
 
     def popen(cmd: list[str], name: str) -> subprocess.Popen:
@@ -251,9 +294,10 @@ def _start_cluster(temp_dir: str, extra_env: dict[str, str]) -> Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """A two-node Ray cluster (2 + 2 logical CPUs) on 127.0.0.2 / 127.0.0.3."""
+    """The README's two-node Ray cluster: a head that runs no tasks on 127.0.0.2, a worker on
+    127.0.0.3 with the CPUs."""
     temp_dir = tempfile.mkdtemp(prefix="rc_", dir="/tmp")
-    c = _start_cluster(temp_dir, {})
+    c = _start_cluster(temp_dir)
     try:
         yield c
     finally:
@@ -270,7 +314,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 ray.init()
 nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=0)  # the head has no CPUs: it runs only what asks for none
 def where() -> tuple[str, str]:
     import beit_ray
     return ray.get_runtime_context().get_node_id(), beit_ray.__file__
@@ -307,7 +351,34 @@ def test_probe_job_runs_on_both_nodes_with_uploaded_code(cluster: Cluster, tmp_p
         assert cluster.temp_dir in path and not path.startswith(str(REPO))
 
 
-JOBS = ("fit_tokenizer.py", "pretrain.py", "label.py")
+@pytest.fixture(scope="module")
+def recipe_run(cluster: Cluster, tmp_path_factory) -> Path:
+    """The README's `ray job submit ... -- python jobs/pretrain.py` with its storage flags, run
+    as written (its `--address` → this cluster's, `$PWD/runs` → a temp dir); returns the runs dir.
+
+    The embedded default on the head-runs-nothing cluster: the driver on 127.0.0.2 makes the
+    demo images and fits their codebook, and the tokenizer actor, read tasks and train workers
+    on 127.0.0.3 must find them (they once looked in their own node's copy of the working dir).
+    """
+    runs = tmp_path_factory.mktemp("recipe") / "runs"
+    recipe = readme_recipe(runs)
+    args = with_values(recipe.submit[3:], {"--address": cluster.dashboard})
+    status, logs = cluster.submit_cli(args, timeout=1200)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "pretraining done at step" in logs, logs[-4000:]
+    return runs
+
+
+def test_readme_two_node_recipe_ends_with_a_model(recipe_run: Path):
+    from beit_ray.models.load import load_model
+
+    run = recipe_run / "pretrain-debug"
+    model = load_model(str(run))  # the run's HF export
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+    # What the job made for its workers is under the run storage, where both nodes read it.
+    demo = recipe_run / "demo-data"
+    assert (demo / "codebook.safetensors").is_file() and len(list((demo / "images").iterdir())) == 8
+    assert (run / "listing").is_dir() and (run / "model" / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -325,42 +396,19 @@ def images_on_s3(s3_server, tmp_path_factory) -> str:
     return f"s3://{bucket}"
 
 
-@pytest.mark.skipif(
-    not all((REPO / "jobs" / j).exists() for j in JOBS),
-    reason=f"needs jobs/{', jobs/'.join(JOBS)}",
-)
-def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, images_on_s3: str):
-    """The README's cluster path: fit a tokenizer, pretrain (2 DeepSpeed workers, checkpoints on
-    s3://), then label the images with the pretrained run; S3 settings travel in env_vars."""
+def test_pretrain_and_label_jobs_on_the_cluster_with_s3(
+    cluster: Cluster, images_on_s3: str, recipe_run: Path
+):
+    """The README's cluster path on a local S3: pretrain (2 DeepSpeed workers, checkpoints on
+    s3://) with the recipe's fitted codebook, then label the images with the pretrained run;
+    S3 settings travel in env_vars."""
     from beit_ray import storage
 
     bucket = images_on_s3
     s3_env = {k: os.environ[k] for k in S3_ENV_KEYS}
-
-    status, logs = cluster.submit(
-        [
-            "python",
-            "jobs/fit_tokenizer.py",
-            "--input",
-            f"{bucket}/images",
-            "--output",
-            f"{bucket}/codebook.safetensors",
-            "--data.image_size",
-            "32",
-            "--data.patch_size",
-            "8",
-            "--data.tokenizer_image_size",
-            "32",
-            "--codebook.vocab_size",
-            "64",
-            "--codebook.sample_images",
-            "64",
-        ],
-        timeout=240,
-        env_vars=s3_env,
-    )
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert storage.exists(f"{bucket}/codebook.safetensors")
+    # The codebook the recipe's job fitted on the cluster (the fit_tokenizer job's fit_codebook)
+    codebook = (recipe_run / "demo-data" / "codebook.safetensors").read_bytes()
+    storage.write_bytes(f"{bucket}/codebook.safetensors", codebook)
 
     status, logs = cluster.submit(
         [
@@ -368,8 +416,6 @@ def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, imag
             "jobs/pretrain.py",
             "--model.flavour",
             "debug",
-            "--model.vocab_size",
-            "64",
             "--data.source",
             f"{bucket}/images",
             "--data.tokenizer",
@@ -393,7 +439,7 @@ def test_tokenizer_pretrain_and_label_jobs_on_the_cluster(cluster: Cluster, imag
             "--checkpoint.name",
             "cluster-pt",
         ],
-        timeout=420,
+        timeout=600,  # 4 steps, then checkpoints and the export to S3: 420 s ran out under load
         env_vars=s3_env,
     )
     assert status == "SUCCEEDED", logs[-4000:]

@@ -53,6 +53,26 @@ def test_defaults_yaml_and_cli_precedence(tmp_path):
     assert cfg.optim.betas == (0.8, 0.9) and cfg.ray.num_cpus == 2
 
 
+@dataclass
+class OwnDefaultsConfig:
+    """A job whose section default differs from the section class's own."""
+
+    optim: OptimSection = field(default_factory=lambda: OptimSection(schedule="linear"))
+    """The optimizer, linear by default here."""
+
+
+def test_a_partial_section_keeps_the_jobs_own_defaults(tmp_path):
+    """`--optim.lr X` (or a file setting only optim.lr) keeps this job's schedule: it once
+    rebuilt the section from the class defaults (fine-tuning's `--checkpoint.storage_path`
+    renamed the run to pretrain-debug; pretraining's `--data.*` lost the codebook tokenizer)."""
+    assert parse_args(OwnDefaultsConfig, ["--optim.lr", "0.5"]).optim.schedule == "linear"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("optim:\n  lr: 0.5\n")
+    assert parse_args(OwnDefaultsConfig, ["--config", str(cfg_file)]).optim.schedule == "linear"
+    given = parse_args(OwnDefaultsConfig, ["--optim.schedule", "cosine"])
+    assert given.optim.schedule == "cosine"
+
+
 @pytest.mark.parametrize(
     "argv, field_name",
     [

@@ -95,6 +95,17 @@ def test_decode_bad_inputs(photos, kind, reason):
     with pytest.raises(DecodeError) as e:
         decode_image(data, max_pixels=50_000_000)
     assert e.value.reason in ((reason,) if isinstance(reason, str) else reason)
+    # What failed, never the repr of the in-memory file Pillow read (the page and API show it)
+    assert " object at 0x" not in str(e.value) and "BytesIO" not in str(e.value)
+
+
+def test_not_an_image_says_what_was_read():
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"hello, I am not an image")
+    assert str(e.value) == (
+        "not_an_image: UnidentifiedImageError: cannot identify image file "
+        "(24 bytes: 68 65 6c 6c 6f 2c 20 49 ...)"
+    )
 
 
 def test_draft_decodes_smaller_but_enough(photos):

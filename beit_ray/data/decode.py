@@ -20,6 +20,7 @@ corrupt, truncated); pipelines turn them into error records.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -38,6 +39,17 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
+# Pillow names the in-memory file it read ("cannot identify image file <_io.BytesIO object at
+# 0x7f...>"): an address that tells a person nothing and makes every error record unique.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _why(e: BaseException) -> str:
+    """An exception's type and message without object reprs."""
+    msg = _OBJECT_REPR.sub("", str(e)).strip()
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open lazily (header only) and check the size; nothing is decoded yet."""
     if not data:
@@ -50,7 +62,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except Image.DecompressionBombError as e:
         raise DecodeError("too_large", str(e)) from None
     except Exception as e:  # Pillow raises many types for non-images
-        raise DecodeError("not_an_image", f"{type(e).__name__}: {e}") from None
+        head = data[:8].hex(" ") + (" ..." if len(data) > 8 else "")
+        raise DecodeError("not_an_image", f"{_why(e)} ({len(data)} bytes: {head})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise DecodeError("corrupt", f"size {w}x{h}")
@@ -104,9 +117,9 @@ def load_rgb(img: Image.Image, scale: int = 1) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e)
         reason = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "corrupt"
-        raise DecodeError(reason, f"{type(e).__name__}: {msg}") from None
+        raise DecodeError(reason, _why(e)) from None
     except Exception as e:
-        raise DecodeError("corrupt", f"{type(e).__name__}: {e}") from None
+        raise DecodeError("corrupt", _why(e)) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

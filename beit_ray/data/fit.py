@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -32,12 +34,15 @@ def _features(
 
 def listing_uri(cfg: FitTokenizerConfig) -> str:
     """Where the fit lists its source: ``data.listing_uri``, else beside the codebook (storage
-    every node reads, as the codebook's)."""
+    every node reads, as the codebook's). A local output is made absolute on the driver: Ray
+    tasks write the listing's parts, and a relative path would land in each node's own copy of
+    a submitted job's working dir."""
     if cfg.data.listing_uri:
         return cfg.data.listing_uri
     out = cfg.output.rstrip("/")
-    parent = out.rsplit("/", 1)[0] if "/" in out else "."
-    return storage.join(parent, "_listing-codebook")
+    if not storage.is_remote(out):
+        out = os.path.abspath(storage.strip_scheme(out))
+    return storage.join(out.rsplit("/", 1)[0], "_listing-codebook")
 
 
 def fit_codebook(cfg: FitTokenizerConfig) -> Codebook:

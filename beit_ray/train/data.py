@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from beit_ray import storage
+from beit_ray.runtime import ray_data_cpus
 from beit_ray.train.config import FinetuneConfig, PretrainConfig
 
 
@@ -52,14 +53,9 @@ def pretraining_data(cfg: PretrainConfig) -> TrainData:
     clock = make_clock()
     data = with_tokenizer_device(cfg)
     ds = pretraining_dataset(data, storage_cfg=cfg.storage, listing=listing, clock=clock)
-    actors = (
-        cfg.data.tokenizer_actors[0] * cfg.data.tokenizer_num_cpus
-        if cfg.data.tokenizer != "none"
-        else 0.0
-    )
     return TrainData(
         {"train": ds}, cfg.run.epochs, rows_per_pass=cfg.data.images_per_epoch or listing.images(),
-        ray_data_cpus=1.0 + actors, clock=clock, positions=True,
+        ray_data_cpus=ray_data_cpus(cfg), clock=clock, positions=True,
     )  # fmt: skip
 
 

@@ -55,12 +55,14 @@ def run_uri(cfg: TrainConfig) -> str:
 def run_pretraining(cfg: PretrainConfig, data: TrainData | None = None) -> RunResult:
     """Masked image modelling; ``data`` (Ray datasets) replaces the configured pipeline."""
     init_ray(cfg.ray, cfg.storage, env=_worker_env())
+    check_training(cfg, data.ray_data_cpus if data else None)  # before listing anything
     return fit(cfg, data or pretraining_data(cfg))
 
 
 def run_finetuning(cfg: FinetuneConfig, data: TrainData | None = None) -> RunResult:
     """Classification or segmentation fine-tuning on "train", validated on "val"."""
     init_ray(cfg.ray, cfg.storage, env=_worker_env())
+    check_training(cfg, data.ray_data_cpus if data else None)  # before listing anything
     data = data or finetuning_data(cfg)
     if not data.id2label or "val" not in data.datasets:
         raise ValueError("fine-tuning needs class names (id2label) and a 'val' dataset")
@@ -68,14 +70,14 @@ def run_finetuning(cfg: FinetuneConfig, data: TrainData | None = None) -> RunRes
 
 
 def fit(cfg: TrainConfig, data: TrainData) -> RunResult:
-    """Train with Ray Train + DeepSpeed, resuming the run's latest checkpoint if there is one."""
+    """Train with Ray Train + DeepSpeed, resuming the run's latest checkpoint if there is one.
+    The cluster checks ran before ``data`` was built (:func:`run_pretraining`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from beit_ray.train.loop import train_loop
     from beit_ray.train.tasks import make_task
 
-    check_training(cfg, data.ray_data_cpus)  # CPUs, GPUs, shared storage: fail before waiting
     uri = run_uri(cfg)
     save_config(cfg, storage.join(uri, "config.yaml"))
     extra = (
