@@ -1,16 +1,23 @@
-"""Scale bench (issue #16): driver memory, time and S3 requests as the input count grows.
+"""Scale bench (issues #16, #23): driver memory, time and S3 requests as the input count grows.
 
     python bench/scale.py                       # 10k, 100k local; 10k, 100k on moto S3
     python bench/scale.py --big                 # + 1M local files
     python bench/scale.py --sizes 10000 --s3-sizes 10000 --label-n 2000   # quick
+    python bench/scale.py --sizes "" --s3-sizes 10000,100000 --s3-train --s3-label-n 0 \
+        --label-n 0 --tars ""                   # every listing and plan step on moto (#23)
+
+Beside it: ``bench/scale_io.py`` (requests and bytes per image, every job x layout on moto)
+and ``bench/scale_plan.py`` (a synthetic labelling plan and ledger at 1 M to 100 M inputs).
 
 Synthetic inputs: one tiny JPEG's bytes under many names (class folders of 1,000 files),
 written once per size under --root; on S3 the objects go straight into the loopback moto
 server's backend (no upload requests), and every HTTP request the server answers is counted
-by a WSGI wrapper (method, bytes sent). Each measurement runs in a child process, so the
-driver's peak RSS (``ru_maxrss``) is that step's alone. Steps:
+by a WSGI wrapper (method, bytes sent; and by kind and bucket: LIST, object GET, HEAD, PUT).
+Each measurement runs in a child process, so the driver's peak RSS (its own VmHWM, see
+:func:`rss_mb`) is that step's alone. Steps:
 
 - ``listing``: :func:`beit_ray.infer.inputs.list_inputs` (streamed, sorted, to parquet).
+- ``label plan``: that listing read back, then :func:`beit_ray.infer.plan.build_plan`.
 - ``label``: a full :func:`~beit_ray.infer.label.label` run (tiny ``debug`` classifier) at
   ``--label-n`` inputs (through a model, 2 cores: 100k would take too long here).
 - ``noop``: the same command rerun on a finished output: at every N, the output is first
@@ -18,7 +25,8 @@ driver's peak RSS (``ru_maxrss``) is that step's alone. Steps:
 - ``tars``: a labelling run over class tars on S3 (``--tars``), then its no-op rerun: bytes of
   the tars fetched (GETs of .tar objects), over the tars' size, and requests per image.
 - ``train listing``: :func:`beit_ray.data.listing.list_parts`, the training jobs' listing
-  (parallel Ray tasks, shuffled parquet parts, a 5 % validation split counted).
+  (parallel Ray tasks, shuffled parquet parts, a 5 % validation split counted); on S3 with
+  ``--s3-train`` (the listing under ``s3://in<N>/train-listing``).
 - ``pretrain first batch``: pretraining data built from that listing (read back, as a run
   does) to its first batch of 32 rows.
 - ``finetune build``: fine-tuning data (train + val by key hash, class index, rows per epoch

@@ -340,11 +340,11 @@ def main() -> None:
             rows[-1]["by_requests"] = res["s3"]["by_requests"]
             print(table(rows[-1:]).splitlines()[-1], json.dumps(res["s3"]["by_requests"]),
                   flush=True)  # fmt: skip
+            if args.json:  # after every cell: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     print()
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
