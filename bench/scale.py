@@ -86,7 +86,8 @@ def local_tree(root: str, n: int) -> str:
 class Counting:
     """WSGI wrapper: counts the requests moto answers and the bytes it sends, by method, and by
     ``"<kind> <bucket>"`` (kind: LIST for a key-less GET that lists, GET / HEAD / PUT / POST /
-    DELETE of an object, BUCKET for other key-less requests)."""
+    DELETE of an object, BUCKET for other key-less requests; ``<bucket>:_INPUTS`` for the
+    labelling plan's ``_INPUTS*.parquet``)."""
 
     def __init__(self, app: Any) -> None:
         self.app, self.lock = app, threading.Lock()
@@ -102,6 +103,8 @@ class Counting:
         sent = sum(len(b) for b in body)
         bucket, _, key = environ["PATH_INFO"].lstrip("/").partition("/")
         kind = method if key else ("LIST" if method == "GET" and _lists(environ) else "BUCKET")
+        if "/_INPUTS" in key:  # the labelling plan's chunk rows: read by every read task
+            bucket += ":_INPUTS"
         with self.lock:
             self.requests[method] += 1
             self.bytes[method] += sent

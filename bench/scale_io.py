@@ -27,7 +27,7 @@ bucket ``work``:
 Every HTTP request moto answers is counted by :class:`scale.Counting`, by kind and bucket:
 object GETs of ``src`` (the inputs) apart from LIST requests and from GETs of ``work`` (the job's
 own listing, plan, ledger). Per image: input GETs, input bytes sent over the images' bytes (and
-over the containers' bytes for tars and parquet), LIST requests per input object.
+over the containers' bytes for tars and parquet), LIST requests of ``src`` per input object.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def figures(layout: str, job: str, where: dict[str, Any], res: dict[str, Any]) -
     def n(kind: str, bucket: str = SRC) -> int:
         return by.get(f"{kind} {bucket}", 0)
 
-    lists = sum(v for k, v in by.items() if k.startswith("LIST "))
+    lists = n("LIST")  # of the inputs; the output's own listings are in work_lists
     heads = sum(v for k, v in by.items() if k.startswith("HEAD "))
     writes = sum(v for k, v in by.items() if k.split()[0] in ("PUT", "POST", "DELETE"))
     got = sent.get(f"GET {SRC}", 0)
@@ -271,7 +271,10 @@ def figures(layout: str, job: str, where: dict[str, Any], res: dict[str, Any]) -
         "bytes_per_image_bytes": got / (images * where["image_bytes"] / where["images"]),
         "bytes_per_object_bytes": got / where["object_bytes"],
         "lists": lists, "lists_per_object": lists / where["objects"],
+        "work_lists": n("LIST", WORK),
         "input_heads": n("HEAD"), "heads": heads, "work_gets": n("GET", WORK), "writes": writes,
+        "work_bytes": sent.get(f"GET {WORK}", 0), "plan_gets": n("GET", WORK + ":_INPUTS"),
+        "plan_bytes": sent.get(f"GET {WORK}:_INPUTS", 0),
         "requests_per_image": sum(by.values()) / images,
         "seconds": res["seconds"], "peak_rss_mb": res["peak_rss_mb"],
     }  # fmt: skip
