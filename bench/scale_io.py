@@ -3,6 +3,7 @@
     python bench/scale_io.py                                  # 6 layouts x 5 jobs, 2,000 images
     python bench/scale_io.py --layouts class_tars,webdataset --jobs train,label --n 2000
     python bench/scale_io.py --json io.json                   # rows also as JSON
+    python bench/scale_io.py --table io.json io2.json         # the table of earlier runs
 
 Inputs: ``--n`` copies of one 128x128 JPEG (~15 KB) in bucket ``src`` of the bench's loopback
 moto server (objects put straight into its backend: no upload requests), in six layouts:
@@ -83,7 +84,8 @@ def _parquet(rows: range, data: bytes, t: int) -> bytes:
         {"image": [data] * len(rows), "label": [t] * len(rows), "key": [f"p{i:06d}" for i in rows]}
     )
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    # one JPEG under every key: dictionary encoding or compression would store it once
+    pq.write_table(table, buf, use_dictionary=False, compression="none")
     return buf.getvalue()
 
 
@@ -267,6 +269,7 @@ def figures(layout: str, job: str, where: dict[str, Any], res: dict[str, Any]) -
     got = sent.get(f"GET {SRC}", 0)
     row = {
         "layout": layout, "job": job, "images": images, "rows": res["rows"],
+        "objects": where["objects"],
         "input_gets": n("GET"), "gets_per_image": n("GET") / images,
         "bytes_per_image_bytes": got / (images * where["image_bytes"] / where["images"]),
         "bytes_per_object_bytes": got / where["object_bytes"],
@@ -316,7 +319,11 @@ def main() -> None:
     p.add_argument("--fit-sample", type=int, default=256, help="images the codebook fit samples")
     p.add_argument("--root", default="/tmp/beit_scale", help="local folder for the checkpoint")
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--table", nargs="+", help="only print the table of these JSON files")
     args = p.parse_args()
+    if args.table:
+        print(table([r for f in args.table for r in json.load(open(f))]))  # noqa: SIM115
+        return
     layouts, jobs = args.layouts.split(","), args.jobs.split(",")
     for x in layouts + jobs:
         if x not in LAYOUTS + JOBS:
