@@ -22,6 +22,8 @@ Each measurement runs in a child process, so the driver's peak RSS (its own VmHW
   ``--label-n`` inputs (through a model, 2 cores: 100k would take too long here).
 - ``noop``: the same command rerun on a finished output: at every N, the output is first
   completed by writing each chunk's part directly (the rows a run would write, minus the model).
+  The fill writes no ``_PREVIEW.html``, so the first rerun writes it (it reads every part); on
+  S3 a second rerun then measures the plain no-op rerun.
 - ``tars``: a labelling run over class tars on S3 (``--tars``), then its no-op rerun: bytes of
   the tars fetched (GETs of .tar objects), over the tars' size, and requests per image.
 - ``train listing``: :func:`beit_ray.data.listing.list_parts`, the training jobs' listing
@@ -500,6 +502,9 @@ def main() -> None:
                 run_child("plan", counter, src=src, out=listed, ckpt=ckpt))  # fmt: skip
             run_child("fill", counter, src=src, out=out, ckpt=ckpt)
             add("s3", n, "noop rerun", run_child("noop", counter, src=src, out=out, ckpt=ckpt))
+            # the first rerun wrote the preview the fill leaves out: this one finds it
+            add("s3", n, "noop rerun, preview there",
+                run_child("noop", counter, src=src, out=out, ckpt=ckpt))  # fmt: skip
             if args.s3_train:
                 lst = f"s3://in{n}/train-listing"
                 add("s3", n, "train listing", run_child("trainlist", counter, src=src, listing=lst))
