@@ -11,7 +11,8 @@ step in a child process whose own peak RSS (VmHWM) is reported:
   ``_LISTING/v0000/part-<range>.parquet`` of 16,384 rows (one key-range task's 16 pages) plus
   the index (:func:`~beit_ray.infer.inputs.save_listing`), generated in Arrow a part at a time.
 - ``plan``: :func:`~beit_ray.infer.plan.build_plan` (files layout) from that listing:
-  ``_INPUTS.parquet`` chunk rows of 256 inputs and ``_PLAN.json``.
+  ``_INPUTS.parquet`` chunk rows of 256 inputs and ``_PLAN.json``; with its footer's size (a
+  read task that opens the plan reads all of it).
 - ``fill``: the output as a finished run leaves it, without the model: one ``part-NNNNN.parquet``
   name per chunk (empty files: a rerun lists the names and reads the ledger, never a part's
   bytes while the ledger holds its counts) and the ledger compacted to one ``_PARTS`` segment of
@@ -87,13 +88,19 @@ def step_listing(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_plan(a: dict[str, Any]) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
     from beit_ray.infer.inputs import load_listing
     from beit_ray.infer.plan import build_plan
 
     cfg = _cfg(a["out"], a["ckpt"])
     t = time.perf_counter()
     plan = build_plan(cfg, "files", load_listing(cfg))  # type: ignore[arg-type]
-    return {"seconds": time.perf_counter() - t, "chunks": plan.chunks, "inputs": plan.inputs}
+    seconds = time.perf_counter() - t
+    # every read task opening the plan reads its whole footer: how big it is at this N
+    meta = pq.ParquetFile(plan.uri).metadata
+    return {"seconds": seconds, "chunks": plan.chunks, "inputs": plan.inputs,
+            "row_groups": meta.num_row_groups, "footer_bytes": meta.serialized_size}  # fmt: skip
 
 
 def step_record(a: dict[str, Any]) -> dict[str, Any]:
