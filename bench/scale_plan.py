@@ -3,6 +3,7 @@
 
     python bench/scale_plan.py --inputs 1000000,10000000          # 1 M and 10 M
     python bench/scale_plan.py --inputs 100000000     # 100 M: the plan's record, fill, rerun
+    python bench/scale_plan.py --inputs 100000000 --build-up-to 100000000   # 100 M built (~7 min)
 
 Per N, under ``--root/n<N>`` (a local output; the input ``s3://big/in`` is never touched), each
 step in a child process whose own peak RSS (VmHWM) is reported:
@@ -22,7 +23,8 @@ step in a child process whose own peak RSS (VmHWM) is reported:
 
 Above ``--build-up-to`` (10 M), ``record`` replaces ``listing`` and ``plan``: ``_PLAN.json`` as
 ``build_plan`` writes it, without the listing and the chunk rows, which a no-op rerun never
-reads (building them is ~20 µs an input on this loaded 2-core machine: ~35 min at 100 M).
+reads (building them took 52 s + 286 s at 100 M on a quiet 2-core machine, ~20 µs an input
+under load: pass ``--build-up-to 100000000`` when the machine is quiet).
 
 Then the output's file count per prefix.
 """
