@@ -4,6 +4,7 @@
     python bench/scale_plan.py --inputs 1000000,10000000          # 1 M and 10 M
     python bench/scale_plan.py --inputs 100000000     # 100 M: the plan's record, fill, rerun
     python bench/scale_plan.py --inputs 100000000 --build-up-to 100000000   # 100 M built (~7 min)
+    python bench/scale_plan.py --writer-probe 2442,24415  # the plan writer alone, by row groups
 
 Per N, under ``--root/n<N>`` (a local output; the input ``s3://big/in`` is never touched), each
 step in a child process whose own peak RSS (VmHWM) is reported:
@@ -160,7 +161,34 @@ def step_noop(a: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t, "files": summary["files"]}
 
 
-STEPS = {f.__name__[5:]: f for f in (step_listing, step_plan, step_record, step_fill, step_noop)}
+def step_writer(a: dict[str, Any]) -> dict[str, Any]:
+    """The plan's parquet writer alone: ``n`` one-row row groups in the plan's schema. Its peak
+    is what holding ``n`` row groups' metadata (and serializing the footer) costs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from beit_ray.infer.inputs import Entry
+    from beit_ray.infer.plan import PLAN_SCHEMA
+
+    row: dict[str, Any] = {"chunk": [0]}
+    for f in Entry._fields:
+        row[f] = [[-1, 5] if f in ("offset", "size") else [ROOT + "/c000123/000123456.jpg"] * 2]
+    table, path = pa.table(row, schema=PLAN_SCHEMA), a["out"] + ".parquet"
+    base, t = scale.rss_mb(), time.perf_counter()
+    with pq.ParquetWriter(path, PLAN_SCHEMA) as w:
+        for _ in range(a["n"]):
+            w.write_table(table)
+        written = scale.rss_mb()
+    footer = pq.ParquetFile(path).metadata.serialized_size
+    os.remove(path)
+    return {"seconds": time.perf_counter() - t, "rss_before_mb": base,
+            "peak_before_close_mb": written, "footer_bytes": footer}  # fmt: skip
+
+
+STEPS = {
+    f.__name__[5:]: f
+    for f in (step_listing, step_plan, step_record, step_fill, step_noop, step_writer)
+}
 
 
 def child_main(step: str, args: dict[str, Any]) -> None:
@@ -192,8 +220,16 @@ def main() -> None:
     p.add_argument("--build-up-to", type=int, default=10_000_000,
                    help="above this N, write the plan's record only (no listing, no chunk rows)")  # fmt: skip
     p.add_argument("--json", default="")
+    p.add_argument("--writer-probe", default="",
+                   help="row-group counts: only the plan writer's peak RSS for each")  # fmt: skip
     args = p.parse_args()
     os.makedirs(args.root, exist_ok=True)
+    if args.writer_probe:
+        for g in (int(x) for x in args.writer_probe.split(",")):
+            res = scale.run_child("writer", None, script=os.path.abspath(__file__),
+                                  out=os.path.join(args.root, "probe"), n=g)  # fmt: skip
+            print(f"{g:,} row groups: {json.dumps(res)}", flush=True)
+        return
     ckpt = scale.checkpoint(args.root)
     os.environ.pop("RAY_ADDRESS", None)  # a local no-op rerun starts no Ray
     rows = []
