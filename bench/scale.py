@@ -1,24 +1,34 @@
-"""Scale bench (issue #16): driver memory, time and S3 requests as the input count grows.
+"""Scale bench (issues #16, #23): driver memory, time and S3 requests as the input count grows.
 
     python bench/scale.py                       # 10k, 100k local; 10k, 100k on moto S3
     python bench/scale.py --big                 # + 1M local files
     python bench/scale.py --sizes 10000 --s3-sizes 10000 --label-n 2000   # quick
+    python bench/scale.py --sizes "" --s3-sizes 10000,100000 --s3-train --s3-label-n 0 \
+        --label-n 0 --tars ""                   # every listing and plan step on moto (#23)
+
+Beside it: ``bench/scale_io.py`` (requests and bytes per image, every job x layout on moto)
+and ``bench/scale_plan.py`` (a synthetic labelling plan and ledger at 1 M to 100 M inputs).
 
 Synthetic inputs: one tiny JPEG's bytes under many names (class folders of 1,000 files),
 written once per size under --root; on S3 the objects go straight into the loopback moto
 server's backend (no upload requests), and every HTTP request the server answers is counted
-by a WSGI wrapper (method, bytes sent). Each measurement runs in a child process, so the
-driver's peak RSS (``ru_maxrss``) is that step's alone. Steps:
+by a WSGI wrapper (method, bytes sent; and by kind and bucket: LIST, object GET, HEAD, PUT).
+Each measurement runs in a child process, so the driver's peak RSS (its own VmHWM, see
+:func:`rss_mb`) is that step's alone. Steps:
 
 - ``listing``: :func:`beit_ray.infer.inputs.list_inputs` (streamed, sorted, to parquet).
+- ``label plan``: that listing read back, then :func:`beit_ray.infer.plan.build_plan`.
 - ``label``: a full :func:`~beit_ray.infer.label.label` run (tiny ``debug`` classifier) at
   ``--label-n`` inputs (through a model, 2 cores: 100k would take too long here).
 - ``noop``: the same command rerun on a finished output: at every N, the output is first
   completed by writing each chunk's part directly (the rows a run would write, minus the model).
+  The fill writes no ``_PREVIEW.html``, so the first rerun writes it (it reads every part); on
+  S3 a second rerun then measures the plain no-op rerun.
 - ``tars``: a labelling run over class tars on S3 (``--tars``), then its no-op rerun: bytes of
   the tars fetched (GETs of .tar objects), over the tars' size, and requests per image.
 - ``train listing``: :func:`beit_ray.data.listing.list_parts`, the training jobs' listing
-  (parallel Ray tasks, shuffled parquet parts, a 5 % validation split counted).
+  (parallel Ray tasks, shuffled parquet parts, a 5 % validation split counted); on S3 with
+  ``--s3-train`` (the listing under ``s3://in<N>/train-listing``).
 - ``pretrain first batch``: pretraining data built from that listing (read back, as a run
   does) to its first batch of 32 rows.
 - ``finetune build``: fine-tuning data (train + val by key hash, class index, rows per epoch
@@ -76,29 +86,49 @@ def local_tree(root: str, n: int) -> str:
 
 
 class Counting:
-    """WSGI wrapper: counts the requests moto answers and the bytes it sends, by method."""
+    """WSGI wrapper: counts the requests moto answers and the bytes it sends, by method, and by
+    ``"<kind> <bucket>"`` (kind: LIST for a key-less GET that lists, GET / HEAD / PUT / POST /
+    DELETE of an object, BUCKET for other key-less requests; ``<bucket>:_INPUTS`` for the
+    labelling plan's ``_INPUTS*.parquet``)."""
 
     def __init__(self, app: Any) -> None:
         self.app, self.lock = app, threading.Lock()
         self.requests: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.tars: Counter[str] = Counter()  # GETs of .tar objects: requests, bytes
+        self.by_requests: Counter[str] = Counter()
+        self.by_bytes: Counter[str] = Counter()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         method = environ["REQUEST_METHOD"]
         body = list(self.app(environ, start_response))
+        sent = sum(len(b) for b in body)
+        bucket, _, key = environ["PATH_INFO"].lstrip("/").partition("/")
+        kind = method if key else ("LIST" if method == "GET" and _lists(environ) else "BUCKET")
+        if "/_INPUTS" in key:  # the labelling plan's chunk rows: read by every read task
+            bucket += ":_INPUTS"
         with self.lock:
             self.requests[method] += 1
-            self.bytes[method] += sum(len(b) for b in body)
+            self.bytes[method] += sent
+            self.by_requests[f"{kind} {bucket}"] += 1
+            self.by_bytes[f"{kind} {bucket}"] += sent
             if method == "GET" and environ["PATH_INFO"].endswith(".tar"):
                 self.tars["requests"] += 1
-                self.tars["bytes"] += sum(len(b) for b in body)
+                self.tars["bytes"] += sent
         return body
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {"requests": dict(self.requests), "bytes": dict(self.bytes),
-                    "tars": dict(self.tars)}  # fmt: skip
+                    "tars": dict(self.tars), "by_requests": dict(self.by_requests),
+                    "by_bytes": dict(self.by_bytes)}  # fmt: skip
+
+
+def _lists(environ: dict[str, Any]) -> bool:
+    """A GET of a bucket that lists its keys (ListObjects v1 / v2), not its location etc."""
+    query = environ.get("QUERY_STRING", "")
+    names = {q.split("=", 1)[0] for q in query.split("&") if q}
+    return not names or bool(names & {"list-type", "prefix", "delimiter", "marker", "max-keys"})
 
 
 def start_moto() -> tuple[str, Counting]:
@@ -171,6 +201,20 @@ def step_label(a: dict[str, Any]) -> dict[str, Any]:
             "ok": summary["ok"], "images_per_s": summary["images_per_s"]}  # fmt: skip
 
 
+def step_plan(a: dict[str, Any]) -> dict[str, Any]:
+    """The labelling plan of an output whose listing is saved (the ``listing`` step's):
+    the listing read back, then :func:`~beit_ray.infer.plan.build_plan` (``_INPUTS.parquet``)."""
+    from beit_ray.infer.inputs import resolve_layout
+    from beit_ray.infer.plan import build_plan
+
+    cfg = _cfg(a["src"], a["out"], a["ckpt"])
+    t = time.perf_counter()
+    layout, units = resolve_layout(cfg)
+    assert units.reused, "the listing step's listing is read back, not walked again"
+    plan = build_plan(cfg, layout, units)
+    return {"seconds": time.perf_counter() - t, "chunks": plan.chunks}
+
+
 def step_fill(a: dict[str, Any]) -> dict[str, Any]:
     """Complete an output without the model: plan, then each chunk's part (rows as a run
     writes them, errors null), then the ledger; what a finished labelling run leaves."""
@@ -226,7 +270,7 @@ def step_tars(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _steps() -> dict[str, Any]:
-    fns = (step_listing, step_label, step_fill, step_noop, step_tars, step_trainlist,
+    fns = (step_listing, step_plan, step_label, step_fill, step_noop, step_tars, step_trainlist,
            step_pretrain, step_finetune)  # fmt: skip
     return {f.__name__[5:]: f for f in fns}
 
@@ -249,11 +293,14 @@ def child_main(step: str, args: dict[str, Any]) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(step: str, counter: Counting | None = None, **args: Any) -> dict[str, Any]:
-    """One step in a fresh process; with a counter, the S3 requests it made (per phase)."""
+def run_child(
+    step: str, counter: Counting | None = None, script: str = __file__, **args: Any
+) -> dict[str, Any]:
+    """One step of ``script`` (this bench, or one beside it with its own ``child_main``) in a
+    fresh process; with a counter, the S3 requests it made (per phase: a ``PHASE name`` line)."""
     before = counter.snapshot() if counter else None
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", step, json.dumps(args)],
+        [sys.executable, script, "--child", step, json.dumps(args)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     lines, phases = [], {}
@@ -401,6 +448,8 @@ def main() -> None:
     p.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "beit_scale"))
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--train-only", action="store_true", help="only the training data steps")
+    p.add_argument("--s3-train", action="store_true",
+                   help="also the training listing and first batch at each --s3-sizes N")  # fmt: skip
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s] + ([1_000_000] if args.big else [])
     s3_sizes = [int(s) for s in args.s3_sizes.split(",") if s]
@@ -447,9 +496,20 @@ def main() -> None:
         for n in s3_sizes:
             s3_objects(f"in{n}", "in", (n, data))
             src, out = f"s3://in{n}/in", f"s3://in{n}/out"
-            add("s3", n, "listing", run_child("listing", counter, src=src, out=f"{out}-listing"))
+            listed = f"{out}-listing"
+            add("s3", n, "listing", run_child("listing", counter, src=src, out=listed))
+            add("s3", n, "label plan",
+                run_child("plan", counter, src=src, out=listed, ckpt=ckpt))  # fmt: skip
             run_child("fill", counter, src=src, out=out, ckpt=ckpt)
             add("s3", n, "noop rerun", run_child("noop", counter, src=src, out=out, ckpt=ckpt))
+            # the first rerun wrote the preview the fill leaves out: this one finds it
+            add("s3", n, "noop rerun, preview there",
+                run_child("noop", counter, src=src, out=out, ckpt=ckpt))  # fmt: skip
+            if args.s3_train:
+                lst = f"s3://in{n}/train-listing"
+                add("s3", n, "train listing", run_child("trainlist", counter, src=src, listing=lst))
+                add("s3", n, "pretrain first batch",
+                    run_child("pretrain", counter, src=src, listing=lst))  # fmt: skip
         if args.tars:
             from tests.test_scale_label import _tar  # noqa: PLC0415 - the same tar writer
 
