@@ -100,10 +100,19 @@ def step_plan(a: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     plan = build_plan(cfg, "files", load_listing(cfg))  # type: ignore[arg-type]
     seconds = time.perf_counter() - t
-    # every read task opening the plan reads its whole footer: how big it is at this N
-    meta = pq.ParquetFile(plan.uri).metadata
+    # every read task opening the plan reads a whole footer: the largest one at this N
+    import glob
+    import os
+
+    files = (
+        [plan.uri]
+        if plan.uri.endswith(".parquet")
+        else glob.glob(os.path.join(plan.uri, "part-*.parquet"))
+    )
+    metas = [pq.ParquetFile(f).metadata for f in files]
     return {"seconds": seconds, "chunks": plan.chunks, "inputs": plan.inputs,
-            "row_groups": meta.num_row_groups, "footer_bytes": meta.serialized_size}  # fmt: skip
+            "files": len(files), "row_groups": sum(m.num_row_groups for m in metas),
+            "footer_bytes": max(m.serialized_size for m in metas)}  # fmt: skip
 
 
 def step_record(a: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,12 @@ def test_listing_parts_are_shuffled_counted_and_reused(tree: str, tmp_path: Path
     assert len({k.split("/")[0] for k in part["key"][:30]}) >= 5
     val = sum(in_val_split(k, 0.2, cfg.seed) for k in part["key"])
     assert listing.images("val") == val and listing.images("train") == 300 - val
+    # A read slice reads its rows from the row groups that hold them (64 rows a group).
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(listing.units[0]).metadata.num_row_groups == -(-300 // 64)
+    some = read_part(listing.units[0], None, 70, 140)
+    assert some["key"] == part["key"][70:140] and some["path"] == part["path"][70:140]
     index = json.loads(Path(uri, "_index.json").read_text())
     assert index["rows"] == listing.rows
     # A second call reads the index back instead of listing again (a new file is not seen).

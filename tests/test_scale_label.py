@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -67,6 +68,16 @@ def test_plan_chunks_roundtrip_and_digest(tmp_path, monkeypatch):
     assert pq.ParquetFile(uri).metadata.num_row_groups == 2
     for c in (3, 0, 2, 1):  # any order: each read finds its row group
         assert read_chunk(uri, c, 3, None) == entries[3 * c : 3 * c + 3]
+    # a folder (what build_plan writes): files of at most GROUPS_PER_FILE row groups each
+    monkeypatch.setattr(plan, "GROUPS_PER_FILE", 1)
+    folder = str(tmp_path / "_INPUTS")
+    writer = PlanWriter(folder, 3, None)
+    for e in entries:
+        writer.add(e)
+    writer.close()
+    assert sorted(os.listdir(folder)) == ["part-000000.parquet", "part-000001.parquet"]
+    for c in (3, 0, 2, 1):
+        assert read_chunk(folder, c, 3, None, "v2") == entries[3 * c : 3 * c + 3]
 
 
 def _part(out, chunk: int, paths: list[str], errors: list[str | None]) -> None:

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 PART_ROWS = 1024
 """Files per listing part: one read task reads a part (at ~1 ms a file, about a second)."""
+PART_GROUP_ROWS = 64
+"""Rows per row group of a listing part: an epoch's read slice (at least 64 files) reads the
+row groups it needs, not the whole part (16 reads of each part an epoch before)."""
 INDEX = "_index.json"
 VERSION = 1
 
@@ -310,18 +313,41 @@ def _write_parts(
         table = pa.table(
             {"path": chunk, "key": keys, "class": classes, "size": sizes[j : j + PART_ROWS]}
         )
-        pq.write_table(table, storage.strip_scheme(storage.join(uri, name)), filesystem=fs)
+        path = storage.strip_scheme(storage.join(uri, name))
+        # row groups of a read slice's size: a slice reads its rows, not the whole part
+        storage.retry(
+            pq.write_table, table, path, filesystem=fs, row_group_size=PART_GROUP_ROWS, what=path
+        )
         val = sum(in_val_split(k, val_fraction, seed) for k in keys) if val_fraction else 0
         out.append((name, len(chunk), val, sorted({c for c in classes if c})))
     return out
 
 
-def read_part(uri: str, st: StorageConfig | None = None) -> dict[str, list[Any]]:
-    """A listing part's rows: {path, key, class, size} lists."""
+def read_part(
+    uri: str, st: StorageConfig | None = None, start: int = 0, stop: int | None = None
+) -> dict[str, list[Any]]:
+    """A listing part's rows ``[start, stop)`` (default all): {path, key, class, size} lists,
+    reading only the row groups that hold them."""
     import pyarrow.parquet as pq
 
     fs, path = storage.pyarrow_fs(uri, st)
-    return storage.retry(pq.read_table, path, filesystem=fs, what=uri).to_pydict()
+
+    def rows() -> dict[str, list[Any]]:
+        pf = pq.ParquetFile(path, filesystem=fs)
+        end = pf.metadata.num_rows if stop is None else min(stop, pf.metadata.num_rows)
+        groups, first, at = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if at < end and at + n > start:
+                groups.append(g)
+                first = at if first is None else first
+            at += n
+        if not groups:
+            return {c: [] for c in pf.schema_arrow.names}
+        table = pf.read_row_groups(groups).slice(start - first, end - start)
+        return table.to_pydict()
+
+    return storage.retry(rows, what=uri)
 
 
 # --------------------------------------------------------------------------- manifests

@@ -318,10 +318,9 @@ def _read_part_slice(
     """Raw rows of the files of one slice of a listing part (in this split)."""
     from beit_ray.data.sources import read_folder_files
 
-    part = read_part(listing.units[unit], st)
-    stop = len(part["path"]) if count < 0 else start + count
-    keys = part["key"][start:stop]
-    paths = [p for p, k in zip(part["path"][start:stop], keys, strict=True) if wanted(k)]
+    part = read_part(listing.units[unit], st, start, None if count < 0 else start + count)
+    keys = part["key"]
+    paths = [p for p, k in zip(part["path"], keys, strict=True) if wanted(k)]
     for j in range(0, len(paths), FILES_PER_SLICE):
         yield from read_folder_files(paths[j : j + FILES_PER_SLICE], listing.root, ids, st)
 
@@ -340,9 +339,9 @@ def _read_val_members(
 
     from beit_ray.data.sources import _row
 
-    part = read_part(listing.val_parts[unit], st)  # type: ignore[index]
-    stop = len(part["key"]) if count < 0 else start + count
-    todo = [{c: part[c][i] for c in part} for i in range(start, stop)]
+    stop = None if count < 0 else start + count
+    part = read_part(listing.val_parts[unit], st, start, stop)  # type: ignore[index]
+    todo = [{c: part[c][i] for c in part} for i in range(len(part["key"]))]
 
     remote = bool(todo) and storage.is_remote(todo[0]["path"])
     fs = storage.filesystem(todo[0]["path"], st)[0] if remote else None  # one client a slice

@@ -5,7 +5,7 @@ of URIs, or the data pipeline's containers: per-class tars and WebDataset shards
 image member, path = ``<tar uri>/<member>``) and parquet files of image bytes (one input per row,
 path = ``<parquet uri>#<row index>``). See :mod:`beit_ray.infer.inputs`.
 
-Scales out: the input list lives in parquet (``_INPUTS.parquet``, one row per chunk), never in
+Scales out: the input list lives in parquet (``_INPUTS/part-*.parquet``, one row per chunk), never in
 driver memory. Each chunk is one Ray Data row: a read task fetches its images (one GET per
 object; a local tar's members by their listed offsets, one ranged read per run of members; a
 tar on an object store is streamed once by one read task, which cuts it into chunks as its
@@ -29,7 +29,7 @@ Output under ``--output``:
     _masks/...png        segment: class ids at the original size (``mask_uri`` points here)
     _PLAN.json           what the chunks were made of, in generations (a rerun reuses it)
     _LISTING/v<k>/       the listing each generation was planned from (``--relist``: one more)
-    _INPUTS[-g].parquet  the chunks' inputs of generation g (containers: their members)
+    _INPUTS[-g]/         the chunks' inputs of generation g (containers: their members)
     _TARS/tar-<t>-<n>    object-store tars: tar t was read to its end and holds n inputs
     _PARTS/              the ledger of written parts (chunk, rows, errors, reasons)
     _SUMMARY.json        counts, error reasons, images/s, checkpoint

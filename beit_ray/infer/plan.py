@@ -1,6 +1,6 @@
 """The labelling plan and the ledger of written parts, both parquet, neither in driver memory.
 
-``_INPUTS.parquet`` holds one row per chunk (``chunk`` + list columns of its :class:`Entry`
+``_INPUTS/part-*.parquet`` holds one row per chunk (``chunk`` + list columns of its :class:`Entry`
 fields), in row groups of ~4k inputs: a read task loads just its chunk's row group. The plan is
 streamed from the listing; a rerun recomputes only its digest (files, manifest) or reuses it
 outright (container layouts: the containers' digest matches), so tars are listed once.
@@ -66,6 +66,11 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
+GROUPS_PER_FILE = 64
+"""Row groups (of ~INPUTS_PER_ROW_GROUP inputs) a plan file holds: 262 k inputs, a footer of
+~0.1 MB (one file for 100 M inputs had a 21 MB footer, read whole by every chunk's task)."""
+
+
 def chunks_per_group(chunk_size: int) -> int:
     return max(1, INPUTS_PER_ROW_GROUP // chunk_size)
 
@@ -88,7 +93,7 @@ class Generation(NamedTuple):
     """Inputs a run added to the plan: the first run's, then each ``--relist``'s new ones."""
 
     uri: str
-    """members: its chunk rows (``_INPUTS[-g].parquet``); tars: its tars (``_UNITS[-g].parquet``)."""
+    """members: its chunk rows (``_INPUTS[-g]/``); tars: its tars (``_UNITS[-g].parquet``)."""
     first: int
     """Its first chunk id (members) or tar index (tars)."""
     chunks: int
@@ -156,25 +161,41 @@ class Plan:
 
 
 class PlanWriter:
-    """Entries in plan order → chunk rows, written a row group at a time."""
+    """Entries in plan order → chunk rows, written a row group at a time: into ``uri`` itself
+    when it names a .parquet file, else into ``uri/part-<k>.parquet`` files of at most
+    ``GROUPS_PER_FILE`` row groups (a footer, which a reader of one chunk reads whole and a
+    writer holds, stays small however many inputs there are)."""
 
     def __init__(self, uri: str | None, chunk_size: int, storage: StorageConfig | None) -> None:
         self.chunk_size, self.inputs, self.digest = chunk_size, 0, Digest()
         self.group = chunks_per_group(chunk_size)
+        self.uri, self.storage = uri, storage
         self._chunk: list[Entry] = []
         self._rows: list[list[Entry]] = []
         self._chunks = 0
-        self._writer = None
-        if uri is not None:  # None: only count and digest (a rerun's check)
-            fs, path = st.pyarrow_fs(uri, storage)
-            if not st.is_remote(uri):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._writer = pq.ParquetWriter(path, PLAN_SCHEMA, filesystem=fs)
+        self._groups_in_file = 0
+        self._files = 0
+        self._writer: Any = None
+
+    def _open(self) -> Any:
+        """The file the next row group goes to (a new one every GROUPS_PER_FILE groups)."""
+        single = str(self.uri).endswith(".parquet")
+        if self._writer is not None and (single or self._groups_in_file < GROUPS_PER_FILE):
+            return self._writer
+        if self._writer is not None:
+            self._writer.close()
+        uri = self.uri if single else st.join(str(self.uri), f"part-{self._files:06d}.parquet")
+        fs, path = st.pyarrow_fs(str(uri), self.storage)
+        if not st.is_remote(str(uri)):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._writer = pq.ParquetWriter(path, PLAN_SCHEMA, filesystem=fs)
+        self._files, self._groups_in_file = self._files + 1, 0
+        return self._writer
 
     def add(self, e: Entry) -> None:
         self.inputs += 1
         self.digest.add(e.path)
-        if self._writer is None:
+        if self.uri is None:  # only count and digest
             return
         self._chunk.append(e)
         if len(self._chunk) == self.chunk_size:
@@ -195,15 +216,17 @@ class PlanWriter:
         }
         for k, f in enumerate(Entry._fields):
             cols[f] = [[e[k] for e in row] for row in self._rows]
-        self._writer.write_table(pa.table(cols, schema=PLAN_SCHEMA), row_group_size=self.group)  # type: ignore[union-attr]
+        self._open().write_table(pa.table(cols, schema=PLAN_SCHEMA), row_group_size=self.group)
         self._chunks += len(self._rows)
+        self._groups_in_file += 1
         self._rows = []
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self.uri is not None:
             self._end_chunk()
             self._flush()
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
 
     def plan(self, uri: str) -> Plan:
         chunks = -(-self.inputs // self.chunk_size)
@@ -343,7 +366,7 @@ def _generation(
         return None
     if mode == "tars":
         return Generation(units.uri, first, units.count, -1, _units_digest(units, cfg.storage))
-    inputs_uri = st.join(cfg.output, INPUTS_NAME.replace(".parquet", f"{name}.parquet"))
+    inputs_uri = st.join(cfg.output, INPUTS_NAME.replace(".parquet", name))  # a folder
     writer = PlanWriter(inputs_uri, cfg.chunk_size, cfg.storage)
     for e in _entries(cfg, layout, units):
         writer.add(e)
@@ -391,10 +414,14 @@ def read_chunk(
     g = chunks_per_group(chunk_size)
     key = (plan_uri, version, chunk // g)
     if _GROUP_CACHE.get("key") != key:
-        fs, path = st.pyarrow_fs(plan_uri, storage)
+        uri, index = plan_uri, chunk // g
+        if not plan_uri.endswith(".parquet"):  # a folder of files of GROUPS_PER_FILE groups
+            uri = st.join(plan_uri, f"part-{index // GROUPS_PER_FILE:06d}.parquet")
+            index %= GROUPS_PER_FILE
+        fs, path = st.pyarrow_fs(uri, storage)
 
         def group() -> list[dict[str, Any]]:
-            return pq.ParquetFile(path, filesystem=fs).read_row_group(chunk // g).to_pylist()
+            return pq.ParquetFile(path, filesystem=fs).read_row_group(index).to_pylist()
 
         _GROUP_CACHE.update(key=key, rows=st.retry(group, what=plan_uri))
     row = _GROUP_CACHE["rows"][chunk % g]
