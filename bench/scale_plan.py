@@ -13,9 +13,9 @@ step in a child process whose own peak RSS (VmHWM) is reported:
   ``_LISTING/v0000/part-<range>.parquet`` of 16,384 rows (one key-range task's 16 pages) plus
   the index (:func:`~beit_ray.infer.inputs.save_listing`), generated in Arrow a part at a time.
 - ``plan``: :func:`~beit_ray.infer.plan.build_plan` (files layout) from that listing:
-  ``_INPUTS.parquet`` chunk rows of 256 inputs and ``_PLAN.json``; with its footer's size (a
-  read task that opens the plan reads all of it).
-- ``fill``: the output as a finished run leaves it, without the model: one ``part-NNNNN.parquet``
+  ``_INPUTS/part-*.parquet`` chunk rows of 256 inputs and ``_PLAN.json``; with the largest
+  footer's size (a read task that opens a plan file reads all of it).
+- ``fill``: the output as a finished run leaves it, without the model: one ``parts/<k>/part-<c>.parquet``
   name per chunk (empty files: a rerun lists the names and reads the ledger, never a part's
   bytes while the ledger holds its counts) and the ledger compacted to one ``_PARTS`` segment of
   every chunk's counts, ``_PREVIEW.html`` present (a rerun then keeps it).
@@ -143,7 +143,10 @@ def step_fill(a: dict[str, Any]) -> dict[str, Any]:
     plan = saved_plan(cfg)
     assert plan is not None
     for c in range(plan.chunks):
-        open(os.path.join(cfg.output, part_name(c)), "wb").close()
+        path = os.path.join(cfg.output, part_name(c))
+        if c % 10_000 == 0:  # parts come in folders (parts/<k>/)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").close()
     rows = [plan.chunk_rows(c) for c in range(plan.chunks)]
     ledger = pa.table(
         [list(range(plan.chunks)), rows, [0] * plan.chunks, [""] * plan.chunks],
