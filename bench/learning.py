@@ -360,6 +360,9 @@ def main() -> None:
     p.add_argument("--few-epochs", type=int, default=30)
     p.add_argument("--few-micro-batch", type=int, default=8)
     p.add_argument("--few-job", action="store_true", help="also fine-tune few-label via the job")
+    p.add_argument(
+        "--few-job-arms", default="scratch,pt", help="the job's few-label arms: scratch, pt or both"
+    )
     p.add_argument("--pretrained", default=None, help="reuse this pretraining run")
     p.add_argument("--out", default=None, help="work folder (kept); default: a temp dir")
     a = p.parse_args()
@@ -465,10 +468,14 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
     print(f"RESULT few_plain_pretrained_minus_scratch {statistics.mean(diffs):.4f}")
     if a.few_job:
         jd, js, jp, jsecs = [], [], [], []
+        arms = a.few_job_arms.split(",")
         for s in range(a.seeds):
             top = []
             for init in (None, pt):
                 name = f"few-{'pt' if init else 'scratch'}-s{s}"
+                if name.split("-")[1] not in arms:
+                    top.append(float("nan"))
+                    continue
                 args = finetune_args(fa, dirs["few"], dirs["val"], runs, name, s, a.few_epochs)
                 args += ["--model.init_from", init] if init else []
                 jsecs.append(run_child("finetune.py", args, os.path.join(out, f"{name}.log")))
@@ -485,6 +492,14 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
                  ("10% labels, job: pretrained top-1", spread(jp)),
                  ("10% labels, job: pretrained - scratch", spread(jd))]  # fmt: skip
         print(f"RESULT few_job_pretrained_minus_scratch {statistics.mean(jd):.4f}")
+        for arm, job, loop in (("scratch", js, sc), ("pretrained", jp, pr)):
+            ok = [(j, r) for j, r in zip(job, loop, strict=True) if j == j]  # NaN: arm not run
+            if ok:
+                ratio = statistics.mean(j for j, _ in ok) / statistics.mean(r for _, r in ok)
+                rows.append(
+                    (f"10% labels, {arm}: job / plain loop ({len(ok)} seeds)", f"{ratio:.3f}")
+                )
+                print(f"RESULT few_{arm}_job_over_loop {ratio:.4f}")
 
 
 if __name__ == "__main__":

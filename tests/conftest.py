@@ -165,7 +165,8 @@ def run_child(args: list[str], env: dict[str, str] | None = None, timeout: int =
 @contextlib.contextmanager
 def moto_requests(fail: Any = None) -> Iterator[Counter[str]]:
     """Count the GETs the moto server answers, from every process (Ray workers included), and
-    their bytes, per path suffix: ``got["GET .tar"]``, ``got["bytes .tar"]``, ``got["GET"]``.
+    their bytes, per path suffix and per folder: ``got["GET .tar"]``, ``got["bytes .tar"]``,
+    ``got["GET /bucket/pq"]``, ``got["GET"]``.
     ``fail(method, path, n)``, given the path's n-th request (from 1), may answer it with S3's
     503 SlowDown instead (throttling). The server's WSGI app is wrapped meanwhile."""
     server, got, lock = MOTO[0]._server, Counter(), threading.Lock()
@@ -183,11 +184,14 @@ def moto_requests(fail: Any = None) -> Iterator[Counter[str]]:
             return [SLOW_DOWN]
         body = list(app(environ, start_response))
         if method == "GET":
-            suffix = os.path.splitext(path)[1]
+            suffix, folder = os.path.splitext(path)[1], os.path.dirname(path)
+            size = sum(len(b) for b in body)
             with lock:
                 got["GET"] += 1
                 got[f"GET {suffix}"] += 1
-                got[f"bytes {suffix}"] += sum(len(b) for b in body)
+                got[f"bytes {suffix}"] += size
+                got[f"GET {folder}"] += 1
+                got[f"bytes {folder}"] += size
         return body
 
     server.app = wrapped

@@ -26,6 +26,7 @@ from beit_ray.infer.label import LabelInterrupted, label, read_parts
 pytestmark = pytest.mark.integration
 
 BAD = "!corrupt|truncated|not_an_image"  # random bytes after a JPEG header: any of these
+PARQUET_GETS = 7  # a.parquet: its footer + 3 row groups; b: footer + 1; c: its footer
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
@@ -152,7 +153,8 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
     cfg = _cfg(input=f"s3://{bucket}/{src}", output=out, checkpoint=classifier, chunk_size=3)
     assert cfg.layout == "auto"  # detected as the data pipeline does
     n = len(expect[layout])
-    tars = layout != "parquet"  # object-store tars: one task streams each tar once
+    tars = layout != "parquet"
+    # object-store containers (tars, parquet files): one task streams each once
     fs, path = st.filesystem(cfg.input)
     size = sum(i["size"] for i in fs.ls(path, detail=True) if i["name"].endswith(".tar"))
 
@@ -160,20 +162,22 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
         if interrupt:
             with pytest.raises(LabelInterrupted):
                 label(cfg, stop_after_chunks=1)  # a chunk; with tars, a whole tar (n01: 4 rows)
-            first = 4 if tars else 3
+            first = 4 if tars else 6  # a whole container: n01's 4 rows, a.parquet's 6
             assert len(read_parts(out, columns=["path"])) == first  # nothing partial
-            said = capsys.readouterr().out
-            assert ("each read once" if tars else "listing the images") in said
+            assert "each read once" in capsys.readouterr().out
         summary = label(cfg)  # (again:) the same command finishes the rest
     if interrupt:
-        assert "listing the images" not in capsys.readouterr().out  # the saved listing is reused
+        assert "listing the images" not in capsys.readouterr().out  # nothing listed inside
         assert summary["chunks_resumed"] == 1 and summary["processed_this_run"] == n - first
     assert summary["files"] == n and summary["layout"] == "auto"
+    inputs = f"GET /{bucket}/{src}"
     if tars:  # each tar read once in all (and the first one's headers, to detect the layout)
         assert 0 < size <= reads["bytes .tar"] <= 1.05 * size, (reads, size)
-        with moto_requests() as again:
-            assert label(cfg)["processed_this_run"] == 0
-        assert again["GET .tar"] == 0, again  # a finished output: no tar is read
+    else:  # each file's footer, then each row group once: a 3 groups, b 1, c none
+        assert 0 < reads[inputs] <= PARQUET_GETS, reads
+    with moto_requests() as again:
+        assert label(cfg)["processed_this_run"] == 0
+    assert again[inputs] == 0, again  # a finished output: no container is read
 
     df = read_parts(out).to_pandas()
     assert len(df) == df["path"].nunique() == n  # no duplicates
@@ -194,10 +198,8 @@ def test_layouts(ray_session, layouts, classifier, reference, layout, interrupt,
     assert plan["layout"] == layout
     (first_gen,) = plan["generations"]  # one run's inputs (no --relist): one generation
     _, _, units, inputs, _ = first_gen
-    if tars:  # units are the tars, each read to its end (a marker each)
-        assert plan["mode"] == "tars" and units == len(st.list_files(f"{out}/_TARS"))
-    else:
-        assert inputs == n
+    # units are the containers, each read to its end (a marker each)
+    assert plan["mode"] == "tars" and units == len(st.list_files(f"{out}/_TARS"))
 
 
 def test_layout_selection_errors(s3_server, layouts, classifier, tmp_path, photos):
@@ -260,6 +262,7 @@ def test_throttled_store_loses_no_image_and_writes_no_error_row(
         with moto_requests(slow_down) as got:
             summary = label(cfg)
         assert got["throttled"] >= 7 * 2, got  # every container was throttled, past the transport
+        assert summary["preview"] and st.exists(f"{out}/_PREVIEW.html")  # its part reads retried
         df = read_parts(out).to_pandas()
         assert len(df) == df["path"].nunique() == len(expect[layout]) == summary["files"]
         assert set(df["path"]) == set(expect[layout])

@@ -211,10 +211,8 @@ def test_manifest_commits_append_and_fold(tmp_path):
 
 
 def _stream(path: str, layout: str, chunk_size: int) -> list[tuple[Entry, bytes | None, str]]:
-    from beit_ray.infer.tars import stream_tar
-
     out = []
-    for entries, blobs, errors in stream_tar(path, layout, chunk_size, None):
+    for entries, blobs, errors in tars.stream(path, layout, chunk_size, None, "image"):
         assert len(entries) <= chunk_size
         out += list(zip(entries, blobs, errors, strict=True))
     return out
@@ -256,6 +254,35 @@ def test_streamed_tar_gives_the_listed_inputs_with_their_bytes(tmp_path, layout)
     if layout == "class_tars":
         assert [e.member for e, _, _ in streamed[:3]] == [f"./n01_{i}.JPEG" for i in range(3)]
         assert bad == [f"{cut}/n01_3.JPEG"] and len(streamed) == 5
+
+
+def test_streamed_parquet_gives_the_listed_rows_with_their_bytes(tmp_path, monkeypatch):
+    """An object-store parquet file is labelled by one task reading each row group once
+    (members mode read a row group per chunk touching it): the same rows, bytes and errors
+    as the listing + :func:`fetch`, a null image an error row, a file without images one."""
+    cells = [bytes([i]) * (50 + i) for i in range(7)] + [None]
+    path = str(tmp_path / "x.parquet")
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary())}), path, row_group_size=3)
+    listed = tars.list_container(path, "parquet", "image", None)
+    streamed = _stream(path, "parquet", 2)
+    assert [e for e, _, _ in streamed] == listed
+    blobs, errors = fetch(listed, None, "image")
+    assert [d for _, d, _ in streamed] == blobs == cells
+    assert [w for _, _, w in streamed] == errors == [""] * 7 + ["empty: null image"]
+    reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        reads.append(i)
+        return read_row_group(self, i, *a, **k)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    _stream(path, "parquet", 2)
+    assert reads == [0, 1, 2]  # each row group once, in order
+    bare = str(tmp_path / "y.parquet")
+    pq.write_table(pa.table({"caption": ["x"]}), bare)
+    ((entry, data, error),) = _stream(bare, "parquet", 2)
+    assert entry.path == bare and data is None and error.startswith("read_failed: ValueError")
 
 
 def test_streamed_tars_resume_by_marker_and_chunk(tmp_path):

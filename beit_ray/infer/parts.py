@@ -85,13 +85,21 @@ def write_part(
     return counts
 
 
+def read_part(
+    uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """One part file (or any of the output's parquet files), retried on transient errors."""
+    fs, path = st.pyarrow_fs(uri, storage)
+    return st.retry(pq.read_table, path, filesystem=fs, columns=columns, what=uri)
+
+
 def read_parts(
     output: str, storage: StorageConfig | None = None, columns: list[str] | None = None
 ) -> pa.Table:
     """Every part file under ``output`` as one table."""
-    fs, root = st.pyarrow_fs(output, storage)
     chunks = sorted(done_chunks(output, storage))
-    paths = [f"{root.rstrip('/')}/{part_name(c)}" for c in chunks]
-    if not paths:
+    if not chunks:
         return pa.table({})
-    return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
+    return pa.concat_tables(
+        [read_part(st.join(output, part_name(c)), storage, columns) for c in chunks]
+    )

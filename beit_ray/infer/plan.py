@@ -5,10 +5,11 @@ fields), in row groups of ~4k inputs: a read task loads just its chunk's row gro
 streamed from the listing; a rerun recomputes only its digest (files, manifest) or reuses it
 outright (container layouts: the containers' digest matches), so tars are listed once.
 
-Tars on an object store are planned whole instead (``mode`` tars): listing their members would
-stream each tar once, and labelling would read the member spans again. One task per tar streams
-it once and cuts it into chunks as its members arrive; chunk ``k`` of the ``t``-th tar (in the
-sorted tar listing) is part ``t * TAR_STRIDE + k``. At its end the task writes the marker
+Containers on an object store (tars, parquet files) are planned whole instead (``mode`` tars):
+listing a tar's members would stream it once, and labelling would read the member spans again;
+a parquet row group would be read once per chunk touching it. One task per container streams
+it once and cuts it into chunks as its inputs arrive; chunk ``k`` of the ``t``-th container (in
+the sorted listing) is part ``t * TAR_STRIDE + k``. At its end the task writes the marker
 ``_TARS/tar-<t>-<inputs>``, so a rerun knows each finished tar's chunks from one listing, and
 never reads a tar whose marker and parts are all there.
 
@@ -52,7 +53,6 @@ from beit_ray.infer.tars import list_container
 from beit_ray.runtime import print0
 
 INPUTS_NAME, LEDGER_DIR, MARKS_DIR = "_INPUTS.parquet", "_PARTS", "_TARS"
-TAR_LAYOUTS = ("class_tars", "webdataset")
 TAR_STRIDE = 100_000  # part ids of one streamed tar: tar index × TAR_STRIDE + its chunk
 MARK_RE = re.compile(r"^tar-(\d+)-(\d+)$")
 PART_META_KEY = b"beit_ray.part"
@@ -298,7 +298,7 @@ def build_plan(cfg: LabelConfig, layout: str, listing: Units) -> Plan:
     ``_PLAN.json`` after the generation's files."""
     old = _old_plan(cfg)
     head = _head(cfg, layout)
-    streamed = layout in TAR_LAYOUTS and st.is_remote(cfg.input)
+    streamed = layout in CONTAINER_LAYOUTS and st.is_remote(cfg.input)
     mode = "tars" if streamed else "members"
     gens: list[Generation] = []
     units = listing
@@ -495,13 +495,13 @@ def read_units(
             entries = plan.entries(int(chunk), storage)
             yield (int(chunk), entries, *fetch(entries, storage, image_column))
         return
-    from beit_ray.infer.tars import stream_tar
+    from beit_ray.infer.tars import stream
 
     for t, uri, skip in zip(batch["chunk"], batch["tar"], batch["skip"], strict=True):
         t, skipped = int(t), {int(k) for k in str(skip).split(",") if k}
         inputs = 0
         for k, (entries, blobs, errors) in enumerate(
-            stream_tar(str(uri), plan.layout, plan.chunk_size, storage)
+            stream(str(uri), plan.layout, plan.chunk_size, storage, image_column)
         ):
             if k >= TAR_STRIDE:
                 raise RuntimeError(

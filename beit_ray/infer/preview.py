@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from beit_ray import storage as st
 from beit_ray.config import StorageConfig
 from beit_ray.infer.config import LabelConfig
+from beit_ray.infer.parts import read_part
 
 PREVIEW_NAME = "_PREVIEW.html"
 SAMPLE = 64
@@ -63,11 +63,6 @@ def write_preview(cfg: LabelConfig, plan: Any, summary: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def _read(uri: str, storage: StorageConfig | None, columns: list[str]) -> Any:
-    fs, path = st.pyarrow_fs(uri, storage)
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
 def _histogram(task: str, parts: list[str], storage: StorageConfig | None) -> dict[str, Any]:
     """classify: {label: images whose top-1 it is}; segment: {id: [pixels, images]}."""
     if task == "embed":
@@ -75,7 +70,7 @@ def _histogram(task: str, parts: list[str], storage: StorageConfig | None) -> di
     columns = ["top_labels"] if task == "classify" else ["class_ids", "pixel_counts"]
 
     def one(uri: str) -> Counter:
-        table = _read(uri, storage, columns).to_pydict()
+        table = read_part(uri, storage, columns).to_pydict()
         counts: Counter = Counter()
         if task == "classify":
             counts.update(labels[0] for labels in table["top_labels"] if labels)
@@ -106,7 +101,7 @@ def _sample_rows(cfg: LabelConfig, chunks: list[int]) -> tuple[list[dict], list[
     ok: list[dict] = []  # at most SAMPLE parts of chunk_size rows, without embeddings
     failed: list[dict] = []
     for c in chunks:
-        table = _read(st.join(cfg.output, part_name(c)), cfg.storage, columns).to_pylist()
+        table = read_part(st.join(cfg.output, part_name(c)), cfg.storage, columns).to_pylist()
         for row in table:
             row["chunk"] = c
         ok += [r for r in table if not r["error"]]

@@ -1,11 +1,13 @@
-"""Tars as labelling inputs: their members as plan entries, listed or read once.
+"""Containers (tars, parquet files) as labelling inputs: their images as plan entries, listed
+or read once.
 
 Which members are inputs is :func:`beit_ray.data.containers.samples`' rule, the one every job
 uses; this module turns them into labelling :class:`~beit_ray.infer.inputs.Entry` rows. A local
 tar is listed from its headers (member offsets: labelling reads each member span once, by
-ranged reads); on an object store every seek is a request, so a tar there is not listed first
-and read again (2x its bytes): one task reads it once, in tar order, and cuts its inputs into
-chunks as they arrive (:func:`stream_tar`).
+ranged reads), a local parquet file from its footer. On an object store every seek is a request
+and a parquet row group is read whole, so a container there is not listed first and read
+again (2x a tar's bytes; a row group once per chunk that touches it, ~3x): one task reads it
+once, in its own order, and cuts its inputs into chunks as they arrive (:func:`stream`).
 """
 
 from __future__ import annotations
@@ -42,13 +44,36 @@ def tar_items(uri: str, layout: str, storage: StorageConfig | None, read: bool) 
         yield Entry(uri, "error", member=why), None, why
 
 
-def stream_tar(
-    uri: str, layout: str, chunk_size: int, storage: StorageConfig | None
+def parquet_items(uri: str, image_column: str, storage: StorageConfig | None) -> Iterator[Item]:
+    """A parquet file's rows in order, with their bytes, one row group read at a time; a file
+    that cannot be read (no image column, damaged) ends with a row for the file itself."""
+    try:
+        for r, row in containers.parquet_images(uri, image_column, None, storage):
+            data = row[image_column]
+            yield (
+                Entry(f"{uri}#{r}", "parquet", uri, str(r)),
+                data,
+                "" if data is not None else "empty: null image",
+            )
+    except TransientError:
+        raise  # not the file's fault: the task fails and is retried, no row is written
+    except Exception as e:  # damaged: the rows before the damage keep their rows
+        why = f"read_failed: {type(e).__name__}: {e}"[:500]
+        yield Entry(uri, "error", member=why), None, why
+
+
+def stream(
+    uri: str, layout: str, chunk_size: int, storage: StorageConfig | None, image_column: str
 ) -> Iterator[tuple[list[Entry], list[bytes | None], list[str]]]:
-    """A tar's inputs in chunks of ``chunk_size`` (entries, bytes, errors: "" when fine), read in
-    one pass; only the current chunk's bytes are held."""
+    """A container's inputs in chunks of ``chunk_size`` (entries, bytes, errors: "" when fine),
+    read in one pass; only the current chunk's bytes are held."""
+    items = (
+        parquet_items(uri, image_column, storage)
+        if layout == "parquet"
+        else tar_items(uri, layout, storage, read=True)
+    )
     chunk: list[Item] = []
-    for item in tar_items(uri, layout, storage, read=True):
+    for item in items:
         chunk.append(item)
         if len(chunk) == chunk_size:
             yield [e for e, _, _ in chunk], [d for _, d, _ in chunk], [w for _, _, w in chunk]
