@@ -8,8 +8,9 @@ path = ``<parquet uri>#<row index>``). See :mod:`beit_ray.infer.inputs`.
 Scales out: the input list lives in parquet (``_INPUTS/part-*.parquet``, one row per chunk), never in
 driver memory. Each chunk is one Ray Data row: a read task fetches its images (one GET per
 object; a local tar's members by their listed offsets, one ranged read per run of members; a
-tar on an object store is streamed once by one read task, which cuts it into chunks as its
-members arrive, since listing it first would read it twice) and decodes them; a predictor
+tar or parquet file on an object store is streamed once by one read task, which cuts it into
+chunks as its inputs arrive, since listing it first would read it twice and a chunk would read
+a whole row group) and decodes them; a predictor
 actor labels them and writes the chunk's ``parts/<k>/part-<chunk>.parquet`` itself (atomically: temp +
 rename locally; an S3 PUT is atomic), returning only its counts. The driver appends those counts to the ledger
 (:mod:`beit_ray.infer.plan`), so a rerun checks coverage from a listing of the output and the
