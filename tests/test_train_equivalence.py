@@ -40,6 +40,8 @@ def test_every_stage_accumulation_and_source_trains_as_the_plain_loop(tmp_path, 
     control = [Cell("mim", 3, 2, "scratch", bypass=True)] if world == 1 else []
     rows = run_group(CELLS + control, world, str(tmp_path / "cells"), init_from=ckpt)
     print(f"\n{world} worker(s): max relative parameter difference after 3 steps\n{table(rows)}")
+    norms = [r["norm_diff"] for r in rows if not r["bypass"]]
+    print(f"logged grad_norm vs the loop's: max relative difference {max(norms):.1e}")
     assert len(rows) == len(CELLS) + len(control)
     for row in rows:
         if row["bypass"]:
@@ -50,4 +52,5 @@ def test_every_stage_accumulation_and_source_trains_as_the_plain_loop(tmp_path, 
         assert row["init_diff"] == 0.0, row  # the same initial weights under every stage
         assert row["zero3_trace"] is (True if row["zero"] == 3 else None), row  # prefetch
         assert row["rel_diff"] < TOL, row
+        assert row["norm_diff"] < TOL, row  # the logged grad_norm is the loop's, every stage
         assert row["moved"] > 10 * TOL, row  # the steps did change the weights

@@ -147,8 +147,9 @@ def whole_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def reference(
     cell: Cell, cfg: Any, world: int, batches: list, device: str = "cpu"
-) -> tuple[dict, dict]:
-    """(initial, final) weights of a plain torch loop over the same micro-batches."""
+) -> tuple[dict, dict, list[float]]:
+    """(initial, final) weights of a plain torch loop over the same micro-batches, and each
+    step's gradient norm before clipping."""
     from beit_ray.models.layer_decay import param_groups
     from beit_ray.train.deepspeed import build_optimizer
     from beit_ray.train.loop import set_lr
@@ -166,6 +167,7 @@ def reference(
     )
     opt = build_optimizer(groups, cfg)
     micros = world * cell.accum
+    norms = []
     for step, batch in enumerate(batches):
         set_lr(SimpleNamespace(optimizer=opt), lr_at(step, STEPS, cfg))
         opt.zero_grad(set_to_none=True)
@@ -174,10 +176,12 @@ def reference(
                 gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 1009 + rank)
                 loss, _ = task.loss(model, micro_batch(batch, rank, a, cell, world), gen)
                 (loss / micros).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms.append(torch.nn.utils.get_total_norm(grads).item())  # before clipping
         if cfg.optim.clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
         opt.step()
-    return init, {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    return init, {n: p.detach().cpu().clone() for n, p in model.named_parameters()}, norms
 
 
 SCALE_FLOOR = 0.02
@@ -222,7 +226,7 @@ class _Bypass:
         )
 
 
-_REFERENCES: dict[tuple, tuple[dict, dict]] = {}
+_REFERENCES: dict[tuple, tuple[dict, dict, list[float]]] = {}
 """The plain loop's weights per (task, source, micro-batches a step): the same for every stage."""
 
 
@@ -237,7 +241,7 @@ def run_cell(
     """Train one cell through the job's step; rank 0 returns its row (others: {}).
 
     ``use_gpu``: the engine and the plain loop on this process's GPU, in full fp32 (TF32 off)."""
-    from beit_ray.train.loop import build_engine, micro_step
+    from beit_ray.train.loop import build_engine, grad_norm, micro_step
     from beit_ray.train.schedule import lr_at
     from beit_ray.train.tasks import make_task
 
@@ -250,10 +254,12 @@ def run_cell(
     init = whole_params(engine.module)
     batches = make_batches(cfg, cell.task)
     stepped = _Bypass(engine) if cell.bypass else engine
+    norms = []  # what the job logs as grad_norm: DeepSpeed's (ZeRO 1-3) or micro_step's (0)
     for step, batch in enumerate(batches):
         for a in range(cell.accum):
             mb = micro_batch(batch, rank, a, cell, world)
-            micro_step(stepped, task, mb, lr_at(step, STEPS, cfg), step, rank)
+            metrics = micro_step(stepped, task, mb, lr_at(step, STEPS, cfg), step, rank, True)
+        norms.append(grad_norm(engine, metrics.get("grad_norm")))
     final = whole_params(engine.module)
     row: dict[str, Any] = {}
     # ZeRO-3 records the order it fetches parameters in (what its prefetch replays) in hooks
@@ -264,7 +270,7 @@ def run_cell(
         key = (cell.task, cell.source, world * cell.accum, use_gpu)  # the same for every stage
         if key not in _REFERENCES:
             _REFERENCES[key] = reference(cell, cfg, world, batches, str(engine.device))
-        ref_init, ref_final = _REFERENCES[key]
+        ref_init, ref_final, ref_norms = _REFERENCES[key]
         diffs = rel_diffs(final, ref_final)
         worst = max(diffs, key=diffs.get)
         row = {
@@ -275,6 +281,8 @@ def run_cell(
             "worst": worst,
             # how far the loop moved the weights: a step that did nothing would differ by this
             "moved": max_rel_diff(ref_init, ref_final),
+            # the logged gradient norm against the loop's, per step
+            "norm_diff": max(abs(a - b) / b for a, b in zip(norms, ref_norms, strict=True)),
             "zero3_trace": traced,
             "seconds": round(time.perf_counter() - t0, 2),
         }

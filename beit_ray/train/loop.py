@@ -138,9 +138,21 @@ class Loop:
                 if cfg.debug.record_rows:
                     record_rows(cfg.debug.record_rows, self.rank, state, self.pending[-1])
             boundary = engine.is_gradient_accumulation_boundary()
-            metrics = micro_step(
-                engine, self.task, batch, lr_at(state.step, self.total, cfg), state.step, self.rank
+            # The host reads the device (metrics, grad norm, the clock, the rows' places) on
+            # logging steps only.
+            logging = boundary and (
+                (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == self.total
             )
+            metrics = micro_step(
+                engine,
+                self.task,
+                batch,
+                lr_at(state.step, self.total, cfg),
+                state.step,
+                self.rank,
+                keep_norm=logging,
+            )
+            norm = metrics.pop("grad_norm", None)
             state.micro_in_pass += 1
             if self.obs:
                 self.obs.step(metrics, micro * cfg.scaling.num_workers, wait)
@@ -148,15 +160,12 @@ class Loop:
                 continue
             state.step += 1
             maybe_fail(cfg, self.rank, state.step, self.run_uri)
-            # The host reads the device (metrics, grad norm, the clock, the rows' places) on
-            # logging steps only.
-            logging = state.step % cfg.run.log_every == 0 or state.step == self.total
             if logging:
                 self.flush_progress()
             if self.obs and logging:
                 extra = {
                     "lr": lr_at(state.step - 1, self.total, cfg),
-                    "grad_norm": grad_norm(engine),
+                    "grad_norm": grad_norm(engine, norm),
                 }
                 self.obs.log(state.step, state.epoch, self.total, extra)
             if state.step >= self.total or state.step == cfg.debug.stop_at_step:
@@ -266,16 +275,28 @@ def all_progress(mine: EpochProgress) -> EpochProgress:
 
 
 def micro_step(
-    engine: Any, task: Task, batch: dict[str, torch.Tensor], lr: float, step: int, rank: int
+    engine: Any,
+    task: Task,
+    batch: dict[str, torch.Tensor],
+    lr: float,
+    step: int,
+    rank: int,
+    keep_norm: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch of optimizer step ``step`` on this rank: forward through ``engine(...)``
     (the task's loss), backward, and DeepSpeed's step (which updates only at the accumulation
     boundary). Returns the batch's metrics as device tensors: nothing here waits on the device.
-    """
+    ``keep_norm`` at a boundary adds ``grad_norm`` (the reduced gradients' 2-norm before
+    clipping) where DeepSpeed does not keep it itself (ZeRO-0 clips and discards it)."""
     set_lr(engine, lr)
     gen = torch.Generator().manual_seed(task.cfg.run.seed * 1_000_003 + step * 1009 + rank)
     loss, metrics = task.loss(engine, batch, gen)
     engine.backward(loss)
+    if keep_norm and engine.is_gradient_accumulation_boundary() and _discards_norm(engine):
+        # the gradients were all-reduced by backward at the boundary; before the step clips
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        metrics = {**metrics, "grad_norm": torch.linalg.vector_norm(norms)}
     engine.step()
     return metrics
 
@@ -298,8 +319,20 @@ def set_lr(engine: Any, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def grad_norm(engine: Any) -> float:
+def _discards_norm(engine: Any) -> bool:
+    """DeepSpeed's plain (ZeRO-0, fp32 or torch-autocast) path clips without keeping the norm;
+    its ZeRO and fp16/bf16 optimizers keep theirs."""
+    return engine.zero_optimization_stage() == 0 and not (
+        engine.fp16_enabled() or engine.bfloat16_enabled()
+    )
+
+
+def grad_norm(engine: Any, kept: torch.Tensor | None = None) -> float:
+    """The last step's gradient norm: DeepSpeed's (ZeRO 1-3), else ``kept`` by
+    :func:`micro_step` (ZeRO-0), else NaN."""
     norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = kept
     return float(norm) if norm is not None else float("nan")
 
 
