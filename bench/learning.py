@@ -26,6 +26,10 @@ RGB, split stratified 1,400 / 397 and written as class folders of PNGs (bench/_d
    it: ``--mask-patches`` (of 16), ``--vocab`` (codebook size), ``--pt-epochs``. Pretraining
    flips at data.flip's default (0.5); ``--flip`` is the fine-tuning side's.
 
+``--dataset patches``: the same on a set the recipe was never tuned on (bench/_patches.py:
+32 px patches of 10 scikit-image photos, class = photo, 1,400 / 400, train and val cut from
+disjoint parts of each photo).
+
 Each job starts its own local Ray (~30 s on 2 cores). Never run by the test suite.
 """
 
@@ -48,6 +52,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _digits import load_folder, write_digits  # noqa: E402
+from _patches import write_patches  # noqa: E402
 
 ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -328,6 +333,7 @@ def pretrain(a: argparse.Namespace, train: str, out: str) -> tuple[str, float]:
 
 
 def spread(v: list[float]) -> str:
+    v = [x for x in v if x == x]  # NaN: an arm not run
     m = statistics.mean(v)
     s = statistics.stdev(v) if len(v) > 1 else 0.0
     return f"{m:.4f} ± {s:.4f} (n={len(v)}, min {min(v):.4f}, max {max(v):.4f})"
@@ -365,14 +371,22 @@ def main() -> None:
     )
     p.add_argument("--pretrained", default=None, help="reuse this pretraining run")
     p.add_argument("--out", default=None, help="work folder (kept); default: a temp dir")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        choices=("digits", "patches"),
+        help="digits (the set the recipe was tuned on) or patches of 10 scikit-image photos",
+    )
     a = p.parse_args()
     out = os.path.abspath(a.out or tempfile.mkdtemp(prefix="learning_"))
     os.makedirs(out, exist_ok=True)
-    dirs = write_digits(os.path.join(out, "digits"))
+    write = write_digits if a.dataset == "digits" else write_patches
+    dirs = write(os.path.join(out, a.dataset))
     runs = os.path.join(out, "runs")
     res: dict = {"args": vars(a)}
     rows: list[tuple[str, str]] = []
-    print(f"work folder {out}; digits train 1400 / val 397 / few 140", flush=True)
+    sizes = {k: sum(len(f) for _, _, f in os.walk(v)) for k, v in dirs.items()}
+    print(f"work folder {out}; {a.dataset} {sizes}", flush=True)
 
     # 1. reference vs job, same flags, same epochs
     if not a.skip_compare:
