@@ -295,8 +295,7 @@ def micro_step(
     if keep_norm and engine.is_gradient_accumulation_boundary() and _discards_norm(engine):
         # the gradients were all-reduced by backward at the boundary; before the step clips
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-        metrics = {**metrics, "grad_norm": torch.linalg.vector_norm(norms)}
+        metrics = {**metrics, "grad_norm": torch.nn.utils.get_total_norm(grads)}
     engine.step()
     return metrics
 
