@@ -343,6 +343,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (job and reference)")
     p.add_argument("--seeds", type=int, default=3, help="reference and few-label seeds")
+    p.add_argument("--first-seed", type=int, default=0, help="few-label seeds start here")
     p.add_argument("--job-seeds", type=int, default=1, help="full-data job runs (seeds 0..n-1)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--micro-batch", type=int, default=32)
@@ -465,7 +466,7 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
     fa = argparse.Namespace(**few)
     fcfg = resolved(finetune_args(fa, dirs["few"], dirs["val"], runs, "few", 0, a.few_epochs))
     diffs, sc, pr = [], [], []
-    for s in range(a.seeds):
+    for s in range(a.first_seed, a.first_seed + a.seeds):
         r0 = reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, s)
         r1 = reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, s, init_from=pt)
         sc.append(r0["top1"])
@@ -483,7 +484,7 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
     if a.few_job:
         jd, js, jp, jsecs = [], [], [], []
         arms = a.few_job_arms.split(",")
-        for s in range(a.seeds):
+        for s in range(a.first_seed, a.first_seed + a.seeds):
             top = []
             for init in (None, pt):
                 name = f"few-{'pt' if init else 'scratch'}-s{s}"
