@@ -33,6 +33,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MOTO: list[Any] = []  # the session's ThreadedMotoServer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_ninja() -> None:
+    """Engines built in this process (and the ranks it spawns, and the Ray it starts) load
+    DeepSpeed's ops with the ninja `make install` prebuilt them with, not the system's: another
+    ninja version reads the build log as "command line changed" and rebuilds (minutes)."""
+    from beit_ray.train.ops import use_own_ninja
+
+    use_own_ninja()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's real S3 server on 127.0.0.1; sets AWS_* so every layer (and Ray workers) uses it.

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import zipfile
@@ -229,10 +230,48 @@ def test_prebuild_builds_each_op_and_reports_one_that_cannot_be_built(monkeypatc
     fake = types.ModuleType("deepspeed.accelerator")
     fake.get_accelerator = Accelerator
     monkeypatch.setitem(sys.modules, "deepspeed.accelerator", fake)
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # prebuild puts the venv's bin first
     out = ops.prebuild((*ops.OPS, "FusedAdamBuilder"))
     assert loaded == ["ShareMemCommBuilder"] and out["ShareMemCommBuilder"] == "built"
     assert out["CPUAdamBuilder"].startswith("not built (RuntimeError: no c++ compiler)")
     assert out["FusedAdamBuilder"] == "not used on cpu"
+
+
+def test_every_process_runs_the_interpreters_ninja(monkeypatch):
+    """The prebuild, the job's workers and engines built in-process find the same ninja."""
+    import shutil
+    import sys
+
+    from beit_ray.train import ops
+
+    here = os.path.dirname(sys.executable)
+    if not os.path.exists(os.path.join(here, "ninja")):
+        pytest.skip("no ninja beside this interpreter")
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")  # a system ninja first, if any
+    ops.use_own_ninja()
+    ops.use_own_ninja()
+    assert os.environ["PATH"].split(os.pathsep).count(here) == 1  # first, once
+    assert shutil.which("ninja") == os.path.join(here, "ninja")
+
+
+def test_installed_ops_need_no_rebuild_by_that_ninja():
+    """`make install`'s prebuilt ops are up to date for the ninja every process now runs: a
+    ninja of another version reads the build log as "command line changed" and rebuilds."""
+    import subprocess
+    import sys
+
+    ninja = os.path.join(os.path.dirname(sys.executable), "ninja")
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+    built = [
+        os.path.join(ext, d)
+        for d in ("deepspeed_shm_comm", "cpu_adam")
+        if os.path.exists(os.path.join(ext, d, "build.ninja"))
+    ]
+    if not os.path.exists(ninja) or not built:
+        pytest.skip("no prebuilt DeepSpeed ops (run make install) or no ninja in the venv")
+    for d in built:
+        out = subprocess.run([ninja, "-n", "-d", "explain"], cwd=d, capture_output=True, text=True)
+        assert "no work to do" in out.stdout, (d, out.stdout[-2000:], out.stderr[-2000:])
 
 
 @pytest.mark.parametrize(

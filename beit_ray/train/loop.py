@@ -20,6 +20,7 @@ from beit_ray.runtime import say, worker_threads
 from beit_ray.train import checkpoint
 from beit_ray.train.checkpoint import TrainState
 from beit_ray.train.config import TrainConfig
+from beit_ray.train.ops import use_own_ninja
 from beit_ray.train.resources import feed_options
 from beit_ray.train.schedule import lr_at
 from beit_ray.train.tasks import Task, make_task
@@ -42,6 +43,7 @@ def train_loop(config: dict[str, Any]) -> None:
         worker_threads(cfg.scaling.threads_per_worker, ctx.get_local_world_size())
     )
     task = make_task(cfg, config["extra"])
+    use_own_ninja()  # DeepSpeed loads (or builds) its ops with the ninja that prebuilt them
     # Inside TorchTrainer this reuses the process group Ray Train has already set up.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     rank = ctx.get_world_rank()
@@ -225,6 +227,8 @@ class Loop:
 def build_engine(cfg: TrainConfig, task: Task) -> Any:
     """Model (ZeRO-3-partitioned when asked) + layer-decay AdamW inside a DeepSpeed engine."""
     import deepspeed
+
+    use_own_ninja()  # CPU Adam (optimizer offload) is loaded here
 
     from beit_ray.models.layer_decay import param_groups
     from beit_ray.models.speed import speed_options

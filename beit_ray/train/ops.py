@@ -10,10 +10,24 @@ start``) must then see the same ``TORCH_EXTENSIONS_DIR``, which its workers inhe
 
 from __future__ import annotations
 
+import os
 import sys
 
 OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
 """The shared-memory comm op every CPU rank loads, and CPU Adam (optimizer offload)."""
+
+
+def use_own_ninja() -> None:
+    """Put this interpreter's ``bin`` folder first on PATH when it holds ``ninja`` (the venv's
+    pip ninja, a DeepSpeed dependency), so every process that builds or loads the ops runs the
+    same ninja. Ninja versions keep their build logs in different formats and hashes: a
+    prebuild by the system's ninja 1.11 (what ``make``'s PATH finds) looked like "command line
+    changed" to the venv's 1.13 (what the README's nodes find, with ``.venv/bin`` first), and the
+    first job's workers rebuilt every op, and the other way round."""
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(here, "ninja")) and path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + path
 
 
 def prebuild(names: tuple[str, ...] = OPS) -> dict[str, str]:
@@ -24,6 +38,7 @@ def prebuild(names: tuple[str, ...] = OPS) -> dict[str, str]:
     """
     from deepspeed.accelerator import get_accelerator
 
+    use_own_ninja()
     out = {}
     for name in names:
         builder = get_accelerator().create_op_builder(name)
