@@ -135,13 +135,18 @@ def test_aws_launcher_yaml_passes_rays_cluster_config_validation():
     assert sum(t["max_workers"] for t in workers.values()) <= config["max_workers"]
 
 
-def test_aws_launcher_installs_pinned_torch_before_the_project():
-    raw = load(CLUSTER / "aws.yaml")
-    command_lists = [raw["setup_commands"]] + [
+def _setup_command_lists(raw: dict) -> list[list[str]]:
+    """The launcher's setup commands: the head's and each worker type's own."""
+    return [raw["setup_commands"]] + [
         t["worker_setup_commands"]
         for t in raw["available_node_types"].values()
         if "worker_setup_commands" in t
     ]
+
+
+def test_aws_launcher_installs_pinned_torch_before_the_project():
+    raw = load(CLUSTER / "aws.yaml")
+    command_lists = _setup_command_lists(raw)
     for commands in command_lists:
         torch_at = next(i for i, c in enumerate(commands) if '"torch==2.13.*"' in c)
         project_at = next(i for i, c in enumerate(commands) if "-e ~/beit-ray" in c)
@@ -171,11 +176,7 @@ def test_cluster_nodes_prebuild_deepspeed_ops_where_their_ray_looks():
     JIT-compiling them in the first job's workers (minutes per node)."""
     prebuild = _prebuild_command()
     raw = load(CLUSTER / "aws.yaml")
-    command_lists = [raw["setup_commands"]] + [
-        t["worker_setup_commands"]
-        for t in raw["available_node_types"].values()
-        if "worker_setup_commands" in t
-    ]
+    command_lists = _setup_command_lists(raw)
     for commands in command_lists:
         # The launcher sources ~/.bashrc before every command, `ray start` included.
         export_at = next(
