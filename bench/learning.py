@@ -26,6 +26,12 @@ RGB, split stratified 1,400 / 397 and written as class folders of PNGs (bench/_d
    it: ``--mask-patches`` (of 16), ``--vocab`` (codebook size), ``--pt-epochs``. Pretraining
    flips at data.flip's default (0.5); ``--flip`` is the fine-tuning side's.
 
+``--replay`` (with ``--few-job``): the fixed-order comparison. Each job run records what it
+trains on (``--debug.record_rows``, every step logged); the plain loop then trains on exactly
+those steps (the job's images, order, split between workers and flips, mapped through the
+library's own plan and flip draw) from the same weights. Reported: both top-1s, and how far the
+loop's per-step loss and gradient norm are from the job's logged ones.
+
 ``--dataset patches``: the same on a set the recipe was never tuned on (bench/_patches.py:
 32 px patches of 10 scikit-image photos, class = photo, 1,400 / 400, train and val cut from
 disjoint parts of each photo).
@@ -40,6 +46,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,8 +189,11 @@ def schedule(cfg):  # noqa: ANN001, ANN201 - (step, total) -> lr
     return lambda step, total: lr_at(step, total, cfg)
 
 
-def reference(cfg, train: str, val: str, epochs: int, seed: int, init_from: str | None = None):  # noqa: ANN001, ANN201
-    """Plain torch loop with ``cfg``'s model and recipe: {top1, top1_job_view, secs, curve}."""
+def reference(cfg, train: str, val: str, epochs: int, seed: int, init_from: str | None = None,  # noqa: ANN001, ANN201
+              replay: list | None = None):  # fmt: skip
+    """Plain torch loop with ``cfg``'s model and recipe: {top1, top1_job_view, secs, curve,
+    losses, norms}. ``replay`` (:func:`job_order`): train on the job's steps instead of the
+    loop's own permutation and flips: each step's images, in the job's order, with its flips."""
     from beit_ray.models.build import build_model
     from beit_ray.models.load import load_model
 
@@ -222,20 +232,34 @@ def reference(cfg, train: str, val: str, epochs: int, seed: int, init_from: str 
     gen = torch.Generator().manual_seed(seed)
     norm = lambda u: (u.float() / 255 - 0.5) / 0.5  # noqa: E731 - BEiT's mean/std 0.5
     p_flip = getattr(cfg.data, "flip", 0.5)  # the job's own flip probability
-    t0, step, curve = time.perf_counter(), 0, []
-    for _ in range(epochs):
+
+    def own_epoch() -> list[tuple[torch.Tensor, torch.Tensor]]:
         perm = torch.randperm(len(x), generator=gen)
+        out = []
         for b in range(steps_per_epoch):
             i = perm[b * batch : (b + 1) * batch]
+            out.append((i, torch.rand(len(i), generator=gen) < p_flip))
+        return out
+
+    if replay is not None:
+        total = len(replay)
+        by_epoch = [[(torch.tensor(i), torch.tensor(f)) for e2, i, f in replay if e2 == e]
+                    for e in range(epochs)]  # fmt: skip
+    t0, step, curve, losses, norms = time.perf_counter(), 0, [], [], []
+    for e in range(epochs):
+        for i, flip in by_epoch[e] if replay is not None else own_epoch():
             xb = x[i].clone()
-            flip = torch.rand(len(i), generator=gen) < p_flip
             xb[flip] = xb[flip].flip(-1)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total)
-            loss = F.cross_entropy(model(pixel_values=norm(xb)).logits, y[i],
-                                   label_smoothing=o.label_smoothing)  # fmt: skip
+            per = F.cross_entropy(model(pixel_values=norm(xb)).logits, y[i],
+                                  label_smoothing=o.label_smoothing, reduction="none")  # fmt: skip
+            loss = per.mean()
             opt.zero_grad()
             loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norms.append(torch.nn.utils.get_total_norm(grads).item())
+            losses.append(per[: len(i) // cfg.scaling.num_workers].mean().item())  # rank 0's part
             if o.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
             opt.step()
@@ -245,7 +269,51 @@ def reference(cfg, train: str, val: str, epochs: int, seed: int, init_from: str 
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     secs = time.perf_counter() - t0
     return {"top1": curve[-1], "top1_job_view": job_view_top1(model, val, cfg),
-            "secs": secs, "curve": curve}  # fmt: skip
+            "secs": secs, "curve": curve, "losses": losses, "norms": norms}  # fmt: skip
+
+
+def job_order(run: str, train: str, rows: str) -> list[tuple[int, list[int], list[bool]]]:
+    """What a job run trained on, step by step, from its ``--debug.record_rows`` files:
+    (epoch, indices into :func:`load_folder` (``train``)'s order, the job's flip of each),
+    rank 0's rows first. The recorded (epoch, pos, idx) are mapped to images through the
+    library's own plan (the run's listing, ``epoch_groups``, ``read_group``) and flips through
+    its own draw (``image_rng`` → ``draw_flip``), as the job's read tasks and transform did."""
+    from beit_ray.config import build, load_yaml
+    from beit_ray.data.augment import draw_flip, image_rng
+    from beit_ray.data.listing import list_parts
+    from beit_ray.data.plan import epoch_groups, read_group
+    from beit_ray.train.config import FinetuneConfig
+
+    cfg = build(FinetuneConfig, load_yaml(os.path.join(run, "config.yaml")))
+    d = cfg.data
+    listing = list_parts(d, None, uri=os.path.join(run, "listing"))
+    names = sorted(n for n in os.listdir(train) if os.path.isdir(os.path.join(train, n)))
+    where = {}
+    for name in names:
+        for f in sorted(os.listdir(os.path.join(train, name))):
+            where[f"{name}/{f}"] = len(where)
+    groups: dict[tuple[int, int], list[dict]] = {}
+    steps: dict[int, list[tuple[int, int, bool]]] = {}
+    for rank in range(cfg.scaling.num_workers):
+        with open(os.path.join(rows, f"rows-rank{rank}.jsonl")) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        if len({r["pid"] for r in lines}) > 1:
+            raise RuntimeError(f"{rows}: rank {rank} restarted; replay needs one attempt")
+        for r in lines:
+            e = r["epoch"]
+            for pos, idx in zip(r["pos"], r["idx"], strict=True):
+                if (e, pos) not in groups:
+                    g = epoch_groups(listing, d, None, e, True)[pos]
+                    groups[(e, pos)] = list(read_group(g, listing, d, None, {}, None))
+                row = groups[(e, pos)][idx]
+                flip = draw_flip(image_rng(d.seed, e, str(row["key"])), d.flip)
+                rel = os.path.relpath(row["path"], train)
+                steps.setdefault(r["step"], []).append((e, where[rel], bool(flip)))
+    out = []
+    for k in sorted(steps):
+        (e,) = {e for e, _, _ in steps[k]}
+        out.append((e, [i for _, i, _ in steps[k]], [f for _, _, f in steps[k]]))
+    return out
 
 
 @torch.no_grad()
@@ -334,6 +402,8 @@ def pretrain(a: argparse.Namespace, train: str, out: str) -> tuple[str, float]:
 
 def spread(v: list[float]) -> str:
     v = [x for x in v if x == x]  # NaN: an arm not run
+    if not v:
+        return "— (not run)"
     m = statistics.mean(v)
     s = statistics.stdev(v) if len(v) > 1 else 0.0
     return f"{m:.4f} ± {s:.4f} (n={len(v)}, min {min(v):.4f}, max {max(v):.4f})"
@@ -371,6 +441,12 @@ def main() -> None:
         "--few-job-arms", default="scratch,pt", help="the job's few-label arms: scratch, pt or both"
     )
     p.add_argument("--pretrained", default=None, help="reuse this pretraining run")
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="with --few-job: the job records what it trains on (debug.record_rows) and the "
+        "plain loop replays those steps from the same weights (the fixed-order comparison)",
+    )
     p.add_argument("--out", default=None, help="work folder (kept); default: a temp dir")
     p.add_argument(
         "--dataset",
@@ -482,7 +558,7 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
              ("10% labels, plain loop: pretrained - scratch", spread(diffs))]  # fmt: skip
     print(f"RESULT few_plain_pretrained_minus_scratch {statistics.mean(diffs):.4f}")
     if a.few_job:
-        jd, js, jp, jsecs = [], [], [], []
+        jd, js, jp, jsecs, replays = [], [], [], [], []
         arms = a.few_job_arms.split(",")
         for s in range(a.first_seed, a.first_seed + a.seeds):
             top = []
@@ -493,8 +569,14 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
                     continue
                 args = finetune_args(fa, dirs["few"], dirs["val"], runs, name, s, a.few_epochs)
                 args += ["--model.init_from", init] if init else []
+                rows_dir = os.path.join(out, "rows", name)
+                if a.replay:
+                    shutil.rmtree(rows_dir, ignore_errors=True)
+                    args += ["--debug.record_rows", rows_dir, "--run.log_every", "1"]
                 jsecs.append(run_child("finetune.py", args, os.path.join(out, f"{name}.log")))
                 top.append(eval_records(os.path.join(runs, name))[-1]["top1"])
+                if a.replay:
+                    replays.append(replayed(fcfg, dirs, runs, name, rows_dir, s, init, a, top[-1]))
             js.append(top[0])
             jp.append(top[1])
             jd.append(top[1] - top[0])
@@ -502,6 +584,9 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
                 f"few-label job seed {s}: scratch {top[0]:.4f} pretrained {top[1]:.4f}", flush=True
             )
         res["few_job"] = {"scratch": js, "pretrained": jp, "secs": jsecs}
+        if replays:
+            res["replay"] = replays
+            fixed_order_rows(replays, rows)
         rows += [("10% labels, job seconds per run (Ray start-up included)", spread(jsecs)),
                  ("10% labels, job: scratch top-1", spread(js)),
                  ("10% labels, job: pretrained top-1", spread(jp)),
@@ -515,6 +600,44 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
                     (f"10% labels, {arm}: job / plain loop ({len(ok)} seeds)", f"{ratio:.3f}")
                 )
                 print(f"RESULT few_{arm}_job_over_loop {ratio:.4f}")
+
+
+def replayed(fcfg, dirs: dict, runs: str, name: str, rows_dir: str, seed: int,  # noqa: ANN001
+             init: str | None, a: argparse.Namespace, job_top1: float) -> dict:  # fmt: skip
+    """The plain loop on the job run's own steps (its images, order, split and flips), from
+    the same initial weights: its top-1 and how far its per-step loss and gradient norm are
+    from what the job logged (rank 0's micro-batch loss; the global norm before clipping)."""
+    order = job_order(os.path.join(runs, name), dirs["few"], rows_dir)
+    r = reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, seed, init_from=init, replay=order)
+    with open(os.path.join(runs, name, "logs", "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f if line.strip()]
+    train = {x["step"]: x for x in logged if x.get("kind") == "train"}
+    dl = [abs(train[k + 1]["loss"] - v) for k, v in enumerate(r["losses"]) if k + 1 in train]
+    dn = [
+        abs(train[k + 1]["grad_norm"] - v) / v for k, v in enumerate(r["norms"]) if k + 1 in train
+    ]
+    out = {"seed": seed, "arm": "pt" if init else "scratch", "steps": len(order),
+           "job_top1": job_top1, "loop_on_job_order_top1": r["top1"],
+           "loss_diff_step1": dl[0], "loss_diff_max_first10": max(dl[:10]), "loss_diff_max": max(dl),
+           "norm_rel_diff_step1": dn[0], "norm_rel_diff_max_first10": max(dn[:10])}  # fmt: skip
+    print(f"replay {name}: {out}", flush=True)
+    return out
+
+
+def fixed_order_rows(replays: list[dict], rows: list) -> None:
+    """The fixed-order comparison: the job and the plain loop on the job's own steps."""
+    job = [r["job_top1"] for r in replays]
+    loop = [r["loop_on_job_order_top1"] for r in replays]
+    rows += [("fixed order: job top-1", spread(job)),
+             ("fixed order: plain loop on the job's steps, top-1", spread(loop)),
+             ("fixed order: job / loop", f"{statistics.mean(job) / statistics.mean(loop):.3f}"),
+             ("fixed order: |loss diff| at step 1, max over runs",
+              f"{max(r['loss_diff_step1'] for r in replays):.2e}"),
+             ("fixed order: |loss diff| steps 1-10, max over runs",
+              f"{max(r['loss_diff_max_first10'] for r in replays):.2e}"),
+             ("fixed order: grad-norm rel. diff steps 1-10, max",
+              f"{max(r['norm_rel_diff_max_first10'] for r in replays):.2e}")]  # fmt: skip
+    print(f"RESULT fixed_order_job_over_loop {statistics.mean(job) / statistics.mean(loop):.4f}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,46 @@ def test_data_sizes_follow_the_model_and_bad_values_name_the_field() -> None:
         build(FinetuneConfig, {"task": "segmentation", "model": {"flavour": "vit-debug"}})
 
 
+def test_the_data_seed_follows_the_run_seed_unless_set(tmp_path) -> None:
+    """One --run.seed changes every draw of a run (listing shuffle, read order, crops, flips,
+    masks), as the HF Trainer's unset data_seed; data.seed set keeps the data fixed."""
+    from beit_ray.config import replace, save_config
+    from beit_ray.data.config import TokenizeConfig
+
+    assert pretrain(data={"source": "x"}, run={"seed": 4}).data.seed == 4
+    fixed = pretrain(data={"source": "x", "seed": 2}, run={"seed": 4})
+    assert fixed.data.seed == 2
+    ft = build(FinetuneConfig, {"data": {"source": "x"}, "run": {"seed": 7}})
+    assert ft.data.seed == 7
+    # resolved once: the saved config and a copy say the seed the run used, explicitly
+    save_config(ft, str(tmp_path / "config.yaml"))
+    assert "seed: 7" in (tmp_path / "config.yaml").read_text().split("data:")[1]
+    assert replace(ft, run__log_every=5).data.seed == 7
+    assert build(TokenizeConfig, {"input": "x", "output": "y"}).data.seed == 0
+
+
+def test_every_rank_micro_batch_and_seed_draws_its_own_drop_path() -> None:
+    """Stochastic depth draws from torch's global generator: seeded per (run seed, step, rank,
+    micro-batch), so a run's seed fixes it too (unseeded, each worker started from OS entropy)."""
+    from beit_ray.models.build import build_model
+    from beit_ray.train.loop import seed_micro_step
+
+    model = build_model("debug", "classification", num_labels=3, seed=0, drop_path=0.5).train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def out(*at: int) -> torch.Tensor:
+        seed_micro_step(*at)
+        with torch.no_grad():
+            return model(pixel_values=x).logits
+
+    ref = out(0, 3, 0, 0)
+    assert torch.equal(ref, out(0, 3, 0, 0))  # a resumed run draws the same
+    for other in ((0, 3, 1, 0), (0, 3, 0, 1), (0, 4, 0, 0), (1, 3, 0, 0)):
+        assert not torch.allclose(ref, out(*other)), other
+    a, b = seed_micro_step(0, 3, 0, 0), seed_micro_step(0, 3, 0, 1)
+    assert not torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+
+
 def test_deepspeed_config_from_the_dataclass_with_raw_override(tmp_path) -> None:
     cfg = pretrain(
         deepspeed={

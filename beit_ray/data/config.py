@@ -79,8 +79,12 @@ class DataConfig:
     """Decode only the crop's rows and columns of upright RGB/gray JPEGs (libjpeg, compiled on
     first use; same pixels as a full decode, ~2-3x less work for a random-resized crop). Off,
     or without a C compiler and libjpeg's headers: Pillow decodes the whole image."""
-    seed: int = 0
-    """Run seed; with the epoch and the image key it fixes every crop, flip and mask."""
+    seed: int | None = None
+    """The data's seed: the listing's shuffle, each epoch's read order, and (with the epoch and
+    the image key) every crop, flip and mask. Unset: a training job's ``run.seed``, so one
+    ``--run.seed`` changes every random draw of a run, as in timm and the HF Trainer
+    (``data_seed`` unset); 0 for ``tokenize_shards`` and ``fit_tokenizer``. Set it to vary the
+    model's init with the data fixed, or the data with the init fixed."""
     read_tasks: int | None = None
     """Read tasks per epoch at most (training streams); unset: 512. A task reads a slice of
     ≥ 64 listed files, 8 class tars interleaved, or one tar / parquet file, and more of them
@@ -128,7 +132,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         # Sizes left unset follow the model (fit_model); until then, BEiT-base's.
-        self._unset = frozenset(f for f in SIZE_FIELDS if getattr(self, f) is None)
+        self._unset = frozenset(f for f in (*SIZE_FIELDS, "seed") if getattr(self, f) is None)
+        self.seed = 0 if self.seed is None else self.seed  # until fit_model gives the run's
         self.patch_size = 16 if self.patch_size is None else self.patch_size
         self.image_size = 224 if self.image_size is None else self.image_size
         check(self.layout in LAYOUTS, "data.layout", f"{self.layout!r} is not one of {LAYOUTS}")
@@ -167,7 +172,7 @@ class DataConfig:
         except ValueError as e:
             check(False, "data.rand_augment", str(e))
 
-    def fit_model(self, image_size: int, patch_size: int) -> DataConfig:
+    def fit_model(self, image_size: int, patch_size: int, seed: int | None = None) -> DataConfig:
         """This config with the sizes left unset taken from the model (the tokenizer view: 8 ×
         the grid); sizes that were set must equal the model's. One flag, --model.image_size,
         then changes the resolution of a whole job."""
@@ -182,6 +187,8 @@ class DataConfig:
             fill.update(image_size=image_size, patch_size=patch_size)
         if "tokenizer_image_size" in self._unset:
             fill["tokenizer_image_size"] = 8 * (image_size // patch_size)
+        if "seed" in self._unset and seed is not None:
+            fill["seed"] = seed
         return dataclasses.replace(self, **fill) if fill else self
 
     def check_masked_patches(self) -> None:

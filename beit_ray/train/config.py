@@ -309,7 +309,8 @@ class RunSection:
     """Optimizer steps per pass over the training dataset (one epoch, or all of them when the
     pipeline lays every epoch out in one dataset); unset: counted before training."""
     seed: int = 0
-    """Seed of model init and every per-step random draw (mixup, cutmix)."""
+    """Seed of model init, every per-step random draw (mixup, cutmix, drop path) and, unless
+    data.seed is set, of the data (listing shuffle, read order, crops, flips, masks)."""
     log_every: int = 10
     """Progress line, TensorBoard and metrics.jsonl every N steps."""
 
@@ -380,8 +381,9 @@ class TrainConfig:
         raise NotImplementedError
 
     def resolve(self, data: DataConfig) -> DataConfig:
-        """Fill the task's recipe into ``optim`` and return ``data`` sized by the model: the one
-        place a job's resolution comes from (``--model.image_size``)."""
+        """Fill the task's recipe into ``optim`` and return ``data`` sized by the model (the one
+        place a job's resolution comes from: ``--model.image_size``) and seeded by the run
+        unless ``data.seed`` is set."""
         f = get_flavour(self.model.flavour)
         size = self.model.image_size or f.image_size
         check(
@@ -399,7 +401,7 @@ class TrainConfig:
             "optim.warmup_epochs",
             "run.max_steps sets the run's length in steps: give optim.warmup_steps instead",
         )
-        return data.fit_model(size, f.patch_size)
+        return data.fit_model(size, f.patch_size, seed=self.run.seed)
 
 
 @dataclass

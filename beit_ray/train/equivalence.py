@@ -152,7 +152,7 @@ def reference(
     step's gradient norm before clipping."""
     from beit_ray.models.layer_decay import param_groups
     from beit_ray.train.deepspeed import build_optimizer
-    from beit_ray.train.loop import set_lr
+    from beit_ray.train.loop import seed_micro_step, set_lr
     from beit_ray.train.schedule import lr_at
     from beit_ray.train.tasks import make_task
 
@@ -173,7 +173,7 @@ def reference(
         opt.zero_grad(set_to_none=True)
         for rank in range(world):
             for a in range(cell.accum):
-                gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 1009 + rank)
+                gen = seed_micro_step(cfg.run.seed, step, rank, a)
                 loss, _ = task.loss(model, micro_batch(batch, rank, a, cell, world), gen)
                 (loss / micros).backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -293,7 +293,8 @@ def micro_step(
     ``keep_norm`` at a boundary adds ``grad_norm`` (the reduced gradients' 2-norm before
     clipping) where DeepSpeed does not keep it itself (ZeRO-0 clips and discards it)."""
     set_lr(engine, lr)
-    gen = torch.Generator().manual_seed(task.cfg.run.seed * 1_000_003 + step * 1009 + rank)
+    micro = engine.micro_steps % engine.gradient_accumulation_steps()  # DeepSpeed's own count
+    gen = seed_micro_step(task.cfg.run.seed, step, rank, micro)
     loss, metrics = task.loss(engine, batch, gen)
     engine.backward(loss)
     if keep_norm and engine.is_gradient_accumulation_boundary() and _discards_norm(engine):
@@ -302,6 +303,17 @@ def micro_step(
         metrics = {**metrics, "grad_norm": torch.nn.utils.get_total_norm(grads)}
     engine.step()
     return metrics
+
+
+def seed_micro_step(run_seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    """The random draws of micro-batch ``micro`` of step ``step`` on ``rank``: a generator for
+    the task's own draws (mixup, cutmix) and, seeded alike, torch's global generators, which
+    the model's stochastic depth and dropout draw from. Each (step, rank, micro) draws anew, and
+    the same run.seed (a rerun, a resumed run) draws the same; unseeded, those generators start
+    from OS entropy in each worker, so drop path was the one draw of a run no seed fixed."""
+    seed = ((run_seed * 1_000_003 + step) * 1009 + rank) * 61 + micro
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def timed(
