@@ -297,9 +297,10 @@ def job_order(run: str, train: str, rows: str) -> list[tuple[int, list[int], lis
     for rank in range(cfg.scaling.num_workers):
         with open(os.path.join(rows, f"rows-rank{rank}.jsonl")) as f:
             lines = [json.loads(line) for line in f if line.strip()]
-        if len({r["pid"] for r in lines}) > 1:
-            raise RuntimeError(f"{rows}: rank {rank} restarted; replay needs one attempt")
-        for r in lines:
+        # A restarted attempt resumes from a checkpoint and trains its steps again: per step,
+        # the rows of the last attempt that trained it are the ones the final model saw.
+        last = {r["step"]: r["pid"] for r in lines}
+        for r in (r for r in lines if last[r["step"]] == r["pid"]):
             e = r["epoch"]
             for pos, idx in zip(r["pos"], r["idx"], strict=True):
                 if (e, pos) not in groups:
@@ -440,6 +441,7 @@ def main() -> None:
     p.add_argument(
         "--few-job-arms", default="scratch,pt", help="the job's few-label arms: scratch, pt or both"
     )
+    p.add_argument("--few-plain-arms", default="scratch,pt", help="the plain loop's few-label arms")
     p.add_argument("--pretrained", default=None, help="reuse this pretraining run")
     p.add_argument(
         "--replay",
@@ -454,7 +456,16 @@ def main() -> None:
         choices=("digits", "patches"),
         help="digits (the set the recipe was tuned on) or patches of 10 scikit-image photos",
     )
+    p.add_argument(
+        "--order-stats",
+        metavar="OUT",
+        default=None,
+        help="print how random the job orders recorded by a --replay run in OUT are, next to "
+        "the plain loop's permutations (no training)",
+    )
     a = p.parse_args()
+    if a.order_stats:
+        return print_order_stats(a.order_stats)
     out = os.path.abspath(a.out or tempfile.mkdtemp(prefix="learning_"))
     os.makedirs(out, exist_ok=True)
     write = write_digits if a.dataset == "digits" else write_patches
@@ -543,8 +554,15 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
     fcfg = resolved(finetune_args(fa, dirs["few"], dirs["val"], runs, "few", 0, a.few_epochs))
     diffs, sc, pr = [], [], []
     for s in range(a.first_seed, a.first_seed + a.seeds):
-        r0 = reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, s)
-        r1 = reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, s, init_from=pt)
+        plain = a.few_plain_arms.split(",")
+        nan = {"top1": float("nan")}
+        r0 = (
+            reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, s)
+            if "scratch" in plain
+            else nan
+        )
+        r1 = (reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, s, init_from=pt)
+              if "pt" in plain else nan)  # fmt: skip
         sc.append(r0["top1"])
         pr.append(r1["top1"])
         diffs.append(r1["top1"] - r0["top1"])
@@ -556,7 +574,7 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
              ("10% labels, plain loop: scratch top-1", spread(sc)),
              ("10% labels, plain loop: pretrained top-1", spread(pr)),
              ("10% labels, plain loop: pretrained - scratch", spread(diffs))]  # fmt: skip
-    print(f"RESULT few_plain_pretrained_minus_scratch {statistics.mean(diffs):.4f}")
+    print(f"RESULT few_plain_pretrained_minus_scratch {spread(diffs)}")
     if a.few_job:
         jd, js, jp, jsecs, replays = [], [], [], [], []
         arms = a.few_job_arms.split(",")
@@ -622,6 +640,48 @@ def replayed(fcfg, dirs: dict, runs: str, name: str, rows_dir: str, seed: int,  
            "norm_rel_diff_step1": dn[0], "norm_rel_diff_max_first10": max(dn[:10])}  # fmt: skip
     print(f"replay {name}: {out}", flush=True)
     return out
+
+
+def order_stats(steps: list[list[int]], n: int) -> dict[str, float]:
+    """How random an order is: how often each of the ``n`` images is trained on, and how often
+    each pair shares a step (a shuffle that mixes poorly shows as a wider pair spread)."""
+    seen = [0] * n
+    pairs: dict[tuple[int, int], int] = {}
+    for ix in steps:
+        for i in ix:
+            seen[i] += 1
+        s = sorted(ix)
+        for a, i in enumerate(s):
+            for j in s[a + 1 :]:
+                pairs[(i, j)] = pairs.get((i, j), 0) + 1
+    together = list(pairs.values()) + [0] * (n * (n - 1) // 2 - len(pairs))
+    return {"seen_sd": statistics.stdev(seen), "seen_min": min(seen), "seen_max": max(seen),
+            "pair_sd": statistics.stdev(together), "pair_max": max(together)}  # fmt: skip
+
+
+def print_order_stats(out: str) -> None:
+    """``--order-stats``: the job orders recorded by a ``--replay`` run in ``out`` against the
+    plain loop's own per-epoch permutations (same steps, same batch), per seed."""
+    few = os.path.join(out, "digits", "few")
+    n = sum(len(f) for _, _, f in os.walk(few))
+    print(
+        "| order | seed | times seen: sd (min-max) | pairs in one step: sd (max) |\n|---|---|---|---|"
+    )
+    for rows in sorted(glob.glob(os.path.join(out, "rows", "few-*"))):
+        name = os.path.basename(rows)
+        seed = int(name.rsplit("-s", 1)[1])
+        order = job_order(os.path.join(out, "runs", name), few, rows)
+        batch, epochs = len(order[0][1]), len({e for e, _, _ in order})
+        gen = torch.Generator().manual_seed(seed)  # as reference() draws its permutations
+        own = []
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            own += [perm[b * batch : (b + 1) * batch].tolist() for b in range(n // batch)]
+            torch.rand(batch * (n // batch), generator=gen)  # reference() draws its flips too
+        for label, steps in (("job", [ix for _, ix, _ in order]), ("plain loop", own)):
+            st = order_stats(steps, n)
+            print(f"| {label} | {seed} | {st['seen_sd']:.2f} ({st['seen_min']}-{st['seen_max']}) "
+                  f"| {st['pair_sd']:.3f} ({st['pair_max']}) |")  # fmt: skip
 
 
 def fixed_order_rows(replays: list[dict], rows: list) -> None:
