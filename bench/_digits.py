@@ -43,13 +43,19 @@ def write_digits(
     return out
 
 
+def folder_files(folder: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """([("<class>/<file>", class index)] in :func:`load_folder`'s row order, class names)."""
+    names = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+    files = [(f"{name}/{f}", c) for c, name in enumerate(names)
+             for f in sorted(os.listdir(os.path.join(folder, name)))]  # fmt: skip
+    return files, names
+
+
 def load_folder(folder: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(uint8 [N, 3, H, W], int64 labels [N], class names) of a class-folder tree of images."""
-    names = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
-    xs, ys = [], []
-    for c, name in enumerate(names):
-        for f in sorted(os.listdir(os.path.join(folder, name))):
-            with Image.open(os.path.join(folder, name, f)) as img:
-                xs.append(np.asarray(img.convert("RGB")).transpose(2, 0, 1))  # [3, H, W]
-            ys.append(c)
-    return torch.from_numpy(np.stack(xs)), torch.tensor(ys), names
+    files, names = folder_files(folder)
+    xs = []
+    for rel, _ in files:
+        with Image.open(os.path.join(folder, rel)) as img:
+            xs.append(np.asarray(img.convert("RGB")).transpose(2, 0, 1))  # [3, H, W]
+    return torch.from_numpy(np.stack(xs)), torch.tensor([c for _, c in files]), names

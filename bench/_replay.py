@@ -10,6 +10,7 @@ import os
 import statistics
 
 import torch
+from _digits import folder_files
 
 
 def job_order(run: str, train: str, rows: str) -> list[tuple[int, list[int], list[bool]]]:
@@ -27,11 +28,7 @@ def job_order(run: str, train: str, rows: str) -> list[tuple[int, list[int], lis
     cfg = build(FinetuneConfig, load_yaml(os.path.join(run, "config.yaml")))
     d = cfg.data
     listing = list_parts(d, None, uri=os.path.join(run, "listing"))
-    names = sorted(n for n in os.listdir(train) if os.path.isdir(os.path.join(train, n)))
-    where = {}
-    for name in names:
-        for f in sorted(os.listdir(os.path.join(train, name))):
-            where[f"{name}/{f}"] = len(where)
+    where = {rel: i for i, (rel, _) in enumerate(folder_files(train)[0])}
     groups: dict[tuple[int, int], list[dict]] = {}
     steps: dict[int, list[tuple[int, int, bool]]] = {}
     for rank in range(cfg.scaling.num_workers):
@@ -54,6 +51,19 @@ def job_order(run: str, train: str, rows: str) -> list[tuple[int, list[int], lis
     for k in sorted(steps):
         (e,) = {e for e, _, _ in steps[k]}
         out.append((e, [i for _, i, _ in steps[k]], [f for _, _, f in steps[k]]))
+    return out
+
+
+def loop_epoch(
+    gen: torch.Generator, n: int, batch: int, p_flip: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The plain loop's own epoch over ``n`` images: one permutation, then each step's
+    (indices [batch], flips [batch] bool), drawn from ``gen`` in this order."""
+    perm = torch.randperm(n, generator=gen)
+    out = []
+    for b in range(n // batch):
+        i = perm[b * batch : (b + 1) * batch]
+        out.append((i, torch.rand(len(i), generator=gen) < p_flip))
     return out
 
 
@@ -87,12 +97,8 @@ def print_order_stats(out: str) -> None:
         seed = int(name.rsplit("-s", 1)[1])
         order = job_order(os.path.join(out, "runs", name), few, rows)
         batch, epochs = len(order[0][1]), len({e for e, _, _ in order})
-        gen = torch.Generator().manual_seed(seed)  # as reference() draws its permutations
-        own = []
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            own += [perm[b * batch : (b + 1) * batch].tolist() for b in range(n // batch)]
-            torch.rand(batch * (n // batch), generator=gen)  # reference() draws its flips too
+        gen = torch.Generator().manual_seed(seed)  # as reference() seeds its order
+        own = [i.tolist() for _ in range(epochs) for i, _ in loop_epoch(gen, n, batch, 0.5)]
         for label, steps in (("job", [ix for _, ix, _ in order]), ("plain loop", own)):
             st = order_stats(steps, n)
             print(f"| {label} | {seed} | {st['seen_sd']:.2f} ({st['seen_min']}-{st['seen_max']}) "

@@ -60,7 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _digits import load_folder, write_digits  # noqa: E402
 from _patches import write_patches  # noqa: E402
-from _replay import job_order, print_order_stats  # noqa: E402
+from _replay import job_order, loop_epoch, print_order_stats  # noqa: E402
 
 ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -234,21 +234,14 @@ def reference(cfg, train: str, val: str, epochs: int, seed: int, init_from: str 
     norm = lambda u: (u.float() / 255 - 0.5) / 0.5  # noqa: E731 - BEiT's mean/std 0.5
     p_flip = getattr(cfg.data, "flip", 0.5)  # the job's own flip probability
 
-    def own_epoch() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        perm = torch.randperm(len(x), generator=gen)
-        out = []
-        for b in range(steps_per_epoch):
-            i = perm[b * batch : (b + 1) * batch]
-            out.append((i, torch.rand(len(i), generator=gen) < p_flip))
-        return out
-
     if replay is not None:
         total = len(replay)
         by_epoch = [[(torch.tensor(i), torch.tensor(f)) for e2, i, f in replay if e2 == e]
                     for e in range(epochs)]  # fmt: skip
     t0, step, curve, losses, norms = time.perf_counter(), 0, [], [], []
     for e in range(epochs):
-        for i, flip in by_epoch[e] if replay is not None else own_epoch():
+        own = by_epoch[e] if replay is not None else loop_epoch(gen, len(x), batch, p_flip)
+        for i, flip in own:
             xb = x[i].clone()
             xb[flip] = xb[flip].flip(-1)
             for g in opt.param_groups:
@@ -509,9 +502,8 @@ def pays(a: argparse.Namespace, dirs: dict, runs: str, out: str, res: dict, rows
     fa = argparse.Namespace(**few)
     fcfg = resolved(finetune_args(fa, dirs["few"], dirs["val"], runs, "few", 0, a.few_epochs))
     diffs, sc, pr = [], [], []
+    plain, nan = a.few_plain_arms.split(","), {"top1": float("nan")}
     for s in range(a.first_seed, a.first_seed + a.seeds):
-        plain = a.few_plain_arms.split(",")
-        nan = {"top1": float("nan")}
         r0 = (
             reference(fcfg, dirs["few"], dirs["val"], a.few_epochs, s)
             if "scratch" in plain
